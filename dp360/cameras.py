@@ -1,0 +1,236 @@
+"""Every camera convention of dp360 lives here.
+
+World frame (PanoHead / EG3D): y up, the face looks along +z, the head sits at the origin.
+Camera frame of a pose matrix: OpenCV (x right, y down, z forward), stored as a 4x4 cam2world.
+
+- PanoHead label: 25 numbers = row-major 4x4 cam2world (OpenCV axes) + row-major 3x3 intrinsics
+  normalised by the image size (fx = fy = 4.2647, cx = cy = 0.5).
+- `look_at_pose(h, v)`: PanoHead's `LookAtPoseSampler` in its own parameters. h = pi/2 is the
+  front; increasing h moves the camera towards +x. v is *not* an angle: the polar angle is
+  phi = arccos(1 - 2 v / pi), so v = pi/2 is level.
+- `orbit_pose(yaw_deg, elevation_deg)`: the same cameras in geometric degrees relative to the
+  front: yaw 0 = frontal, yaw > 0 = camera towards +x (the subject's left, so the face turns
+  towards the image's left), elevation > 0 = camera above eye level.
+- The DiffPortrait360 orbit: view k of n at h = pi/2 + 2 pi k / n, v = pi/2, radius 2.7
+  (view 0 frontal, view n/2 the back). The reference code writes pi as 3.14; we use pi (the
+  largest difference over 32 views is 0.18 degrees).
+- nerfstudio `transforms.json`: cam2world in OpenGL axes (x right, y up, z backward) and
+  intrinsics in pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+CAMERA_RADIUS = 2.7
+FOCAL_NORMALIZED = 4.2647
+PRINCIPAL_NORMALIZED = 0.5
+DP360_VIEW_COUNT = 32
+# Flips the y and z camera axes: OpenCV <-> OpenGL (its own inverse).
+_CV_GL_FLIP = np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def normalized_intrinsics(focal: float = FOCAL_NORMALIZED, principal: float = PRINCIPAL_NORMALIZED) -> np.ndarray:
+    return np.array([[focal, 0.0, principal], [0.0, focal, principal], [0.0, 0.0, 1.0]])
+
+
+def pixel_intrinsics(normalized: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Normalised intrinsics (PanoHead) to pixel intrinsics for an image of the given size."""
+    scale = np.diag([float(width), float(height), 1.0])
+    return scale @ np.asarray(normalized, dtype=np.float64)
+
+
+def normalize_intrinsics(pixel: np.ndarray, width: int, height: int) -> np.ndarray:
+    return np.diag([1.0 / width, 1.0 / height, 1.0]) @ np.asarray(pixel, dtype=np.float64)
+
+
+def look_at_cam2world(origin: Sequence[float], lookat: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """OpenCV cam2world of a camera at `origin` looking at `lookat` with world +y as up."""
+    origin = np.asarray(origin, dtype=np.float64)
+    forward = np.asarray(lookat, dtype=np.float64) - origin
+    forward /= np.linalg.norm(forward)
+    world_up = np.array([0.0, 1.0, 0.0])
+    right = -np.cross(world_up, forward)
+    norm = np.linalg.norm(right)
+    if norm < 1e-9:
+        raise ValueError("camera looks straight up or down; its orientation is undefined")
+    right /= norm
+    down = np.cross(forward, right)
+    cam2world = np.eye(4)
+    cam2world[:3, 0], cam2world[:3, 1], cam2world[:3, 2], cam2world[:3, 3] = right, down, forward, origin
+    return cam2world
+
+
+def look_at_pose(
+    h: float, v: float, radius: float = CAMERA_RADIUS, lookat: Sequence[float] = (0.0, 0.0, 0.0)
+) -> np.ndarray:
+    """PanoHead's LookAtPoseSampler (without noise): cam2world for yaw-like h and pitch-like v."""
+    v = min(max(v, 1e-5), math.pi - 1e-5)
+    phi = math.acos(1.0 - 2.0 * v / math.pi)
+    offset = np.array(
+        [
+            radius * math.sin(phi) * math.cos(math.pi - h),
+            radius * math.cos(phi),
+            radius * math.sin(phi) * math.sin(math.pi - h),
+        ]
+    )
+    return look_at_cam2world(np.asarray(lookat, dtype=np.float64) + offset, lookat)
+
+
+def panohead_angles(yaw_deg: float, elevation_deg: float) -> tuple[float, float]:
+    """Geometric (yaw, elevation) in degrees to PanoHead's sampler parameters (h, v)."""
+    h = math.pi / 2 + math.radians(yaw_deg)
+    v = math.pi * (1.0 - math.sin(math.radians(elevation_deg))) / 2.0
+    return h, v
+
+
+def orbit_pose(
+    yaw_deg: float,
+    elevation_deg: float = 0.0,
+    radius: float = CAMERA_RADIUS,
+    lookat: Sequence[float] = (0.0, 0.0, 0.0),
+) -> np.ndarray:
+    """cam2world of a camera on the orbit, in geometric degrees relative to the frontal view."""
+    h, v = panohead_angles(yaw_deg, elevation_deg)
+    return look_at_pose(h, v, radius, lookat)
+
+
+def yaw_elevation_of(cam2world: np.ndarray, lookat: Sequence[float] = (0.0, 0.0, 0.0)) -> tuple[float, float]:
+    """Geometric (yaw, elevation) in degrees of a camera's position around `lookat`."""
+    offset = np.asarray(cam2world)[:3, 3] - np.asarray(lookat, dtype=np.float64)
+    offset = offset / np.linalg.norm(offset)
+    yaw = math.degrees(math.atan2(offset[0], offset[2]))
+    elevation = math.degrees(math.asin(float(np.clip(offset[1], -1.0, 1.0))))
+    return yaw, elevation
+
+
+def dp360_orbit(view_count: int = DP360_VIEW_COUNT, radius: float = CAMERA_RADIUS) -> list[np.ndarray]:
+    """The DiffPortrait360 orbit: view k at h = pi/2 + 2 pi k / n, v = pi/2 (0 front, n/2 back)."""
+    if view_count < 1:
+        raise ValueError("view_count must be at least 1")
+    return [look_at_pose(math.pi / 2 + 2 * math.pi * k / view_count, math.pi / 2, radius) for k in range(view_count)]
+
+
+def rotation_only_cam2world(world2cam_rotation: np.ndarray, radius: float = CAMERA_RADIUS) -> np.ndarray:
+    """The camera label PanoHead's cropping derives from a head rotation: the translation is
+    dropped, so the camera sits at `radius` on its own optical axis and looks through the origin."""
+    rotation = np.asarray(world2cam_rotation, dtype=np.float64)
+    cam2world = np.eye(4)
+    cam2world[:3, :3] = rotation.T
+    cam2world[:3, 3] = -radius * rotation.T[:, 2]
+    return cam2world
+
+
+# --------------------------------------------------------------------------------------------
+# PanoHead labels
+# --------------------------------------------------------------------------------------------
+
+
+def panohead_label(cam2world: np.ndarray, intrinsics: np.ndarray | None = None) -> list[float]:
+    """25 numbers: cam2world (OpenCV axes, row-major) then normalised intrinsics (row-major)."""
+    intrinsics = normalized_intrinsics() if intrinsics is None else np.asarray(intrinsics)
+    return [float(x) for x in np.asarray(cam2world, dtype=np.float64).reshape(16)] + [
+        float(x) for x in intrinsics.reshape(9)
+    ]
+
+
+def parse_panohead_label(label: Sequence[float | str]) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of `panohead_label`; accepts the strings PanoHead's dataset.json stores."""
+    values = np.array([float(x) for x in label], dtype=np.float64)
+    if values.shape != (25,) or not np.all(np.isfinite(values)):
+        raise ValueError("a PanoHead camera label must be 25 finite numbers")
+    return values[:16].reshape(4, 4), values[16:].reshape(3, 3)
+
+
+def panohead_dataset_json(entries: Iterable[tuple[str, Sequence[float]]]) -> dict[str, Any]:
+    """PanoHead's dataset.json: {"labels": [[file_name, [25 numbers as strings]], ...]} (6 decimals)."""
+    return {"labels": [[name, [f"{float(x):.6f}" for x in label]] for name, label in entries]}
+
+
+# --------------------------------------------------------------------------------------------
+# Projection
+# --------------------------------------------------------------------------------------------
+
+
+def project_points(
+    points_world: np.ndarray, cam2world: np.ndarray, intrinsics_normalized: np.ndarray, width: int, height: int
+) -> np.ndarray:
+    """Pixel coordinates (N, 2) of world points (N, 3); pixel (0, 0) is the top-left corner of
+    the top-left pixel, so the principal point 0.5 maps to width / 2."""
+    points = np.atleast_2d(np.asarray(points_world, dtype=np.float64))
+    world2cam = np.linalg.inv(np.asarray(cam2world, dtype=np.float64))
+    camera_points = points @ world2cam[:3, :3].T + world2cam[:3, 3]
+    if np.any(camera_points[:, 2] <= 0):
+        raise ValueError("a point lies behind the camera")
+    pixels = camera_points @ pixel_intrinsics(intrinsics_normalized, width, height).T
+    return pixels[:, :2] / pixels[:, 2:3]
+
+
+# --------------------------------------------------------------------------------------------
+# nerfstudio transforms.json
+# --------------------------------------------------------------------------------------------
+
+
+def opencv_to_opengl(cam2world: np.ndarray) -> np.ndarray:
+    return np.asarray(cam2world, dtype=np.float64) @ _CV_GL_FLIP
+
+
+def opengl_to_opencv(cam2world: np.ndarray) -> np.ndarray:
+    return np.asarray(cam2world, dtype=np.float64) @ _CV_GL_FLIP
+
+
+@dataclass
+class ViewCamera:
+    """One image with its camera, in dp360's conventions (OpenCV cam2world, normalised K)."""
+
+    file_path: str
+    cam2world: np.ndarray
+    intrinsics: np.ndarray  # normalised
+
+
+def to_nerfstudio_transforms(views: Sequence[ViewCamera], width: int, height: int) -> dict[str, Any]:
+    """A nerfstudio `transforms.json` dict (OpenGL cam2world, pixel intrinsics per frame)."""
+    frames = []
+    for view in views:
+        pixel = pixel_intrinsics(view.intrinsics, width, height)
+        frames.append(
+            {
+                "file_path": view.file_path,
+                "transform_matrix": opencv_to_opengl(view.cam2world).tolist(),
+                "fl_x": float(pixel[0, 0]),
+                "fl_y": float(pixel[1, 1]),
+                "cx": float(pixel[0, 2]),
+                "cy": float(pixel[1, 2]),
+                "w": int(width),
+                "h": int(height),
+            }
+        )
+    shared = frames[0] if frames else {}
+    transforms: dict[str, Any] = {"camera_model": "OPENCV"}
+    if frames and all(all(f[k] == shared[k] for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")) for f in frames):
+        # Same intrinsics everywhere: store them once at the top level, as nerfstudio writes them.
+        transforms.update({k: shared[k] for k in ("fl_x", "fl_y", "cx", "cy", "w", "h")})
+        frames = [{"file_path": f["file_path"], "transform_matrix": f["transform_matrix"]} for f in frames]
+    transforms["frames"] = frames
+    return transforms
+
+
+def from_nerfstudio_transforms(transforms: dict[str, Any]) -> list[ViewCamera]:
+    """Inverse of `to_nerfstudio_transforms` (per-frame intrinsics override the top-level ones)."""
+    views = []
+    for frame in transforms["frames"]:
+        get = lambda key: frame.get(key, transforms.get(key))  # noqa: E731
+        width, height = int(get("w")), int(get("h"))
+        pixel = np.array([[get("fl_x"), 0.0, get("cx")], [0.0, get("fl_y"), get("cy")], [0.0, 0.0, 1.0]], dtype=float)
+        views.append(
+            ViewCamera(
+                file_path=frame["file_path"],
+                cam2world=opengl_to_opencv(np.asarray(frame["transform_matrix"], dtype=np.float64)),
+                intrinsics=normalize_intrinsics(pixel, width, height),
+            )
+        )
+    return views

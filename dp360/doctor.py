@@ -1,0 +1,177 @@
+"""`dp360 doctor`: checks of the machine, one line each, with what to do when one fails."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from . import runtime, weights
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    advice: str = ""
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "detail": self.detail, "advice": self.advice}
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.1f} GiB"
+
+
+def check_python() -> Check:
+    ok = sys.version_info >= (3, 10)
+    return Check("python", OK if ok else FAIL, sys.version.split()[0], "" if ok else "use Python 3.10 or newer")
+
+
+def check_torch() -> Check:
+    import torch
+
+    detail = f"torch {torch.__version__}, built for CUDA {torch.version.cuda or 'none'}"
+    return Check("torch", OK, detail)
+
+
+def check_gpu() -> Check:
+    import torch
+
+    if torch.cuda.is_available():
+        parts = []
+        for index in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(index)
+            parts.append(f"cuda:{index} {torch.cuda.get_device_name(index)}, {_gib(free)} free of {_gib(total)}")
+        return Check("gpu", OK, "; ".join(parts))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return Check("gpu", OK, "Apple MPS")
+    return Check(
+        "gpu",
+        WARN,
+        "no GPU: only the CPU is available",
+        "preparation works on CPU; the diffusion and NeRF stages need a CUDA GPU to finish in reasonable time",
+    )
+
+
+def check_imports() -> Check:
+    modules = ["torchvision.ops", "diffusers", "transformers", "huggingface_hub", "safetensors", "nerfstudio", "facexlib", "dlib", "cv2", "trimesh", "imageio", "imageio_ffmpeg", "typer", "rich"]
+    failed = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as error:  # noqa: BLE001 - any import failure is what we report
+            failed.append(f"{module} ({type(error).__name__}: {error})")
+    versions = runtime.package_versions()
+    detail = ", ".join(f"{name} {version}" for name, version in versions.items() if version and name != "dp360")
+    if failed:
+        return Check("packages", FAIL, "cannot import " + "; ".join(failed), "reinstall dp360 with `pip install -e .` (see README)")
+    return Check("packages", OK, detail)
+
+
+def check_opencv() -> Check:
+    import cv2
+
+    version = cv2.__version__
+    if not version.startswith("4."):
+        return Check("opencv", FAIL, f"cv2 {version}", "install opencv-python-headless==4.10.0.84 (nerfstudio's pin)")
+    return Check("opencv", OK, f"cv2 {version}")
+
+
+def check_face_detectors() -> Check:
+    from .prepare.detectors import dlib_landmark_model_path
+
+    retina = weights.facexlib_dir() / weights.RETINAFACE_FILES["resnet50"]
+    try:
+        dlib_path = dlib_landmark_model_path()
+        dlib_ok = True
+    except Exception as error:  # noqa: BLE001
+        dlib_ok, dlib_path = False, error
+    if retina.is_file() and dlib_ok:
+        return Check("face detectors", OK, f"RetinaFace weights at {retina}; dlib 68-point model at {dlib_path}")
+    if dlib_ok:
+        return Check(
+            "face detectors",
+            WARN,
+            f"RetinaFace weights not cached (looked in {retina.parent}); the offline dlib detector will be used",
+            f"run once with network access, or copy {retina.name} from {weights.FACEXLIB_RELEASE_URL} into {retina.parent}",
+        )
+    return Check("face detectors", FAIL, f"dlib detector unavailable: {dlib_path}", "pip install dlib-bin face-recognition-models")
+
+
+def check_cache() -> Check:
+    root = weights.cache_dir()
+    files = weights.describe_cache()
+    total = sum(size for _, size in files)
+    hf_home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
+    listing = ", ".join(f"{path.relative_to(root)} ({_gib(size)})" for path, size in files[:8]) or "empty"
+    if len(files) > 8:
+        listing += f", and {len(files) - 8} more"
+    return Check("weight cache", OK, f"{root}: {len(files)} file(s), {_gib(total)} [{listing}]; Hugging Face cache {hf_home}")
+
+
+def check_disk() -> Check:
+    root = weights.cache_dir()
+    probe = root if root.exists() else Path.home()
+    free_cache = shutil.disk_usage(probe).free
+    free_here = shutil.disk_usage(Path.cwd()).free
+    detail = f"{_gib(free_cache)} free at {probe}, {_gib(free_here)} free here"
+    # The official weights are ~20 GB as downloaded plus their safetensors conversions.
+    if free_cache < 30 * 2**30:
+        return Check("disk", WARN, detail, "the official weights and their conversion need about 30 GiB; free some space or set DP360_CACHE/HF_HOME elsewhere")
+    return Check("disk", OK, detail)
+
+
+def check_video() -> Check:
+    import imageio_ffmpeg
+    import numpy as np
+
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = str(Path(folder) / "probe.mp4")
+            frame = np.zeros((64, 64, 3), dtype=np.uint8)
+            frame[16:48, 16:48] = 255
+            writer = imageio_ffmpeg.write_frames(path, (64, 64), fps=4, codec="libx264", pix_fmt_out="yuv420p")
+            writer.send(None)
+            for _ in range(4):
+                writer.send(frame.tobytes())
+            writer.close()
+            reader = imageio_ffmpeg.read_frames(path)
+            meta = next(reader)
+            count = sum(1 for _ in reader)
+            if count != 4 or tuple(meta["size"]) != (64, 64):
+                raise RuntimeError(f"decoded {count} frames of {meta['size']}")
+        return Check("video", OK, f"H.264 MP4 encode and decode work (ffmpeg from imageio-ffmpeg {imageio_ffmpeg.__version__})")
+    except Exception as error:  # noqa: BLE001
+        return Check("video", FAIL, f"H.264 encoding failed: {error}", "reinstall imageio-ffmpeg (`pip install -U imageio-ffmpeg`)")
+
+
+CHECKS: tuple[Callable[[], Check], ...] = (
+    check_python,
+    check_torch,
+    check_gpu,
+    check_imports,
+    check_opencv,
+    check_face_detectors,
+    check_cache,
+    check_disk,
+    check_video,
+)
+
+
+def run_checks() -> list[Check]:
+    results = []
+    for check in CHECKS:
+        try:
+            results.append(check())
+        except Exception as error:  # noqa: BLE001 - a broken check is itself a finding
+            results.append(Check(check.__name__.removeprefix("check_"), FAIL, f"{type(error).__name__}: {error}", "see the error; reinstall dp360 if a package is broken"))
+    return results

@@ -1,0 +1,236 @@
+"""Load, validate and normalise input images; write files atomically.
+
+Every image that enters dp360 goes through `load_portrait`, which turns whatever Pillow can
+decode (grayscale, 16-bit, palette, CMYK, RGBA, multi-frame, EXIF-rotated, huge) into an 8-bit
+RGB array plus an optional alpha mask, or raises `InputImageError` with one sentence that says
+what is wrong and what to do. Every file dp360 writes goes through the atomic helpers here, so
+an interrupted or failed run never leaves a half-written file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from .errors import InputImageError
+
+# Smallest side we accept: below this a face crop has too few pixels to align or to condition on.
+MIN_SIDE = 128
+# Larger inputs are downscaled on load (the crop is 512 px; detection runs at <= 1024 px anyway).
+MAX_SIDE = 4096
+# Pillow refuses images above this many pixels as decompression bombs; we allow large photos
+# (a 100 MP camera) but not absurd headers that would exhaust memory.
+MAX_PIXELS = 400_000_000
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass
+class LoadedImage:
+    """An input image normalised to 8-bit RGB (H, W, 3) with an optional alpha mask (H, W)."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    path: Path
+    sha256: str
+    original_size: tuple[int, int]  # (width, height) as decoded, after EXIF rotation
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _to_rgb_and_alpha(image: Image.Image, notes: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Convert any Pillow mode to 8-bit RGB; alpha (if any) is returned separately in [0, 255]."""
+    mode = image.mode
+    if mode == "P":
+        # Palette images may carry transparency in the palette or in info["transparency"].
+        image = image.convert("RGBA" if "transparency" in image.info or image.palette.mode == "RGBA" else "RGB")
+        mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            top = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            # 16-bit files decode to I;16 or I (32-bit) with values in [0, 65535].
+            top = 65535.0 if values.max(initial=0.0) > 255 or mode.startswith("I;16") else 255.0
+        gray = np.clip(np.round(values / top * 255.0), 0, 255).astype(np.uint8)
+        notes.append(f"converted {mode} (high bit depth grayscale) to 8-bit RGB")
+        return np.repeat(gray[:, :, None], 3, axis=2), None
+    if mode == "1":
+        image = image.convert("L")
+        mode = "L"
+    if mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+        mode = "RGBA"
+    if mode == "RGBA":
+        array = np.asarray(image)
+        alpha = array[:, :, 3]
+        if alpha.min() == 255:
+            return np.ascontiguousarray(array[:, :, :3]), None
+        weight = alpha.astype(np.float32)[:, :, None] / 255.0
+        rgb = array[:, :, :3].astype(np.float32) * weight + 255.0 * (1.0 - weight)
+        notes.append("composited the transparent background on white and kept the alpha as a mask")
+        return np.clip(np.round(rgb), 0, 255).astype(np.uint8), np.ascontiguousarray(alpha)
+    if mode != "RGB":
+        if mode == "CMYK":
+            notes.append("converted CMYK to RGB")
+        elif mode == "L":
+            notes.append("converted grayscale to RGB")
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image)), None
+
+
+def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE) -> LoadedImage:
+    """Read an image file into 8-bit RGB, or raise `InputImageError` with a one-sentence reason."""
+    path = Path(path)
+    if not path.exists():
+        raise InputImageError(f"Input image '{path}' does not exist; check the path.")
+    if path.is_dir():
+        raise InputImageError(f"Input '{path}' is a folder, not an image file; pass the image file itself.")
+    try:
+        size_bytes = path.stat().st_size
+        if size_bytes == 0:
+            raise InputImageError(f"Input image '{path}' is an empty file (0 bytes); pass a real image.")
+        sha256 = file_sha256(path)
+    except PermissionError:
+        raise InputImageError(f"Input image '{path}' cannot be read (permission denied); check its permissions.") from None
+
+    notes: list[str] = []
+    previous_limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            try:
+                image = Image.open(path)
+            except UnidentifiedImageError:
+                raise InputImageError(
+                    f"'{path}' is not an image file dp360 can read; pass a PNG, JPEG, WebP, TIFF, BMP or GIF portrait."
+                ) from None
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise InputImageError(
+                    f"'{path}' declares more than {MAX_PIXELS // 1_000_000} megapixels; downscale it before using it."
+                ) from None
+            with image:
+                frames = getattr(image, "n_frames", 1)
+                if frames > 1:
+                    image.seek(0)
+                    notes.append(f"the file holds {frames} frames; using the first")
+                if image.width == 0 or image.height == 0:
+                    raise InputImageError(f"Input image '{path}' has zero width or height; pass a real image.")
+                if max(image.width, image.height) > max_side and image.format == "JPEG":
+                    # Let the JPEG decoder downscale by a power of two while decoding (fast, low memory).
+                    image.draft("RGB", (max_side, max_side))
+                try:
+                    image.load()
+                    image = ImageOps.exif_transpose(image) or image
+                except (OSError, SyntaxError, ValueError) as error:
+                    raise InputImageError(
+                        f"Input image '{path}' is corrupt or truncated ({error}); re-export or re-download it."
+                    ) from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous_limit
+
+    original_size = (image.width, image.height)
+    if min(original_size) < MIN_SIDE:
+        raise InputImageError(
+            f"Input image '{path}' is only {original_size[0]}x{original_size[1]} pixels; "
+            f"dp360 needs at least {MIN_SIDE} px on each side, so use a larger portrait."
+        )
+    rgb, alpha = _to_rgb_and_alpha(image, notes)
+    if max(rgb.shape[:2]) > max_side:
+        scale = max_side / max(rgb.shape[:2])
+        new_size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+        rgb = np.asarray(Image.fromarray(rgb).resize(new_size, Image.LANCZOS))
+        if alpha is not None:
+            alpha = np.asarray(Image.fromarray(alpha).resize(new_size, Image.LANCZOS))
+        notes.append(
+            f"downscaled from {original_size[0]}x{original_size[1]} to {new_size[0]}x{new_size[1]} "
+            f"(longest side at most {max_side} px)"
+        )
+    return LoadedImage(rgb=rgb, alpha=alpha, path=path, sha256=sha256, original_size=original_size, notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes: write to a temporary name in the destination folder, then rename.
+# --------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `destination`; rename it into place only on success."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(
+        prefix=f".{destination.stem}.", suffix=f".tmp{destination.suffix}", dir=destination.parent
+    )
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, destination)
+    finally:
+        if temporary_path.exists():
+            temporary_path.unlink()
+
+
+def write_bytes_atomic(destination: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(destination) as temporary:
+        temporary.write_bytes(data)
+
+
+def write_json_atomic(destination: str | os.PathLike, payload: Any) -> None:
+    write_bytes_atomic(destination, (json.dumps(payload, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save_image_atomic(destination: str | os.PathLike, array: np.ndarray) -> None:
+    """Save an 8-bit array (H, W), (H, W, 3) or (H, W, 4) as PNG/JPEG by the destination's suffix."""
+    destination = Path(destination)
+    with atomic_path(destination) as temporary:
+        Image.fromarray(np.ascontiguousarray(array)).save(temporary, format=_format_for(destination))
+
+
+def _format_for(path: Path) -> str:
+    return {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG")
+
+
+@contextlib.contextmanager
+def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder next to `destination`; on success it replaces `destination`
+    as a whole, so readers see either the old complete folder or the new complete one."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
+            os.replace(destination, retired / destination.name)
+            os.replace(staging, destination)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, destination)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,194 @@
+"""The prepare stage: detect the face, crop like PanoHead, estimate the camera, and write
+`crop.png`, `dataset.json` (PanoHead format), `face.json`, `overlay.png` (and `mask.png` when
+the input had transparency) into a folder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from .. import cameras
+from ..errors import DetectorUnavailableError, NoFaceError
+from ..imaging import LoadedImage, save_image_atomic, write_json_atomic
+from .align import CROP_SIZE, CropTransform, center_square, panohead_crop_transform, warp_crop
+from .detectors import FaceDetection, make_detector
+from .pose import HeadPose, pose_axes_in_crop, pose_from_angles, pose_from_landmarks
+
+log = logging.getLogger(__name__)
+
+CROP_NAME = "crop.png"
+OVERLAY_MAX_SIDE = 1024
+
+
+@dataclass
+class PrepareSettings:
+    """Settings of the prepare stage (all of them enter the stage's resume key)."""
+
+    detector: str = "auto"  # auto | retinaface | dlib
+    no_crop: bool = False  # the input is already aligned like PanoHead's crops
+    yaw: float | None = None  # degrees; overrides the estimated yaw (0 = frontal)
+    pitch: float | None = None  # degrees; overrides the estimated elevation (> 0 = camera above)
+    face_index: int | None = None  # which face when there are several (0 = largest)
+    detector_weights: str | None = None  # folder holding RetinaFace weights
+
+    def key_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PrepareResult:
+    crop: np.ndarray
+    pose: HeadPose
+    detection: FaceDetection | None
+    detector: str | None
+    face_count: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _pick_face(detections: list[FaceDetection], settings: PrepareSettings, image_name: str, notes: list[str]) -> FaceDetection:
+    if settings.face_index is not None:
+        if not 0 <= settings.face_index < len(detections):
+            raise NoFaceError(
+                f"--face-index {settings.face_index} is out of range: {len(detections)} face(s) were found in "
+                f"'{image_name}' (0 is the largest)."
+            )
+        return detections[settings.face_index]
+    if len(detections) > 1:
+        notes.append(f"found {len(detections)} faces; using the largest (pick another with --face-index)")
+    return detections[0]
+
+
+def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes: list[str]):
+    """Returns crop, mask, transform, detection, detector name, face count, pose."""
+    needs_pose = settings.yaw is None or settings.pitch is None
+    detector = None
+    if not settings.no_crop or needs_pose:
+        try:
+            weights_dir = Path(settings.detector_weights) if settings.detector_weights else None
+            detector = make_detector(settings.detector, device=device, weights_dir=weights_dir)
+            if detector.note:
+                notes.append(detector.note)
+        except DetectorUnavailableError:
+            if not settings.no_crop:
+                raise
+            notes.append(f"face detector '{settings.detector}' is unavailable, so the pose is not estimated")
+
+    detection: FaceDetection | None = None
+    face_count = 0
+    if settings.no_crop:
+        crop, transform = center_square(image.rgb)
+        mask = None if image.alpha is None else center_square(image.alpha)[0]
+        if image.rgb.shape[0] != image.rgb.shape[1]:
+            notes.append("--no-crop: the image is not square, so its centre square was used")
+        if detector is not None:
+            found = detector.detect(crop)
+            face_count = len(found)
+            if found:
+                in_crop = _pick_face(found, settings, image.path.name, notes)
+                detection = FaceDetection(
+                    box=transform.invert(in_crop.box.reshape(2, 2)).reshape(4),
+                    score=in_crop.score,
+                    landmarks5=transform.invert(in_crop.landmarks5),
+                    landmarks68=None if in_crop.landmarks68 is None else transform.invert(in_crop.landmarks68),
+                )
+            elif needs_pose:
+                notes.append("--no-crop: no face was detected, so a frontal camera is assumed (set --yaw/--pitch if not)")
+    else:
+        found = detector.detect(image.rgb)
+        face_count = len(found)
+        if not found:
+            raise NoFaceError(
+                f"No face was found in '{image.path.name}'; if it is already aligned (a stylized or cartoon head "
+                "that detectors miss), rerun with --no-crop, and add --yaw/--pitch if it is not frontal."
+            )
+        detection = _pick_face(found, settings, image.path.name, notes)
+        transform = panohead_crop_transform(detection.landmarks5)
+        crop = warp_crop(image.rgb, transform)
+        mask = None if image.alpha is None else warp_crop(image.alpha, transform, blur_padding=False)
+
+    if detection is not None:
+        estimated = pose_from_landmarks(transform.apply(detection.landmarks5), CROP_SIZE)
+    else:
+        estimated = pose_from_angles(0.0, 0.0, "default")
+    if needs_pose:
+        pose = estimated
+        if settings.yaw is not None or settings.pitch is not None:
+            pose = pose_from_angles(
+                settings.yaw if settings.yaw is not None else estimated.yaw,
+                settings.pitch if settings.pitch is not None else estimated.elevation,
+                "override",
+            )
+    else:
+        pose = pose_from_angles(settings.yaw, settings.pitch, "override")
+    return crop, mask, transform, detection, (detector.name if detector else None), face_count, pose, estimated
+
+
+def _draw_overlay(image: LoadedImage, transform: CropTransform, detection: FaceDetection | None, pose: HeadPose, estimated: HeadPose, detector: str | None) -> np.ndarray:
+    canvas = image.rgb.copy()
+    longest = max(canvas.shape[:2])
+    factor = min(1.0, OVERLAY_MAX_SIDE / longest)
+    if factor < 1.0:
+        canvas = cv2.resize(canvas, (round(canvas.shape[1] * factor), round(canvas.shape[0] * factor)), interpolation=cv2.INTER_AREA)
+    thickness = max(1, round(max(canvas.shape[:2]) / 300))
+
+    def pt(xy):
+        return tuple(int(round(v * factor)) for v in xy)
+
+    cv2.polylines(canvas, [np.round(transform.corners * factor).astype(np.int32)], True, (255, 210, 0), thickness, cv2.LINE_AA)
+    if detection is not None:
+        cv2.rectangle(canvas, pt(detection.box[:2]), pt(detection.box[2:]), (0, 220, 0), thickness, cv2.LINE_AA)
+        if detection.landmarks68 is not None:
+            for point in detection.landmarks68:
+                cv2.circle(canvas, pt(point), max(1, thickness // 2), (255, 255, 255), -1, cv2.LINE_AA)
+        for point in detection.landmarks5:
+            cv2.circle(canvas, pt(point), thickness + 1, (255, 0, 0), -1, cv2.LINE_AA)
+        axes = pose_axes_in_crop(estimated, CROP_SIZE)
+        if axes is not None:
+            axes = transform.invert(axes)
+            for tip, colour in zip(axes[1:], [(255, 0, 0), (0, 255, 0), (0, 80, 255)]):
+                cv2.arrowedLine(canvas, pt(axes[0]), pt(tip), colour, thickness + 1, cv2.LINE_AA, tipLength=0.2)
+    label = f"yaw {pose.yaw:+.1f}  elev {pose.elevation:+.1f}  ({pose.source}{', ' + detector if detector else ''})"
+    scale = max(canvas.shape[:2]) / 900
+    origin = (8, int(30 * scale) + 4)
+    cv2.putText(canvas, label, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness + 2, cv2.LINE_AA)
+    cv2.putText(canvas, label, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    return canvas
+
+
+def prepare_portrait(image: LoadedImage, out_dir: Path, settings: PrepareSettings, device: str = "cpu") -> PrepareResult:
+    """Run the prepare stage on a loaded image and write its files into `out_dir`."""
+    out_dir = Path(out_dir)
+    notes: list[str] = []
+    crop, mask, transform, detection, detector, face_count, pose, estimated = _estimate(image, settings, device, notes)
+
+    label = cameras.panohead_label(pose.cam2world)
+    save_image_atomic(out_dir / CROP_NAME, crop)
+    if mask is not None:
+        save_image_atomic(out_dir / "mask.png", mask)
+    write_json_atomic(out_dir / "dataset.json", cameras.panohead_dataset_json([(CROP_NAME, label)]))
+    face = {
+        "detector": detector,
+        "face_count": face_count,
+        "pose": pose.as_dict(),
+        "estimated_pose": estimated.as_dict() if estimated.source == "landmarks" else None,
+        "crop_corners_in_input": transform.corners.round(3).tolist(),
+        "input_to_crop_affine": transform.matrix.round(6).tolist(),
+        "camera_label": label,
+    }
+    if detection is not None:
+        face.update(
+            {
+                "box": detection.box.round(2).tolist(),
+                "score": round(detection.score, 4),
+                "landmarks5": detection.landmarks5.round(2).tolist(),
+                "landmarks5_in_crop": transform.apply(detection.landmarks5).round(2).tolist(),
+            }
+        )
+    write_json_atomic(out_dir / "face.json", face)
+    save_image_atomic(out_dir / "overlay.png", _draw_overlay(image, transform, detection, pose, estimated, detector))
+    return PrepareResult(crop=crop, pose=pose, detection=detection, detector=detector, face_count=face_count, notes=notes)

@@ -1,0 +1,76 @@
+"""Where dp360's weight files live and how they are fetched.
+
+Cache root: `$DP360_CACHE`, else `$XDG_CACHE_HOME/dp360`, else `~/.cache/dp360`.
+- `facexlib/`: RetinaFace weights (`detection_Resnet50_Final.pth`), fetched on first use from
+  facexlib's release page; on an offline machine copy the file there by hand, or point
+  `$DP360_FACEXLIB_DIR` (or `--detector-weights`) at a folder that holds it.
+Downloads are disabled when `HF_HUB_OFFLINE=1` or `DP360_OFFLINE=1`.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .errors import DetectorUnavailableError
+from .imaging import atomic_path
+
+RETINAFACE_FILES = {
+    "resnet50": "detection_Resnet50_Final.pth",
+    "mobile0.25": "detection_mobilenet0.25_Final.pth",
+}
+FACEXLIB_RELEASE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
+DOWNLOAD_TIMEOUT_S = 20
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DP360_CACHE"):
+        return Path(os.environ["DP360_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dp360"
+
+
+def facexlib_dir() -> Path:
+    if os.environ.get("DP360_FACEXLIB_DIR"):
+        return Path(os.environ["DP360_FACEXLIB_DIR"]).expanduser()
+    return cache_dir() / "facexlib"
+
+
+def offline() -> bool:
+    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "DP360_OFFLINE"))
+
+
+def download_file(url: str, destination: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
+    """Stream `url` to `destination` through a temporary name (no partial file on failure)."""
+    with atomic_path(destination) as temporary:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(temporary, "wb") as handle:
+            while block := response.read(1 << 20):
+                handle.write(block)
+    return destination
+
+
+def retinaface_weights(network: str = "resnet50", weights_dir: Path | None = None, allow_download: bool = True) -> Path:
+    """Path of RetinaFace weights, downloading them into the cache if needed and allowed."""
+    file_name = RETINAFACE_FILES[network]
+    folder = Path(weights_dir) if weights_dir is not None else facexlib_dir()
+    path = folder / file_name
+    if path.is_file():
+        return path
+    how = f"put {file_name} from {FACEXLIB_RELEASE_URL} into {folder}, or use --detector dlib"
+    if not allow_download or offline():
+        raise DetectorUnavailableError(f"RetinaFace weights are not in {folder} and downloads are off; {how}.")
+    try:
+        return download_file(FACEXLIB_RELEASE_URL + file_name, path)
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        reason = getattr(error, "reason", error)
+        raise DetectorUnavailableError(f"RetinaFace weights could not be downloaded ({reason}); {how}.") from None
+
+
+def describe_cache() -> list[tuple[Path, int]]:
+    """Files in the dp360 cache with their sizes in bytes."""
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    return sorted((path, path.stat().st_size) for path in root.rglob("*") if path.is_file())
