@@ -74,10 +74,10 @@ class ConsoleReporter:
         if self._status is not None:
             self._status.stop()
             self._status = None
-        if not self.quiet:
-            mark = "[red]x[/]" if outcome == "failed" else "[green]✓[/]"
+        # A failure is reported once, by the error message itself.
+        if not self.quiet and outcome != "failed":
             timing = f" in {seconds:.1f} s" if seconds else ""
-            err_console.print(f"{mark} [bold]{name}[/]: {outcome}{timing}")
+            err_console.print(f"[green]✓[/] [bold]{name}[/]: {outcome}{timing}")
 
     def note(self, message: str) -> None:
         if not self.quiet:

@@ -101,6 +101,26 @@ def _to_rgb_and_alpha(image: Image.Image, notes: list[str]) -> tuple[np.ndarray,
     return np.ascontiguousarray(np.asarray(image)), None
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def _sniff_format(path: Path) -> str | None:
+    """Name of the image format whose signature the file starts with, if any."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    return next((name for signature, name in _SIGNATURES if head.startswith(signature)), None)
+
+
 def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE) -> LoadedImage:
     """Read an image file into 8-bit RGB, or raise `InputImageError` with a one-sentence reason."""
     path = Path(path)
@@ -125,6 +145,12 @@ def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE) -> LoadedIm
             try:
                 image = Image.open(path)
             except UnidentifiedImageError:
+                kind = _sniff_format(path)
+                if kind:
+                    raise InputImageError(
+                        f"'{path}' looks like a {kind} file but cannot be decoded (corrupt, truncated or zero-sized); "
+                        "re-export or re-download it."
+                    ) from None
                 raise InputImageError(
                     f"'{path}' is not an image file dp360 can read; pass a PNG, JPEG, WebP, TIFF, BMP or GIF portrait."
                 ) from None

@@ -1,0 +1,49 @@
+"""Shared fixtures. Tests run offline on CPU: downloads are disabled and the dp360 cache is a
+temporary folder, so nothing outside the test's own files is read or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+ASTRONAUT = REPO / "assets" / "astronaut.png"
+
+
+@pytest.fixture(autouse=True)
+def offline_cache(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.mktemp("dp360-cache")
+    monkeypatch.setenv("DP360_CACHE", str(cache))
+    monkeypatch.setenv("DP360_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("DP360_FACEXLIB_DIR", raising=False)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def astronaut_path() -> Path:
+    return ASTRONAUT
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    return np.asarray(Image.open(ASTRONAUT).convert("RGB"))
+
+
+@pytest.fixture
+def cli():
+    """Invoke the Typer app in-process; returns (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str):
+        result = runner.invoke(app, [str(a) for a in args])
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke

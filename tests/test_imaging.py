@@ -1,0 +1,194 @@
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dp360.errors import InputImageError
+from dp360.imaging import (
+    MAX_SIDE,
+    atomic_directory,
+    atomic_path,
+    load_portrait,
+    save_image_atomic,
+    write_json_atomic,
+)
+
+from .images import png_with_size, truncated_copy
+
+
+@pytest.fixture
+def gradient():
+    y, x = np.mgrid[0:200, 0:300]
+    return np.stack([x % 256, y % 256, (x + y) % 256], axis=-1).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------- bad inputs
+
+
+def _error(path) -> str:
+    with pytest.raises(InputImageError) as caught:
+        load_portrait(path)
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith(".")
+    return message
+
+
+def test_missing_file(tmp_path):
+    assert "does not exist" in _error(tmp_path / "nope.png")
+
+
+def test_folder_instead_of_file(tmp_path):
+    assert "is a folder" in _error(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    assert "empty file" in _error(tmp_path / "empty.png")
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "notes.png").write_text("this is text, not pixels\n" * 20)
+    assert "not an image file" in _error(tmp_path / "notes.png")
+
+
+def test_zero_size_png(tmp_path):
+    assert "cannot be decoded" in _error(png_with_size(tmp_path / "zero.png", 0, 0))
+
+
+@pytest.mark.parametrize("suffix,format", [(".png", "PNG"), (".jpg", "JPEG")])
+def test_truncated_file(tmp_path, astronaut, suffix, format):
+    whole = tmp_path / f"whole{suffix}"
+    Image.fromarray(astronaut).save(whole, format=format)
+    message = _error(truncated_copy(whole, tmp_path / f"cut{suffix}"))
+    assert "corrupt or truncated" in message or "cannot be decoded" in message
+
+
+def test_tiny_image(tmp_path):
+    Image.new("RGB", (100, 300)).save(tmp_path / "tiny.png")
+    assert "only 100x300 pixels" in _error(tmp_path / "tiny.png")
+
+
+# ------------------------------------------------------------------------- normalisation
+
+
+def _roundtrip(tmp_path, image: Image.Image, name: str, **save):
+    path = tmp_path / name
+    image.save(path, **save)
+    return load_portrait(path)
+
+
+def test_rgb_passes_unchanged(tmp_path, gradient):
+    loaded = _roundtrip(tmp_path, Image.fromarray(gradient), "rgb.png")
+    assert loaded.rgb.dtype == np.uint8 and np.array_equal(loaded.rgb, gradient)
+    assert loaded.alpha is None and loaded.notes == [] and len(loaded.sha256) == 64
+
+
+def test_grayscale_becomes_rgb(tmp_path, gradient):
+    loaded = _roundtrip(tmp_path, Image.fromarray(gradient[:, :, 0]), "gray.png")
+    assert loaded.rgb.shape == (200, 300, 3)
+    assert np.array_equal(loaded.rgb[:, :, 0], gradient[:, :, 0]) and np.array_equal(loaded.rgb[:, :, 2], gradient[:, :, 0])
+
+
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    values = (np.linspace(0, 65535, 300)[None, :].repeat(200, 0)).astype(np.uint16)
+    loaded = _roundtrip(tmp_path, Image.fromarray(values), "deep.png")
+    row = loaded.rgb[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and abs(row[150] - 128) <= 1
+    assert any("8-bit" in note for note in loaded.notes)
+
+
+def test_rgba_composited_on_white_with_mask(tmp_path, gradient):
+    rgba = np.dstack([gradient, np.zeros(gradient.shape[:2], np.uint8)])
+    rgba[50:150, 100:200, 3] = 255
+    loaded = _roundtrip(tmp_path, Image.fromarray(rgba, "RGBA"), "alpha.png")
+    assert np.array_equal(loaded.rgb[0, 0], [255, 255, 255])
+    assert np.array_equal(loaded.rgb[100, 150], gradient[100, 150])
+    assert loaded.alpha is not None and loaded.alpha[0, 0] == 0 and loaded.alpha[100, 150] == 255
+
+
+def test_palette_with_and_without_transparency(tmp_path, gradient):
+    palette = Image.fromarray(gradient).convert("P", palette=Image.ADAPTIVE, colors=64)
+    plain = _roundtrip(tmp_path, palette, "pal.png")
+    assert plain.rgb.shape == (200, 300, 3) and plain.alpha is None
+    assert np.abs(plain.rgb.astype(int) - gradient.astype(int)).mean() < 20
+    corner_index = palette.getpixel((0, 0))
+    transparent = _roundtrip(tmp_path, palette, "pal_t.png", transparency=corner_index)
+    assert transparent.alpha is not None and transparent.alpha[0, 0] == 0
+    assert np.array_equal(transparent.rgb[0, 0], [255, 255, 255])
+
+
+def test_cmyk_jpeg(tmp_path, gradient):
+    loaded = _roundtrip(tmp_path, Image.fromarray(gradient).convert("CMYK"), "cmyk.jpg", quality=95)
+    assert loaded.rgb.shape == (200, 300, 3)
+    assert np.abs(loaded.rgb.astype(int) - gradient.astype(int)).mean() < 12
+    assert any("CMYK" in note for note in loaded.notes)
+
+
+def test_exif_orientation_is_applied(tmp_path, gradient):
+    image = Image.fromarray(gradient)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    loaded = _roundtrip(tmp_path, image, "rotated.jpg", exif=exif, quality=95)
+    assert loaded.rgb.shape == (300, 200, 3)
+    expected = np.asarray(image.transpose(Image.Transpose.ROTATE_270))
+    assert np.abs(loaded.rgb.astype(int) - expected.astype(int)).mean() < 8
+
+
+def test_multi_frame_uses_first_frame(tmp_path):
+    frames = [Image.new("RGB", (160, 160), colour) for colour in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+    loaded = load_portrait(path)
+    assert loaded.rgb[80, 80, 0] > 200 and loaded.rgb[80, 80, 2] < 50
+    assert any("3 frames" in note for note in loaded.notes)
+
+
+def test_huge_image_is_downscaled_with_note(tmp_path):
+    Image.new("RGB", (MAX_SIDE + 904, 2500), (10, 20, 30)).save(tmp_path / "huge.png")
+    loaded = load_portrait(tmp_path / "huge.png")
+    assert max(loaded.rgb.shape[:2]) == MAX_SIDE
+    assert loaded.original_size == (MAX_SIDE + 904, 2500)
+    assert any("downscaled" in note for note in loaded.notes)
+
+
+def test_decompression_bomb_is_refused(tmp_path):
+    assert "megapixels" in _error(png_with_size(tmp_path / "bomb.png", 30000, 30000))
+
+
+# ------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out" / "file.json"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            temporary.write_text("half")
+            raise RuntimeError("boom")
+    assert not target.exists() and list((tmp_path / "out").iterdir()) == []
+
+
+def test_atomic_writes_replace_whole_files(tmp_path, gradient):
+    write_json_atomic(tmp_path / "a.json", {"x": 1})
+    write_json_atomic(tmp_path / "a.json", {"x": 2})
+    assert (tmp_path / "a.json").read_text().strip().endswith("}") and '"x": 2' in (tmp_path / "a.json").read_text()
+    save_image_atomic(tmp_path / "g.png", gradient)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), gradient)
+    assert sorted(os.listdir(tmp_path)) == ["a.json", "g.png"]
+
+
+def test_atomic_directory_swaps_whole_folder_or_nothing(tmp_path):
+    target = tmp_path / "stage"
+    with atomic_directory(target) as staging:
+        (staging / "one.txt").write_text("1")
+    assert (target / "one.txt").read_text() == "1"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "two.txt").write_text("2")
+            raise RuntimeError("boom")
+    assert sorted(p.name for p in target.iterdir()) == ["one.txt"]
+    with atomic_directory(target) as staging:
+        (staging / "three.txt").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["three.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
