@@ -124,7 +124,8 @@ class Run:
         self.reporter = reporter or LogReporter()
         self.manifest_path = self.out_dir / MANIFEST_NAME
         self.notes: list[str] = []
-        self._created_dir = False
+        self._existed = False
+        self._started_empty = False  # the folder did not exist or was empty before this run
         self._completed_any = False
         self.manifest: dict[str, Any] = {}
 
@@ -151,9 +152,9 @@ class Run:
                 raise RunDirectoryError(
                     f"'{self.manifest_path}' is not a dp360 run manifest; delete it or choose another --out folder."
                 ) from None
-        if not out.exists():
-            out.mkdir(parents=True)
-            self._created_dir = True
+        self._existed = out.exists()
+        self._started_empty = not self._existed or not any(out.iterdir())
+        out.mkdir(parents=True, exist_ok=True)
         self.manifest = {
             "format": MANIFEST_FORMAT,
             "dp360_version": __version__,
@@ -260,9 +261,14 @@ class Run:
         self._save()
 
     def abandon(self) -> None:
-        """After a failure: remove the folder if this run created it and nothing in it is usable."""
-        if self._created_dir and not self._completed_any:
-            shutil.rmtree(self.out_dir, ignore_errors=True)
+        """After a failure: if the folder was new or empty and no stage finished, leave it as it
+        was (gone, or empty) rather than holding a manifest of nothing."""
+        if not self._started_empty or self._completed_any or not self.out_dir.is_dir():
+            return
+        for child in self.out_dir.iterdir():
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        if not self._existed:
+            self.out_dir.rmdir()
 
     def summary(self) -> RunSummary:
         stages = {

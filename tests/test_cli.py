@@ -198,3 +198,10 @@ def test_readme_commands_exist():
     readme = (REPO / "README.md").read_text()
     assert "make example" in readme and "make test" in readme
     assert "make test" in (REPO / ".ci" / "run").read_text()
+
+
+def test_failure_in_an_empty_existing_folder_leaves_it_empty(cli, tmp_path):
+    out = tmp_path / "made-by-user"
+    out.mkdir()
+    _assert_user_error(*cli("prepare", no_face(tmp_path / "scene.png"), "--out", out, *DLIB), "--no-crop")
+    assert out.is_dir() and list(out.iterdir()) == []
