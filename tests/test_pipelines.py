@@ -106,3 +106,22 @@ def test_back_view_pipeline():
     assert first.shape == (1, 3, 64, 64)
     assert np.array_equal(first, run(0)) and np.abs(first - run(1)).max() > 1e-3
     assert np.abs(first - run(0, 255 - camera)).max() > 1e-5  # the camera image steers it (same seed: otherwise bit-identical)
+
+
+def test_tiny_official_checkpoint_converts_to_a_bundle_that_samples_the_same(tmp_path, pipe, images):
+    """The real file path: a tiny checkpoint in the official layout, saved with torch.save, read
+    back with weights_only + mmap, converted to safetensors folders, loaded into a pipeline."""
+    from dp360.models.bundle import convert_to_bundle, load_bundle
+    from dp360.models.components import component_config
+    from dp360.models.convert import to_official_layout
+
+    components = {name: getattr(pipe, name) for name in MAIN_COMPONENTS}
+    checkpoint = to_official_layout({name: (component_config(TINY, name), module.state_dict()) for name, module in components.items()}, schedule=torch.zeros(1000))
+    torch.save({"state_dict": checkpoint}, tmp_path / "model_state-tiny.th")
+    bundle = convert_to_bundle(tmp_path / "model_state-tiny.th", tmp_path / "bundle", "main", family="tiny")
+    assert (bundle / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (bundle / "temporal" / "config.json").is_file()
+    loaded = load_bundle(bundle)
+    loaded.set_progress_bar_config(disable=True)
+    assert np.allclose(_run(loaded, images).images, _run(pipe, images).images, atol=1e-5)
+    with pytest.raises(Exception, match="not a converted dp360 bundle"):
+        load_bundle(tmp_path)
