@@ -222,12 +222,186 @@ def reconstruct(
         raise typer.Exit(2)
 
 
-@app.command()
-def doctor(json_output: JsonOption = False) -> None:
-    """Check this machine: torch/CUDA, GPU memory, packages, weight cache, disk, video encoding."""
-    from dp360.doctor import FAIL, run_checks
+StepsOption = Annotated[int, typer.Option(help="DDIM steps.")]
+GuidanceOption = Annotated[float, typer.Option(help="Classifier-free guidance scale (the unconditional branch is the plain UNet).")]
+EtaOption = Annotated[float, typer.Option(help="DDIM eta.")]
+ViewsOption = Annotated[int, typer.Option("--views", help="Number of views around the head (32 uses the official sphere32 camera images).")]
+BackCameraOption = Annotated[int, typer.Option(help="Camera image used for the back view (the final release uses 18; an earlier one 16).")]
+No3DNoiseOption = Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")]
+WeightsDirOption = Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/ and back-*/ (default: the dp360 cache).", show_default=False)]
+CamerasOption = Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view (default: sphere32 in the cache).", show_default=False)]
+OffloadOption = Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")]
 
-    checks = run_checks()
+
+def _view_models(weights_dir, cameras, views, offload, dtype):
+    from dp360 import weights
+    from dp360.views import ViewModels
+
+    models = ViewModels.default(views)
+    suffix = "fp16" if dtype in ("fp16", "bf16") else "fp32"
+    if weights_dir is not None:
+        main = next((weights_dir / f"main-{kind}" for kind in (suffix, "fp32", "fp16") if (weights_dir / f"main-{kind}").is_dir()), weights_dir / "main-fp32")
+        back = next((weights_dir / f"back-{kind}" for kind in (suffix, "fp32", "fp16") if (weights_dir / f"back-{kind}").is_dir()), weights_dir / "back-fp32")
+        models.main_bundle, models.back_bundle = main, back
+    elif not weights.bundle_path("main").is_dir() and weights.bundle_path("main", fp16=True).is_dir():
+        models.main_bundle, models.back_bundle = weights.bundle_path("main", True), weights.bundle_path("back", True)
+    if cameras is not None:
+        models.camera_dir = cameras
+    models.offload = offload
+    return models
+
+
+@app.command()
+def views(
+    image: Annotated[Path, typer.Argument(help="Portrait image.", show_default=False)],
+    out: OutOption,
+    steps: StepsOption = 50,
+    guidance: GuidanceOption = 3.0,
+    eta: EtaOption = 0.5,
+    view_count: ViewsOption = 32,
+    back_camera: BackCameraOption = 18,
+    no_3d_noise: No3DNoiseOption = False,
+    weights_dir: WeightsDirOption = None,
+    cameras: CamerasOption = None,
+    offload: OffloadOption = False,
+    detector: DetectorOption = Detector.auto,
+    detector_weights: DetectorWeightsOption = None,
+    no_crop: NoCropOption = False,
+    yaw: YawOption = None,
+    pitch: PitchOption = None,
+    face_index: FaceIndexOption = None,
+    device: DeviceOption = "auto",
+    dtype: DTypeOption = DType.auto,
+    seed: SeedOption = 42,
+    force: ForceOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Prepare the portrait, generate its back view, then the consistent views around the head.
+
+    Writes OUT/views/: back_ref.png, 000.png ... (one per view), grid.png, orbit.mp4 and
+    transforms.json (nerfstudio cameras of the orbit).
+    """
+    from dp360.run import RunOptions
+    from dp360.run import views as views_run
+    from dp360.views import ViewSettings
+
+    with user_errors():
+        settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
+        resolved_dtype = None if dtype is DType.auto else dtype.value
+        view_settings = ViewSettings(steps=steps, guidance=guidance, eta=eta, views=view_count, back_camera_index=back_camera, seed=seed, use_3d_noise=not no_3d_noise)
+        models = _view_models(weights_dir, cameras, view_count, offload, resolved_dtype)
+        summary = views_run(image, out, settings, RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force), ConsoleReporter(quiet or json_output), view_settings, models)
+    _print_summary(summary, json_output, quiet)
+
+
+weights_app = typer.Typer(help="Download, list, verify and convert the official DiffPortrait360 weights.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+WhatArgument = Annotated[Optional[list[str]], typer.Argument(help="Files: main, back, panohead, data (default: all).", show_default=False)]
+CacheDirOption = Annotated[Optional[str], typer.Option("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's).", show_default=False)]
+
+
+@weights_app.command("download")
+def weights_download(what: WhatArgument = None, cache_dir: CacheDirOption = None) -> None:
+    """Fetch the official files from the Hugging Face Hub into its cache (with progress)."""
+    from dp360 import weights
+
+    with user_errors():
+        for name in what or list(weights.OFFICIAL_FILES):
+            file_name, size, description = weights.OFFICIAL_FILES[name]
+            err_console.print(f"{name}: {file_name} ({'about %.1f GB' % size if size else 'size unknown'}) - {description}")
+            path = weights.download_official(name, cache_dir)
+            err_console.print(f"[green]✓[/] {path}")
+
+
+@weights_app.command("list")
+def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = False) -> None:
+    """Show which official files are cached and which bundles are converted."""
+    from dp360 import weights
+
+    rows = []
+    for name, (file_name, size, description) in weights.OFFICIAL_FILES.items():
+        path = weights.cached_official(name, cache_dir)
+        rows.append({"name": name, "file": file_name, "cached": str(path) if path else None, "description": description})
+    for kind in ("main", "back"):
+        for fp16 in (False, True):
+            folder = weights.bundle_path(kind, fp16)
+            rows.append({"name": f"bundle {folder.name}", "file": str(folder), "cached": str(folder) if folder.is_dir() else None, "description": "converted diffusers components"})
+    if json_output:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    for row in rows:
+        mark = "[green]present[/]" if row["cached"] else "[yellow]missing[/]"
+        err_console.print(f"{mark} {row['name']}: {row['cached'] or row['file']}", soft_wrap=True)
+
+
+@weights_app.command("verify")
+def weights_verify(
+    kind: Annotated[str, typer.Argument(help="main or back.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)] = None,
+    family: Annotated[str, typer.Option(help="Model family the checkpoint should match: sd15 (official) or tiny.")] = "sd15",
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Check that a checkpoint's keys and shapes match dp360's components exactly (no leftovers)."""
+    import torch
+
+    from dp360 import weights
+    from dp360.models.bundle import KIND_COMPONENTS, load_official_checkpoint
+    from dp360.models.components import build_components, component_config
+    from dp360.models.configs import FAMILIES
+    from dp360.models.convert import convert_official
+
+    with user_errors():
+        _check_kind(kind)
+        path = checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
+        state = load_official_checkpoint(path)
+        chosen = FAMILIES[family]
+        with torch.device("meta"):
+            components = build_components(chosen, KIND_COMPONENTS[kind])
+        report = convert_official(state, {n: (component_config(chosen, n), {k: v.shape for k, v in m.state_dict().items()}) for n, m in components.items()})
+        used = sum(len(s) for s in report.state_dicts.values())
+        err_console.print(f"[green]✓[/] {path}: {used} tensors map onto {len(report.state_dicts)} components; {len(report.ignored)} schedule/obsolete buffers ignored")
+
+
+def _check_kind(kind: str) -> None:
+    from dp360.errors import Dp360Error
+
+    if kind not in ("main", "back"):
+        raise Dp360Error(f"Unknown checkpoint kind '{kind}'; use main (model_state-340000.th) or back (back_head-230000.th).")
+
+
+@weights_app.command("convert")
+def weights_convert(
+    kind: Annotated[str, typer.Argument(help="main or back.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: the dp360 cache).", show_default=False)] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store the weights in half precision (half the disk).")] = False,
+    family: Annotated[str, typer.Option(help="sd15 (official) or tiny.")] = "sd15",
+    cache_dir: CacheDirOption = None,
+) -> None:
+    """Convert an official checkpoint into per-component diffusers folders in safetensors."""
+    import torch
+
+    from dp360 import weights
+    from dp360.models.bundle import convert_to_bundle
+
+    with user_errors():
+        _check_kind(kind)
+        path = checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
+        target = out or weights.bundle_path(kind, fp16)
+        convert_to_bundle(path, target, kind, family=family, dtype=torch.float16 if fp16 else torch.float32)
+        err_console.print(f"[green]✓[/] {target}")
+
+
+@app.command()
+def doctor(
+    json_output: JsonOption = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help="Also run prepare -> back view -> views end to end on tiny random models (CPU, < 1 minute).")] = False,
+) -> None:
+    """Check this machine: torch/CUDA, GPU memory, packages, weight cache, disk, video encoding."""
+    from dp360.doctor import FAIL, run_checks, smoke_check
+
+    checks = run_checks() + ([smoke_check()] if smoke else [])
     if json_output:
         sys.stdout.write(json.dumps([check.as_dict() for check in checks], indent=2) + "\n")
     else:

@@ -134,21 +134,16 @@ def check_video() -> Check:
     import imageio_ffmpeg
     import numpy as np
 
+    from .video import read_mp4, write_mp4
+
     try:
         with tempfile.TemporaryDirectory() as folder:
-            path = str(Path(folder) / "probe.mp4")
             frame = np.zeros((64, 64, 3), dtype=np.uint8)
             frame[16:48, 16:48] = 255
-            writer = imageio_ffmpeg.write_frames(path, (64, 64), fps=4, codec="libx264", pix_fmt_out="yuv420p")
-            writer.send(None)
-            for _ in range(4):
-                writer.send(frame.tobytes())
-            writer.close()
-            reader = imageio_ffmpeg.read_frames(path)
-            meta = next(reader)
-            count = sum(1 for _ in reader)
-            if count != 4 or tuple(meta["size"]) != (64, 64):
-                raise RuntimeError(f"decoded {count} frames of {meta['size']}")
+            path = write_mp4(Path(folder) / "probe.mp4", [frame] * 4, fps=4)
+            meta, frames = read_mp4(path)
+            if len(frames) != 4 or tuple(meta["size"]) != (64, 64):
+                raise RuntimeError(f"decoded {len(frames)} frames of {meta['size']}")
         return Check("video", OK, f"H.264 MP4 encode and decode work (ffmpeg from imageio-ffmpeg {imageio_ffmpeg.__version__})")
     except Exception as error:  # noqa: BLE001
         return Check("video", FAIL, f"H.264 encoding failed: {error}", "reinstall imageio-ffmpeg (`pip install -U imageio-ffmpeg`)")
@@ -175,3 +170,35 @@ def run_checks() -> list[Check]:
         except Exception as error:  # noqa: BLE001 - a broken check is itself a finding
             results.append(Check(check.__name__.removeprefix("check_"), FAIL, f"{type(error).__name__}: {error}", "see the error; reinstall dp360 if a package is broken"))
     return results
+
+
+def smoke_check() -> Check:
+    """prepare -> back view -> views end to end on tiny random models, through the real
+    checkpoint conversion and loading code. Its images are meaningless."""
+    import time
+
+    from .models.tiny import write_tiny_bundles
+    from .prepare import PrepareSettings
+    from .run import RunOptions
+    from .run import views as views_run
+    from .views import ViewModels, ViewSettings
+
+    example = Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            bundles = write_tiny_bundles(Path(folder) / "tiny", view_count=32)
+            models = ViewModels(bundles["main"], bundles["back"], bundles["cameras"])
+            summary = views_run(
+                example,
+                Path(folder) / "run",
+                PrepareSettings(detector="dlib"),
+                RunOptions(device="cpu", seed=0),
+                view_settings=ViewSettings(steps=2, views=32, seed=0),
+                models=models,
+            )
+            written = sorted(rel for rel in summary.outputs if rel.startswith("views/"))
+        seconds = time.perf_counter() - start
+        return Check("smoke", OK, f"prepare + back view + 32 views on tiny random models in {seconds:.0f} s ({len(written)} files in views/); the images are meaningless by design")
+    except Exception as error:  # noqa: BLE001
+        return Check("smoke", FAIL, f"{type(error).__name__}: {error}", "report this with the output of `dp360 doctor --json`")

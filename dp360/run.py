@@ -1,4 +1,4 @@
-"""Staged runs: prepare -> noise -> backview -> views -> fit -> render -> export.
+"""Staged runs: prepare -> noise -> views (back view + 360 views) -> fit -> render -> export.
 
 A stage is a function that fills a folder, given a settings dict and input files. The run
 manifest (`run.json`) records for every stage its settings, the hashes of its inputs, a key
@@ -23,10 +23,11 @@ import numpy as np
 
 from . import __version__
 from .errors import Dp360Error, RunDirectoryError
-from .imaging import LoadedImage, atomic_directory, load_portrait, save_image_atomic, write_json_atomic
+from .imaging import LoadedImage, atomic_directory, file_sha256, load_portrait, save_image_atomic, write_json_atomic
 
 if TYPE_CHECKING:
     from .prepare import PrepareSettings
+    from .views import ViewModels, ViewSettings
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ MANIFEST_FORMAT = 1
 PIPELINE: tuple[tuple[str, str], ...] = (
     ("prepare", "prepared"),
     ("noise", "noise"),
-    ("backview", "views"),
     ("views", "views"),
     ("fit", "nerf"),
     ("render", "export"),
@@ -45,14 +45,13 @@ PIPELINE: tuple[tuple[str, str], ...] = (
 STAGE_DESCRIPTIONS = {
     "prepare": "detect the face, crop like PanoHead, estimate the camera",
     "noise": "PanoHead inversion and 3D-aware noise frames",
-    "backview": "back view of the head (model F)",
-    "views": "32 consistent views (DiffPortrait360)",
+    "views": "back view (model F), then the consistent 360-degree views (DiffPortrait360)",
     "fit": "radiance field fit (nerfstudio)",
     "render": "turntable video",
     "export": "mesh export",
 }
 # Bump a stage's version when its code changes what it writes, so old results are redone.
-STAGE_VERSIONS = {"prepare": 1}
+STAGE_VERSIONS = {"prepare": 1, "views": 1}
 
 
 class Reporter(Protocol):
@@ -249,10 +248,10 @@ class Run:
         self.reporter.stage_finished(name, "done", seconds)
         return record
 
-    def mark_unavailable(self, name: str) -> None:
+    def mark_unavailable(self, name: str, reason: str | None = None) -> None:
         self.manifest["stages"][name] = {
             "status": "not_available",
-            "reason": f"the '{name}' stage ({STAGE_DESCRIPTIONS[name]}) is not part of dp360 {__version__} yet",
+            "reason": reason or f"the '{name}' stage ({STAGE_DESCRIPTIONS[name]}) is not part of dp360 {__version__} yet",
         }
         self._save()
 
@@ -294,11 +293,16 @@ def run_pipeline(
     options: RunOptions | None = None,
     reporter: Reporter | None = None,
     stages: tuple[str, ...] = ("prepare",),
+    view_settings: "ViewSettings | None" = None,
+    models: "ViewModels | None" = None,
+    require: tuple[str, ...] = ("prepare",),
 ) -> RunSummary:
     """Run the named stages on one portrait into `out_dir`; stages this version does not have
-    are recorded as `not_available` and the run ends `incomplete`."""
+    are recorded as `not_available` and the run ends `incomplete`; a stage in `require` that
+    cannot run is an error instead."""
     from .prepare import PrepareSettings, prepare_portrait
     from .runtime import resolve_device, resolve_dtype
+    from .views import ViewModels, ViewSettings
 
     options = options or RunOptions()
     prepare_settings = prepare_settings or PrepareSettings()
@@ -307,6 +311,11 @@ def run_pipeline(
         raise Dp360Error(f"Unknown stage(s) {', '.join(unknown)}; stages are {', '.join(dict(PIPELINE))}.")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    if "views" in stages:
+        view_settings = view_settings or ViewSettings(seed=options.seed)
+        models = models or ViewModels.default(view_settings.views)
+        if "views" in require and models.problem():
+            raise Dp360Error(models.problem())
     # Validate the input before anything touches the disk.
     image = load_portrait(image_path)
     run = Run(out_dir, options, reporter)
@@ -327,11 +336,18 @@ def run_pipeline(
                 run.stage(
                     "prepare", "prepared", prepare_settings.key_dict(), {"input": image.sha256}, build_prepare
                 )
+            elif name == "views":
+                problem = models.problem()
+                if problem:
+                    run.mark_unavailable("views", problem)
+                    missing.append("views")
+                    continue
+                run.stage("views", "views", {**view_settings.key_dict(), "dtype": dtype}, {"crop": file_sha256(run.out_dir / "prepared" / "crop.png"), **models.hashes()}, lambda folder: models.build_views(run.out_dir, folder, view_settings, device, dtype))
             else:
                 run.mark_unavailable(name)
                 missing.append(name)
         if missing:
-            _note(run, f"not run (not in dp360 {__version__} yet): {', '.join(missing)}")
+            _note(run, f"not run: {', '.join(missing)} (see run.json for why)")
         run.finish("incomplete" if missing else "done")
     except BaseException:
         run.abandon()
@@ -345,9 +361,24 @@ def reconstruct(
     prepare_settings: "PrepareSettings | None" = None,
     options: RunOptions | None = None,
     reporter: Reporter | None = None,
+    view_settings: "ViewSettings | None" = None,
+    models: "ViewModels | None" = None,
 ) -> RunSummary:
     """The whole pipeline on one portrait (the stages this version has; the rest are listed)."""
-    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, stages=tuple(dict(PIPELINE)))
+    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, stages=tuple(dict(PIPELINE)), view_settings=view_settings, models=models)
+
+
+def views(
+    image_path: str | Path,
+    out_dir: str | Path,
+    prepare_settings: "PrepareSettings | None" = None,
+    options: RunOptions | None = None,
+    reporter: Reporter | None = None,
+    view_settings: "ViewSettings | None" = None,
+    models: "ViewModels | None" = None,
+) -> RunSummary:
+    """Prepare, then the back view and the 360-degree views into `out_dir/views/`."""
+    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, ("prepare", "views"), view_settings, models, require=("prepare", "views"))
 
 
 def prepare(

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .errors import DetectorUnavailableError
+from .errors import DetectorUnavailableError, Dp360Error
 from .imaging import atomic_path
 
 RETINAFACE_FILES = {
@@ -74,3 +74,52 @@ def describe_cache() -> list[tuple[Path, int]]:
     if not root.is_dir():
         return []
     return sorted((path, path.stat().st_size) for path in root.rglob("*") if path.is_file())
+
+
+# --------------------------------------------------------------------------------------------
+# Official DiffPortrait360 files (Hugging Face Hub) and their converted bundles
+# --------------------------------------------------------------------------------------------
+
+OFFICIAL_REPO = "gym890/diffportrait360"
+# name -> (file in the repo, approximate size in GB, what it is)
+OFFICIAL_FILES = {
+    "main": ("model_state-340000.th", 10.8, "360-view model: SD1.5 UNet + view-consistency modules + reference net + camera ControlNet + VAE + CLIP (fp32)"),
+    "back": ("back_head-230000.th", 9.2, "back-view model F (fp32)"),
+    "panohead": ("easy-khair-180-gpc0.8-trans10-025000.pkl", 0.3, "PanoHead generator (non-commercial licence)"),
+    "data": ("inference_data.zip", None, "inference data with the 32 'sphere32' camera-condition images"),
+}
+
+
+def bundles_dir() -> Path:
+    return cache_dir() / "bundles"
+
+
+def bundle_path(kind: str, fp16: bool = False) -> Path:
+    return bundles_dir() / f"{kind}-{'fp16' if fp16 else 'fp32'}"
+
+
+def download_official(name: str, cache: str | None = None) -> Path:
+    """One official file through huggingface_hub (honours HF_HOME and HF_HUB_OFFLINE), or a
+    clear error saying what to fetch and how."""
+    from huggingface_hub import hf_hub_download
+
+    if name not in OFFICIAL_FILES:
+        raise Dp360Error(f"Unknown weight file '{name}'; choose from {', '.join(OFFICIAL_FILES)}.")
+    file_name = OFFICIAL_FILES[name][0]
+    try:
+        return Path(hf_hub_download(OFFICIAL_REPO, file_name, cache_dir=cache))
+    except Exception as error:  # noqa: BLE001 - every failure here has the same remedy
+        where = cache or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+        raise Dp360Error(
+            f"{file_name} is not in the Hugging Face cache ({where}) and could not be downloaded "
+            f"({type(error).__name__}); run `dp360 weights download {name}` with internet access, "
+            f"or copy the file from huggingface.co/{OFFICIAL_REPO} and pass it with --checkpoint."
+        ) from None
+
+
+def cached_official(name: str, cache: str | None = None) -> Path | None:
+    """The cached official file, if present (never downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(OFFICIAL_REPO, OFFICIAL_FILES[name][0], cache_dir=cache)
+    return Path(found) if isinstance(found, str) else None

@@ -13,6 +13,8 @@ from dp360.models.configs import FULL, TINY
 from dp360.models.convert import ConversionError, convert_official, to_official_layout
 from dp360.models.reference_attention import ReferenceBanks, install_reference_reader, install_reference_writer, self_attention_names
 from dp360.models.temporal import attach_temporal_modules, temporal_sites
+from dp360.models.tiny import randomize_zero_layers as _randomize_zero_layers
+from dp360.models.tiny import tiny_components
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 
@@ -20,15 +22,6 @@ KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 def _seeded(name, seed=0):
     torch.manual_seed(seed)
     return build_component(TINY, name).eval()
-
-
-def _randomize_zero_layers(module):
-    """Zero-initialised layers (temporal proj_out, ControlNet zero convs) hide wiring bugs."""
-    generator = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            if parameter.abs().sum() == 0:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
 @pytest.fixture(scope="module")
@@ -127,26 +120,17 @@ def test_temporal_sites_follow_the_reference_layout():
     assert channels == [1280] * 6 + [640] * 3 + [320] * 3
 
 
-def _tiny_components(names, seed=0):
-    torch.manual_seed(seed)
-    components = build_components(TINY, names)
-    for module in components.values():
-        _randomize_zero_layers(module)
-        module.eval()
-    return components
-
-
 def _targets(components):
     return {name: (component_config(TINY, name), {k: v.shape for k, v in module.state_dict().items()}) for name, module in components.items()}
 
 
 def test_converter_round_trip_and_offenders():
-    source = _tiny_components(MAIN_COMPONENTS)
+    source = tiny_components(MAIN_COMPONENTS)
     checkpoint = to_official_layout({name: (component_config(TINY, name), module.state_dict()) for name, module in source.items()}, schedule=torch.zeros(1000))
     assert any(key.startswith("pose_control_model.input_hint_block.14.") for key in checkpoint)
     assert any(key.startswith("control_model.output_blocks.") for key in checkpoint)
     assert not any(key.startswith("control_model.out.") for key in checkpoint)
-    fresh = _tiny_components(MAIN_COMPONENTS, seed=99)
+    fresh = tiny_components(MAIN_COMPONENTS, seed=99)
     report = convert_official(checkpoint, _targets(fresh))
     for name, module in fresh.items():
         missing, unexpected = module.load_state_dict(report.state_dicts[name], strict=False)

@@ -10,21 +10,12 @@ from dp360.models.configs import TINY
 from dp360.pipelines.common import PipelineInputError
 from dp360.pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline, plan_chunks
 
-from .test_models import _randomize_zero_layers
-
-
-def _components(names):
-    torch.manual_seed(0)
-    components = build_components(TINY, names)
-    for module in components.values():
-        _randomize_zero_layers(module)
-        module.eval()
-    return components
+from dp360.models.tiny import tiny_components
 
 
 @pytest.fixture(scope="module")
 def pipe():
-    pipeline = Portrait360Pipeline(scheduler=DDIMScheduler(**TINY.scheduler), **_components(MAIN_COMPONENTS))
+    pipeline = Portrait360Pipeline(scheduler=DDIMScheduler(**TINY.scheduler), **tiny_components(MAIN_COMPONENTS))
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -97,7 +88,7 @@ def test_input_checks(pipe, images):
 
 
 def test_back_view_pipeline():
-    back = BackViewPipeline(scheduler=DDIMScheduler(**TINY.scheduler), **_components(BACK_COMPONENTS))
+    back = BackViewPipeline(scheduler=DDIMScheduler(**TINY.scheduler), **tiny_components(BACK_COMPONENTS))
     back.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(1)
     front, camera = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)

@@ -1,0 +1,167 @@
+"""The back-view and views stages: from the prepared crop to `views/` (back_ref.png,
+000.png ..., grid.png, orbit.mp4, transforms.json with the orbit cameras)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import cameras
+from .errors import Dp360Error
+from .imaging import save_image_atomic, write_json_atomic
+from .video import write_mp4
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class ViewSettings:
+    steps: int = 50
+    guidance: float = 3.0
+    eta: float = 0.5
+    views: int = 32
+    back_camera_index: int = 18  # sphere32 image used for the back view (final release: 0000018.png)
+    seed: int = 42
+    use_3d_noise: bool = True
+
+    def key_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_camera_images(folder: str | Path, view_count: int) -> list[Image.Image]:
+    """The camera-condition images of a folder (sorted by name), exactly one per view."""
+    folder = Path(folder)
+    files = sorted(path for path in folder.glob("*.png")) if folder.is_dir() else []
+    if len(files) != view_count:
+        raise Dp360Error(
+            f"Camera-condition folder '{folder}' holds {len(files)} PNG images but {view_count} views were asked for; "
+            "use the 32 'sphere32' images of the official inference data, or --views to match the folder."
+        )
+    return [Image.open(path).convert("RGB") for path in files]
+
+
+def grid_image(images: list[Image.Image], columns: int = 8) -> np.ndarray:
+    width, height = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    canvas = np.full((rows * height, columns * width, 3), 255, np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        canvas[row * height : (row + 1) * height, column * width : (column + 1) * width] = np.asarray(image)
+    return canvas
+
+
+def generate_back_view(pipeline, front: Image.Image, camera_images: list[Image.Image], settings: ViewSettings, device: str) -> Image.Image:
+    if not 0 <= settings.back_camera_index < len(camera_images):
+        raise Dp360Error(f"--back-camera {settings.back_camera_index} is not one of the {len(camera_images)} camera images.")
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    return pipeline(front, camera_images[settings.back_camera_index], num_inference_steps=settings.steps, guidance_scale=settings.guidance, eta=settings.eta, generator=generator).images[0]
+
+
+def generate_views(
+    pipeline,
+    front: Image.Image,
+    back: Image.Image,
+    camera_images: list[Image.Image],
+    noise_frames: list[Image.Image] | None,
+    settings: ViewSettings,
+    out_dir: Path,
+) -> dict:
+    """Run the 360 pipeline and write the views folder's files into `out_dir`."""
+    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+    output = pipeline(
+        front,
+        back,
+        camera_images,
+        noise_frames=noise_frames if settings.use_3d_noise else None,
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        eta=settings.eta,
+        generator=generator,
+    )
+    images = output.images
+    names = [f"{index:03d}.png" for index in range(len(images))]
+    for name, image in zip(names, images):
+        save_image_atomic(out_dir / name, np.asarray(image))
+    save_image_atomic(out_dir / "back_ref.png", np.asarray(back))
+    save_image_atomic(out_dir / "grid.png", grid_image(images))
+    write_mp4(out_dir / "orbit.mp4", [np.asarray(image) for image in images], fps=10)
+    size = images[0].size[0]
+    orbit = cameras.dp360_orbit(len(images))
+    views = [cameras.ViewCamera(name, cam2world, cameras.normalized_intrinsics()) for name, cam2world in zip(names, orbit)]
+    write_json_atomic(out_dir / "transforms.json", cameras.to_nerfstudio_transforms(views, size, size))
+    return {"views": len(images), "chunks": output.chunks, "size": size, "3d_noise": noise_frames is not None and settings.use_3d_noise}
+
+
+@dataclass
+class ViewModels:
+    """Where the views stage finds its converted weights and camera-condition images."""
+
+    main_bundle: Path
+    back_bundle: Path
+    camera_dir: Path
+    noise_dir: Path | None = None  # PanoHead frames (3D-aware noise); None until that stage exists
+    offload: bool = False
+
+    @classmethod
+    def default(cls, view_count: int = 32) -> "ViewModels":
+        from . import weights
+
+        return cls(weights.bundle_path("main"), weights.bundle_path("back"), weights.cache_dir() / "sphere32" if view_count == 32 else weights.cache_dir() / f"cameras{view_count}")
+
+    def problem(self) -> str | None:
+        """Why the views stage cannot run, in one sentence, or None."""
+        from .models.bundle import BUNDLE_FILE
+
+        for label, folder in (("360-view model", self.main_bundle), ("back-view model", self.back_bundle)):
+            if not (Path(folder) / BUNDLE_FILE).is_file():
+                return (
+                    f"The converted DiffPortrait360 {label} is not at {folder}; run `dp360 weights download` "
+                    "and `dp360 weights convert` (about 20 GB), or pass --weights-dir."
+                )
+        if not Path(self.camera_dir).is_dir():
+            return f"The camera-condition images are not at {self.camera_dir}; run `dp360 weights download data`, or pass --cameras."
+        return None
+
+    def hashes(self) -> dict[str, str]:
+        from .imaging import file_sha256
+        from .models.bundle import BUNDLE_FILE
+
+        result = {
+            "main_bundle": file_sha256(Path(self.main_bundle) / BUNDLE_FILE),
+            "back_bundle": file_sha256(Path(self.back_bundle) / BUNDLE_FILE),
+        }
+        for path in sorted(Path(self.camera_dir).glob("*.png")):
+            result[f"camera/{path.name}"] = file_sha256(path)
+        return result
+
+    def build_views(self, run_dir: Path, folder: Path, settings: ViewSettings, device: str, dtype: str) -> dict:
+        from .models.bundle import load_bundle
+
+        torch_dtype = DTYPES[dtype]
+        front = Image.open(run_dir / "prepared" / "crop.png").convert("RGB")
+        camera_images = load_camera_images(self.camera_dir, settings.views)
+        noise_frames = None
+        if self.noise_dir is not None and settings.use_3d_noise:
+            noise_frames = load_camera_images(self.noise_dir, settings.views)
+
+        def pipeline(bundle):
+            loaded = load_bundle(bundle, device="cpu" if self.offload else device, dtype=torch_dtype)
+            if self.offload:
+                loaded.enable_model_cpu_offload(device=device)
+                loaded.enable_vae_slicing()
+            return loaded
+
+        back_pipeline = pipeline(self.back_bundle)
+        back = generate_back_view(back_pipeline, front, camera_images, settings, device)
+        del back_pipeline
+        summary = generate_views(pipeline(self.main_bundle), front, back, camera_images, noise_frames, settings, folder)
+        if noise_frames is None:
+            summary["note"] = "no 3D-aware noise (the PanoHead stage is not available): Gaussian start"
+        return summary
