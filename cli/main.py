@@ -345,15 +345,13 @@ def weights_verify(
     """Check that a checkpoint's keys and shapes match dp360's components exactly (no leftovers)."""
     import torch
 
-    from dp360 import weights
     from dp360.models.bundle import KIND_COMPONENTS, load_official_checkpoint
     from dp360.models.components import build_components, component_config
     from dp360.models.configs import FAMILIES
     from dp360.models.convert import convert_official
 
     with user_errors():
-        _check_kind(kind)
-        path = checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
+        path = _official_checkpoint(kind, checkpoint, cache_dir)
         state = load_official_checkpoint(path)
         chosen = FAMILIES[family]
         with torch.device("meta"):
@@ -363,11 +361,14 @@ def weights_verify(
         err_console.print(f"[green]✓[/] {path}: {used} tensors map onto {len(report.state_dicts)} components; {len(report.ignored)} schedule/obsolete buffers ignored")
 
 
-def _check_kind(kind: str) -> None:
+def _official_checkpoint(kind: str, checkpoint: Path | None, cache_dir: str | None) -> Path:
+    """The checkpoint given, else the cached official file, else a download of it."""
+    from dp360 import weights
     from dp360.errors import Dp360Error
 
     if kind not in ("main", "back"):
         raise Dp360Error(f"Unknown checkpoint kind '{kind}'; use main (model_state-340000.th) or back (back_head-230000.th).")
+    return checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
 
 
 @weights_app.command("convert")
@@ -386,8 +387,7 @@ def weights_convert(
     from dp360.models.bundle import convert_to_bundle
 
     with user_errors():
-        _check_kind(kind)
-        path = checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
+        path = _official_checkpoint(kind, checkpoint, cache_dir)
         target = out or weights.bundle_path(kind, fp16)
         convert_to_bundle(path, target, kind, family=family, dtype=torch.float16 if fp16 else torch.float32)
         err_console.print(f"[green]✓[/] {target}")

@@ -57,7 +57,7 @@ def grid_image(images: list[Image.Image], columns: int = 8) -> np.ndarray:
     return canvas
 
 
-def generate_back_view(pipeline, front: Image.Image, camera_images: list[Image.Image], settings: ViewSettings, device: str) -> Image.Image:
+def generate_back_view(pipeline, front: Image.Image, camera_images: list[Image.Image], settings: ViewSettings) -> Image.Image:
     if not 0 <= settings.back_camera_index < len(camera_images):
         raise Dp360Error(f"--back-camera {settings.back_camera_index} is not one of the {len(camera_images)} camera images.")
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
@@ -159,7 +159,7 @@ class ViewModels:
             return loaded
 
         back_pipeline = pipeline(self.back_bundle)
-        back = generate_back_view(back_pipeline, front, camera_images, settings, device)
+        back = generate_back_view(back_pipeline, front, camera_images, settings)
         del back_pipeline
         summary = generate_views(pipeline(self.main_bundle), front, back, camera_images, noise_frames, settings, folder)
         if noise_frames is None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dp360.models.components import BACK_COMPONENTS, MAIN_COMPONENTS, build_components
+from dp360.models.components import BACK_COMPONENTS, MAIN_COMPONENTS
 from dp360.models.configs import TINY
 from dp360.pipelines.common import PipelineInputError
 from dp360.pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline, plan_chunks

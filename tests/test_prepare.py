@@ -71,7 +71,6 @@ def test_crop_removes_roll_and_scale(astronaut, dlib_detector, astronaut_face):
 
 
 def test_padding_reflects_where_the_crop_leaves_the_image(astronaut, astronaut_face):
-    transform = panohead_crop_transform(astronaut_face.landmarks5)
     # Shift the face to the image's top-left corner: most of the crop falls outside.
     shifted = astronaut[70:, 110:]
     transform_shifted = panohead_crop_transform(astronaut_face.landmarks5 - [110, 70])

@@ -8,7 +8,6 @@ from typing import Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 
 from ..errors import Dp360Error
 from ..models.configs import CLIP_BOS, CLIP_EOS, CLIP_LENGTH
