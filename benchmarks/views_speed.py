@@ -20,21 +20,19 @@ from diffusers import DDIMScheduler
 from dp360.models.components import MAIN_COMPONENTS, build_components
 from dp360.models.configs import FAMILIES
 from dp360.pipelines.portrait360 import Portrait360Pipeline
-from dp360.runtime import resolve_device
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+from dp360.runtime import DTYPES, resolve_device, torch_dtype
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--views", type=int, default=32)
-    parser.add_argument("--dtype", default="fp16", choices=list(DTYPES))
+    parser.add_argument("--dtype", default="fp16", choices=DTYPES)
     parser.add_argument("--family", default="sd15", choices=list(FAMILIES))
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if device != "cpu" else torch.float32
+    dtype = torch_dtype(args.dtype) if device != "cpu" else torch.float32
     family = FAMILIES[args.family]
     torch.manual_seed(0)
     components = {name: module.to(device=device, dtype=dtype).eval() for name, module in build_components(family, MAIN_COMPONENTS).items()}

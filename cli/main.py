@@ -233,24 +233,6 @@ CamerasOption = Annotated[Optional[Path], typer.Option(help="Folder of camera-co
 OffloadOption = Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")]
 
 
-def _view_models(weights_dir, cameras, views, offload, dtype):
-    from dp360 import weights
-    from dp360.views import ViewModels
-
-    models = ViewModels.default(views)
-    suffix = "fp16" if dtype in ("fp16", "bf16") else "fp32"
-    if weights_dir is not None:
-        main = next((weights_dir / f"main-{kind}" for kind in (suffix, "fp32", "fp16") if (weights_dir / f"main-{kind}").is_dir()), weights_dir / "main-fp32")
-        back = next((weights_dir / f"back-{kind}" for kind in (suffix, "fp32", "fp16") if (weights_dir / f"back-{kind}").is_dir()), weights_dir / "back-fp32")
-        models.main_bundle, models.back_bundle = main, back
-    elif not weights.bundle_path("main").is_dir() and weights.bundle_path("main", fp16=True).is_dir():
-        models.main_bundle, models.back_bundle = weights.bundle_path("main", True), weights.bundle_path("back", True)
-    if cameras is not None:
-        models.camera_dir = cameras
-    models.offload = offload
-    return models
-
-
 @app.command()
 def views(
     image: Annotated[Path, typer.Argument(help="Portrait image.", show_default=False)],
@@ -284,13 +266,13 @@ def views(
     """
     from dp360.run import RunOptions
     from dp360.run import views as views_run
-    from dp360.views import ViewSettings
+    from dp360.views import ViewModels, ViewSettings
 
     with user_errors():
         settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
         resolved_dtype = None if dtype is DType.auto else dtype.value
         view_settings = ViewSettings(steps=steps, guidance=guidance, eta=eta, views=view_count, back_camera_index=back_camera, seed=seed, use_3d_noise=not no_3d_noise)
-        models = _view_models(weights_dir, cameras, view_count, offload, resolved_dtype)
+        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload)
         summary = views_run(image, out, settings, RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force), ConsoleReporter(quiet or json_output), view_settings, models)
     _print_summary(summary, json_output, quiet)
 

@@ -314,8 +314,9 @@ def run_pipeline(
     if "views" in stages:
         view_settings = view_settings or ViewSettings(seed=options.seed)
         models = models or ViewModels.default(view_settings.views)
-        if "views" in require and models.problem():
-            raise Dp360Error(models.problem())
+        problem = models.problem() if "views" in require else None
+        if problem:
+            raise Dp360Error(problem)
     # Validate the input before anything touches the disk.
     image = load_portrait(image_path)
     run = Run(out_dir, options, reporter)

@@ -73,6 +73,13 @@ def resolve_device(requested: str = "auto") -> str:
     raise Dp360Error(f"Unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps.")
 
 
+def torch_dtype(name: str):
+    """fp16 | bf16 | fp32 -> the torch dtype."""
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def resolve_dtype(requested: str | None, device: str) -> str:
     """fp16 | bf16 | fp32; the default is fp16 on CUDA and fp32 elsewhere (CPU half is slow)."""
     if requested is None or requested == "auto":

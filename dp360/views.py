@@ -18,9 +18,6 @@ from .video import write_mp4
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
 @dataclass
 class ViewSettings:
     steps: int = 50
@@ -115,6 +112,25 @@ class ViewModels:
 
         return cls(weights.bundle_path("main"), weights.bundle_path("back"), weights.cache_dir() / "sphere32" if view_count == 32 else weights.cache_dir() / f"cameras{view_count}")
 
+    @classmethod
+    def locate(cls, view_count: int = 32, dtype: str | None = None, weights_dir: Path | None = None, camera_dir: Path | None = None, offload: bool = False) -> "ViewModels":
+        """Bundles from `weights_dir` (default: the dp360 cache), preferring the precision that
+        matches `dtype` and falling back to the other one; cameras from `camera_dir` if given."""
+        from . import weights
+
+        root = Path(weights_dir) if weights_dir is not None else weights.bundles_dir()
+        order = ("fp16", "fp32") if dtype in ("fp16", "bf16") else ("fp32", "fp16")
+
+        def bundle(kind: str) -> Path:
+            return next((root / f"{kind}-{precision}" for precision in order if (root / f"{kind}-{precision}").is_dir()), root / f"{kind}-fp32")
+
+        models = cls.default(view_count)
+        models.main_bundle, models.back_bundle = bundle("main"), bundle("back")
+        if camera_dir is not None:
+            models.camera_dir = Path(camera_dir)
+        models.offload = offload
+        return models
+
     def problem(self) -> str | None:
         """Why the views stage cannot run, in one sentence, or None."""
         from .models.bundle import BUNDLE_FILE
@@ -144,7 +160,9 @@ class ViewModels:
     def build_views(self, run_dir: Path, folder: Path, settings: ViewSettings, device: str, dtype: str) -> dict:
         from .models.bundle import load_bundle
 
-        torch_dtype = DTYPES[dtype]
+        from .runtime import torch_dtype as to_torch_dtype
+
+        torch_dtype = to_torch_dtype(dtype)
         front = Image.open(run_dir / "prepared" / "crop.png").convert("RGB")
         camera_images = load_camera_images(self.camera_dir, settings.views)
         noise_frames = None
