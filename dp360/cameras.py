@@ -234,3 +234,31 @@ def from_nerfstudio_transforms(transforms: dict[str, Any]) -> list[ViewCamera]:
             )
         )
     return views
+
+
+def pixel_rays(cam2world, intrinsics, resolution: int):
+    """World-space rays through the pixel centres of a `resolution`^2 image, in PyTorch.
+
+    cam2world (N, 4, 4) in OpenCV axes and normalised intrinsics (N, 3, 3), as in a PanoHead
+    label. Returns origins and unit directions, each (N, resolution^2, 3), row-major pixels."""
+    import torch
+
+    batch = cam2world.shape[0]
+    device, dtype = cam2world.device, cam2world.dtype
+    centres = (torch.arange(resolution, device=device, dtype=dtype) + 0.5) / resolution
+    rows, cols = torch.meshgrid(centres, centres, indexing="ij")
+    u, v = cols.reshape(1, -1).expand(batch, -1), rows.reshape(1, -1).expand(batch, -1)
+    fx, fy = intrinsics[:, 0, 0, None], intrinsics[:, 1, 1, None]
+    cx, cy, skew = intrinsics[:, 0, 2, None], intrinsics[:, 1, 2, None], intrinsics[:, 0, 1, None]
+    y_cam = (v - cy) / fy
+    x_cam = (u - cx - skew * y_cam) / fx
+    points_cam = torch.stack([x_cam, y_cam, torch.ones_like(x_cam), torch.ones_like(x_cam)], dim=-1)  # N, R, 4
+    points_world = torch.bmm(cam2world, points_cam.transpose(1, 2)).transpose(1, 2)[..., :3]
+    origins = cam2world[:, None, :3, 3].expand(-1, points_world.shape[1], -1)
+    directions = torch.nn.functional.normalize(points_world - origins, dim=-1)
+    return origins, directions
+
+
+def orbit_labels(view_count: int = DP360_VIEW_COUNT, radius: float = CAMERA_RADIUS) -> np.ndarray:
+    """(n, 25) PanoHead labels of the DP360 orbit (view 0 frontal)."""
+    return np.array([panohead_label(pose) for pose in dp360_orbit(view_count, radius)], dtype=np.float32)
