@@ -228,9 +228,11 @@ EtaOption = Annotated[float, typer.Option(help="DDIM eta.")]
 ViewsOption = Annotated[int, typer.Option("--views", help="Number of views around the head (32 uses the official sphere32 camera images).")]
 BackCameraOption = Annotated[int, typer.Option(help="Camera image used for the back view (the final release uses 18; an earlier one 16).")]
 No3DNoiseOption = Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")]
-WeightsDirOption = Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/ and back-*/ (default: the dp360 cache).", show_default=False)]
+WeightsDirOption = Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/, back-*/ and panohead/ (default: the dp360 cache).", show_default=False)]
 CamerasOption = Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view (default: sphere32 in the cache).", show_default=False)]
 OffloadOption = Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")]
+InvertStepsOption = Annotated[int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps (3D-aware noise).")]
+PtiStepsOption = Annotated[int, typer.Option("--pti-steps", help="PanoHead generator fine-tuning (PTI) steps after the inversion.")]
 
 
 @app.command()
@@ -243,6 +245,8 @@ def views(
     view_count: ViewsOption = 32,
     back_camera: BackCameraOption = 18,
     no_3d_noise: No3DNoiseOption = False,
+    invert_steps: InvertStepsOption = 200,
+    pti_steps: PtiStepsOption = 5,
     weights_dir: WeightsDirOption = None,
     cameras: CamerasOption = None,
     offload: OffloadOption = False,
@@ -264,6 +268,7 @@ def views(
     Writes OUT/views/: back_ref.png, 000.png ... (one per view), grid.png, orbit.mp4 and
     transforms.json (nerfstudio cameras of the orbit).
     """
+    from dp360.panohead.stage import NoiseModels, NoiseSettings
     from dp360.run import RunOptions
     from dp360.run import views as views_run
     from dp360.views import ViewModels, ViewSettings
@@ -273,13 +278,15 @@ def views(
         resolved_dtype = None if dtype is DType.auto else dtype.value
         view_settings = ViewSettings(steps=steps, guidance=guidance, eta=eta, views=view_count, back_camera_index=back_camera, seed=seed, use_3d_noise=not no_3d_noise)
         models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload)
-        summary = views_run(image, out, settings, RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force), ConsoleReporter(quiet or json_output), view_settings, models)
+        noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
+        options = RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force, progress=not (quiet or json_output))
+        summary = views_run(image, out, settings, options, ConsoleReporter(quiet or json_output), view_settings, models, noise_settings, NoiseModels.locate(weights_dir))
     _print_summary(summary, json_output, quiet)
 
 
 weights_app = typer.Typer(help="Download, list, verify and convert the official DiffPortrait360 weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
-WhatArgument = Annotated[Optional[list[str]], typer.Argument(help="Files: main, back, panohead, data (default: all).", show_default=False)]
+WhatArgument = Annotated[Optional[list[str]], typer.Argument(help="Files: main, back, panohead, data, perceptual (default: all).", show_default=False)]
 CacheDirOption = Annotated[Optional[str], typer.Option("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's).", show_default=False)]
 
 
@@ -287,12 +294,17 @@ CacheDirOption = Annotated[Optional[str], typer.Option("--cache-dir", help="Hugg
 def weights_download(what: WhatArgument = None, cache_dir: CacheDirOption = None) -> None:
     """Fetch the official files from the Hugging Face Hub into its cache (with progress)."""
     from dp360 import weights
+    from dp360.errors import Dp360Error
 
     with user_errors():
-        for name in what or list(weights.OFFICIAL_FILES):
-            file_name, size, description = weights.OFFICIAL_FILES[name]
+        names = what or [*weights.OFFICIAL_FILES, *weights.EXTRA_FILES]
+        unknown = [name for name in names if name not in weights.OFFICIAL_FILES and name not in weights.EXTRA_FILES]
+        if unknown:
+            raise Dp360Error(f"Unknown weight file(s) {', '.join(unknown)}; choose from {', '.join([*weights.OFFICIAL_FILES, *weights.EXTRA_FILES])}.")
+        for name in names:
+            file_name, size, description = weights.OFFICIAL_FILES.get(name) or weights.EXTRA_FILES[name]
             err_console.print(f"{name}: {file_name} ({'about %.1f GB' % size if size else 'size unknown'}) - {description}")
-            path = weights.download_official(name, cache_dir)
+            path = weights.download_perceptual() if name in weights.EXTRA_FILES else weights.download_official(name, cache_dir)
             err_console.print(f"[green]✓[/] {path}")
 
 
@@ -309,6 +321,11 @@ def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = Fal
         for fp16 in (False, True):
             folder = weights.bundle_path(kind, fp16)
             rows.append({"name": f"bundle {folder.name}", "file": str(folder), "cached": str(folder) if folder.is_dir() else None, "description": "converted diffusers components"})
+    from dp360.panohead.perceptual import backbone_path
+    from dp360.panohead.store import panohead_dir, panohead_problem
+
+    rows.append({"name": "bundle panohead", "file": str(panohead_dir()), "cached": None if panohead_problem() else str(panohead_dir()), "description": "converted PanoHead generator (safetensors)"})
+    rows.append({"name": "perceptual", "file": str(backbone_path()), "cached": str(backbone_path()) if backbone_path().is_file() else None, "description": weights.EXTRA_FILES["perceptual"][2]})
     if json_output:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -319,13 +336,27 @@ def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = Fal
 
 @weights_app.command("verify")
 def weights_verify(
-    kind: Annotated[str, typer.Argument(help="main or back.")],
+    kind: Annotated[str, typer.Argument(help="main, back or panohead.")],
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)] = None,
     family: Annotated[str, typer.Option(help="Model family the checkpoint should match: sd15 (official) or tiny.")] = "sd15",
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Check that a checkpoint's keys and shapes match dp360's components exactly (no leftovers)."""
     import torch
+
+    if kind == "panohead":
+        from dp360.panohead.generator import PanoHeadConfig, PanoHeadGenerator
+        from dp360.panohead.persistence import read_network_pickle
+        from dp360.panohead.store import check_state_dict
+
+        with user_errors():
+            path = _official_checkpoint(kind, checkpoint, cache_dir)
+            network = read_network_pickle(path)
+            with torch.device("meta"):
+                generator = PanoHeadGenerator(PanoHeadConfig.from_init_kwargs(network.init_kwargs))
+            check_state_dict(generator, network.state_dict)
+            err_console.print(f"[green]✓[/] {path}: {len(network.state_dict)} tensors of {network.class_name} fill dp360's PanoHead generator exactly (read without running pickled code)")
+        return
 
     from dp360.models.bundle import KIND_COMPONENTS, load_official_checkpoint
     from dp360.models.components import build_components, component_config
@@ -348,14 +379,14 @@ def _official_checkpoint(kind: str, checkpoint: Path | None, cache_dir: str | No
     from dp360 import weights
     from dp360.errors import Dp360Error
 
-    if kind not in ("main", "back"):
-        raise Dp360Error(f"Unknown checkpoint kind '{kind}'; use main (model_state-340000.th) or back (back_head-230000.th).")
+    if kind not in ("main", "back", "panohead"):
+        raise Dp360Error(f"Unknown checkpoint kind '{kind}'; use main (model_state-340000.th), back (back_head-230000.th) or panohead (the PanoHead .pkl).")
     return checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
 
 
 @weights_app.command("convert")
 def weights_convert(
-    kind: Annotated[str, typer.Argument(help="main or back.")],
+    kind: Annotated[str, typer.Argument(help="main, back or panohead.")],
     checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: the dp360 cache).", show_default=False)] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Store the weights in half precision (half the disk).")] = False,
@@ -370,6 +401,11 @@ def weights_convert(
 
     with user_errors():
         path = _official_checkpoint(kind, checkpoint, cache_dir)
+        if kind == "panohead":
+            from dp360.panohead.store import convert_panohead_pickle
+
+            err_console.print(f"[green]✓[/] {convert_panohead_pickle(path, out)}")
+            return
         target = out or weights.bundle_path(kind, fp16)
         convert_to_bundle(path, target, kind, family=family, dtype=torch.float16 if fp16 else torch.float32)
         err_console.print(f"[green]✓[/] {target}")

@@ -26,6 +26,7 @@ from .errors import Dp360Error, RunDirectoryError
 from .imaging import LoadedImage, atomic_directory, file_sha256, load_portrait, save_image_atomic, write_json_atomic
 
 if TYPE_CHECKING:
+    from .panohead.stage import NoiseModels, NoiseSettings
     from .prepare import PrepareSettings
     from .views import ViewModels, ViewSettings
 
@@ -51,7 +52,7 @@ STAGE_DESCRIPTIONS = {
     "export": "mesh export",
 }
 # Bump a stage's version when its code changes what it writes, so old results are redone.
-STAGE_VERSIONS = {"prepare": 1, "views": 1}
+STAGE_VERSIONS = {"prepare": 1, "noise": 1, "views": 1}
 
 
 class Reporter(Protocol):
@@ -81,6 +82,7 @@ class RunOptions:
     dtype: str | None = None
     seed: int = 42
     force: bool = False
+    progress: bool = True  # progress bars of long stages
 
 
 @dataclass
@@ -255,6 +257,10 @@ class Run:
         }
         self._save()
 
+    def mark_skipped(self, name: str, reason: str) -> None:
+        self.manifest["stages"][name] = {"status": "skipped", "reason": reason}
+        self._save()
+
     def finish(self, status: str) -> None:
         self.manifest["status"] = status
         self._save()
@@ -296,10 +302,14 @@ def run_pipeline(
     view_settings: "ViewSettings | None" = None,
     models: "ViewModels | None" = None,
     require: tuple[str, ...] = ("prepare",),
+    noise_settings: "NoiseSettings | None" = None,
+    noise_models: "NoiseModels | None" = None,
 ) -> RunSummary:
     """Run the named stages on one portrait into `out_dir`; stages this version does not have
     are recorded as `not_available` and the run ends `incomplete`; a stage in `require` that
     cannot run is an error instead."""
+    from .panohead.stage import NoiseModels, NoiseSettings
+    from .panohead.store import panohead_problem
     from .prepare import PrepareSettings, prepare_portrait
     from .runtime import resolve_device, resolve_dtype
     from .views import ViewModels, ViewSettings
@@ -311,14 +321,20 @@ def run_pipeline(
         raise Dp360Error(f"Unknown stage(s) {', '.join(unknown)}; stages are {', '.join(dict(PIPELINE))}.")
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    view_settings = view_settings or ViewSettings(seed=options.seed)
+    noise_settings = noise_settings or NoiseSettings(seed=options.seed)
+    noise_settings.views = view_settings.views
+    noise_models = noise_models or NoiseModels.locate()
+    # Validate the input before anything touches the disk.
+    image = load_portrait(image_path)
     if "views" in stages:
-        view_settings = view_settings or ViewSettings(seed=options.seed)
         models = models or ViewModels.default(view_settings.views)
+        if not Path(models.camera_dir).is_dir() and panohead_problem(noise_models.generator_dir) is None:
+            # No official camera images for this view count: render PanoHead's canonical head.
+            models.camera_dir = noise_models.camera_images(view_settings.views, device)
         problem = models.problem() if "views" in require else None
         if problem:
             raise Dp360Error(problem)
-    # Validate the input before anything touches the disk.
-    image = load_portrait(image_path)
     run = Run(out_dir, options, reporter)
     for note in image.notes:
         _note(run, f"{Path(image_path).name}: {note}")
@@ -337,13 +353,33 @@ def run_pipeline(
                 run.stage(
                     "prepare", "prepared", prepare_settings.key_dict(), {"input": image.sha256}, build_prepare
                 )
+            elif name == "noise":
+                if not view_settings.use_3d_noise:
+                    run.mark_skipped("noise", "turned off with --no-3d-noise: views start from Gaussian noise")
+                    continue
+                problem = noise_models.problem()
+                if problem:
+                    run.mark_unavailable("noise", problem)
+                    _note(run, f"no 3D-aware noise, so the views will follow the cameras less well: {problem}")
+                    missing.append("noise")
+                    continue
+                prepared = run.out_dir / "prepared"
+                run.stage(
+                    "noise", "noise", noise_settings.key_dict(),
+                    {"crop": file_sha256(prepared / "crop.png"), "dataset": file_sha256(prepared / "dataset.json"), **noise_models.hashes()},
+                    lambda folder: noise_models.build(prepared, folder, noise_settings, device, progress=run.options.progress),
+                )
             elif name == "views":
                 problem = models.problem()
                 if problem:
                     run.mark_unavailable("views", problem)
                     missing.append("views")
                     continue
-                run.stage("views", "views", {**view_settings.key_dict(), "dtype": dtype}, {"crop": file_sha256(run.out_dir / "prepared" / "crop.png"), **models.hashes()}, lambda folder: models.build_views(run.out_dir, folder, view_settings, device, dtype))
+                frames = run.out_dir / "noise" / "frames"
+                noise_done = run.manifest["stages"].get("noise", {}).get("status") == "done" and view_settings.use_3d_noise
+                models.noise_dir = frames if noise_done else None
+                noise_hashes = {f"noise/{path.name}": file_sha256(path) for path in sorted(frames.glob("*.png"))} if noise_done else {}
+                run.stage("views", "views", {**view_settings.key_dict(), "dtype": dtype}, {"crop": file_sha256(run.out_dir / "prepared" / "crop.png"), **models.hashes(), **noise_hashes}, lambda folder: models.build_views(run.out_dir, folder, view_settings, device, dtype))
             else:
                 run.mark_unavailable(name)
                 missing.append(name)
@@ -364,9 +400,11 @@ def reconstruct(
     reporter: Reporter | None = None,
     view_settings: "ViewSettings | None" = None,
     models: "ViewModels | None" = None,
+    noise_settings: "NoiseSettings | None" = None,
+    noise_models: "NoiseModels | None" = None,
 ) -> RunSummary:
     """The whole pipeline on one portrait (the stages this version has; the rest are listed)."""
-    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, stages=tuple(dict(PIPELINE)), view_settings=view_settings, models=models)
+    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, stages=tuple(dict(PIPELINE)), view_settings=view_settings, models=models, noise_settings=noise_settings, noise_models=noise_models)
 
 
 def views(
@@ -377,9 +415,12 @@ def views(
     reporter: Reporter | None = None,
     view_settings: "ViewSettings | None" = None,
     models: "ViewModels | None" = None,
+    noise_settings: "NoiseSettings | None" = None,
+    noise_models: "NoiseModels | None" = None,
 ) -> RunSummary:
-    """Prepare, then the back view and the 360-degree views into `out_dir/views/`."""
-    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, ("prepare", "views"), view_settings, models, require=("prepare", "views"))
+    """Prepare, PanoHead inversion (3D-aware noise, unless turned off), then the back view and
+    the 360-degree views into `out_dir/views/`."""
+    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, ("prepare", "noise", "views"), view_settings, models, require=("prepare", "views"), noise_settings=noise_settings, noise_models=noise_models)
 
 
 def prepare(

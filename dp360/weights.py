@@ -123,3 +123,34 @@ def cached_official(name: str, cache: str | None = None) -> Path | None:
 
     found = try_to_load_from_cache(OFFICIAL_REPO, OFFICIAL_FILES[name][0], cache_dir=cache)
     return Path(found) if isinstance(found, str) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Other files: the perceptual-loss backbone of the PanoHead inversion
+# --------------------------------------------------------------------------------------------
+
+EXTRA_FILES = {
+    "perceptual": ("vgg16-397923af.pth", 0.53, "torchvision VGG16 ImageNet weights: LPIPS backbone of the PanoHead inversion (BSD-3)"),
+}
+
+
+def download_perceptual() -> Path:
+    """torchvision's VGG16 weights into `<cache>/perceptual/`, checked against the hash prefix
+    in their file name."""
+    from .imaging import file_sha256
+    from .panohead.perceptual import VGG16_SHA256_PREFIX, VGG16_URL, backbone_path
+
+    path = backbone_path()
+    if path.is_file() and file_sha256(path).startswith(VGG16_SHA256_PREFIX):
+        return path
+    how = f"download {VGG16_URL} by hand into {path.parent}"
+    if offline():
+        raise Dp360Error(f"Downloads are off (HF_HUB_OFFLINE/DP360_OFFLINE) and the VGG16 weights are not at {path}; {how}.")
+    try:
+        download_file(VGG16_URL, path, timeout=60)
+    except (urllib.error.URLError, OSError, TimeoutError) as error:
+        raise Dp360Error(f"The VGG16 weights could not be downloaded ({getattr(error, 'reason', error)}); {how}.") from None
+    if not file_sha256(path).startswith(VGG16_SHA256_PREFIX):
+        path.unlink()
+        raise Dp360Error(f"The downloaded VGG16 weights do not match their published hash; {how}.")
+    return path

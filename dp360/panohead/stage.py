@@ -1,0 +1,160 @@
+"""The noise stage and the camera-condition renders.
+
+`build_noise` inverts the prepared crop into PanoHead and renders the tuned head at the N orbit
+cameras (view 0 frontal, as the views stage expects): `noise/frames/000.png ...`,
+`noise/condition.mp4` (the reference's condition32.mp4), `noise/w.pt` (pivot W+ and fitted
+camera), `noise/fit.png` (target | inversion at the input camera) and `noise/inversion.json`.
+
+`camera_condition_images` renders a fixed-seed canonical head at any orbit, for view counts
+without official `sphere32` images (or when those are absent).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import cameras
+from ..errors import Dp360Error
+from ..imaging import atomic_directory, save_image_atomic, write_json_atomic
+from .inversion import InversionSettings, canonical_ws, invert, render_views, to_uint8
+
+CONDITION_FPS = 30
+
+
+@dataclass
+class NoiseSettings:
+    invert_steps: int = 200
+    pti_steps: int = 5
+    views: int = 32
+    seed: int = 42
+
+    def key_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _frontal_label(device) -> torch.Tensor:
+    return torch.tensor([cameras.orbit_labels(1)[0]], dtype=torch.float32, device=device)
+
+
+def load_target(crop_path: Path, resolution: int) -> torch.Tensor:
+    """The crop as PanoHead's projector reads it: square centre crop, Lanczos to `resolution`, [-1, 1]."""
+    image = Image.open(crop_path).convert("RGB")
+    width, height = image.size
+    side = min(width, height)
+    image = image.crop(((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side))
+    image = image.resize((resolution, resolution), Image.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    return pixels / 127.5 - 1
+
+
+def read_label(dataset_json: Path) -> torch.Tensor:
+    labels = json.loads(Path(dataset_json).read_text()).get("labels") or []
+    if not labels:
+        raise Dp360Error(f"{dataset_json} holds no camera label; rerun the prepare stage.")
+    cam2world, intrinsics = cameras.parse_panohead_label(labels[0][1])
+    return torch.tensor([cameras.panohead_label(cam2world, intrinsics)], dtype=torch.float32)
+
+
+def build_noise(prepared_dir: Path, folder: Path, generator, lpips, settings: NoiseSettings, device: str, progress: bool = True) -> dict[str, Any]:
+    """Fill `folder` (the noise stage's staging folder); returns a small summary."""
+    generator = generator.to(device)
+    target = load_target(prepared_dir / "crop.png", generator.config.img_resolution)
+    label = read_label(prepared_dir / "dataset.json")
+    inversion = InversionSettings(invert_steps=settings.invert_steps, pti_steps=settings.pti_steps, seed=settings.seed)
+    result = invert(generator, target, label, lpips, inversion, progress=progress, frontal_camera=_frontal_label(device))
+    fitted = render_views(result.generator, result.ws, result.camera, seed=settings.seed)
+    frames = render_views(result.generator, result.ws, torch.from_numpy(cameras.orbit_labels(settings.views)), seed=settings.seed)
+    del result.generator
+
+    frames_dir = folder / "frames"
+    frames_dir.mkdir(parents=True)
+    pixels = to_uint8(frames)
+    for index, frame in enumerate(pixels):
+        save_image_atomic(frames_dir / f"{index:03d}.png", frame)
+    from ..video import write_mp4
+
+    write_mp4(folder / "condition.mp4", pixels, fps=CONDITION_FPS)
+    save_image_atomic(folder / "fit.png", np.concatenate([to_uint8(target)[0], to_uint8(fitted)[0]], axis=1))
+    torch.save({"ws": result.ws.cpu(), "camera": result.camera.cpu()}, folder / "w.pt")
+    error = float((fitted - target).abs().mean())
+    summary = {
+        "frames": len(pixels),
+        "resolution": generator.config.img_resolution,
+        "projection_loss": [round(result.projection_losses[0], 5), round(result.projection_losses[-1], 5)] if result.projection_losses else None,
+        "pti_loss": [round(result.pti_losses[0], 5), round(result.pti_losses[-1], 5)] if result.pti_losses else None,
+        "mean_abs_error": round(error, 5),
+    }
+    write_json_atomic(folder / "inversion.json", {**summary, "settings": inversion.key_dict(), "camera_offset": (result.camera - label.to(result.camera.device)).flatten()[[3, 7, 11]].tolist()})
+    return summary
+
+
+def camera_condition_images(generator, view_count: int, out_dir: Path, device: str = "cpu", seed: int = 0) -> Path:
+    """Render the canonical head at the `view_count` orbit cameras into `out_dir` (atomic)."""
+    generator = generator.to(device)
+    ws = canonical_ws(generator, _frontal_label(device), seed=seed)
+    images = to_uint8(render_views(generator, ws, torch.from_numpy(cameras.orbit_labels(view_count)), seed=seed))
+    with atomic_directory(out_dir) as staging:
+        for index, image in enumerate(images):
+            save_image_atomic(staging / f"{index:03d}.png", image)
+    return Path(out_dir)
+
+
+@dataclass
+class NoiseModels:
+    """Where the noise stage finds the converted PanoHead generator and the LPIPS backbone."""
+
+    generator_dir: Path
+    lpips_backbone: Path
+
+    @classmethod
+    def locate(cls, weights_dir: Path | None = None) -> "NoiseModels":
+        from .perceptual import backbone_path
+        from .store import panohead_dir
+
+        generator_dir = Path(weights_dir) / "panohead" if weights_dir is not None and (Path(weights_dir) / "panohead").is_dir() else panohead_dir()
+        return cls(generator_dir, backbone_path())
+
+    def problem(self) -> str | None:
+        from .perceptual import VGG16_FILE, VGG16_URL
+        from .store import panohead_problem
+
+        problem = panohead_problem(self.generator_dir)
+        if problem:
+            return problem
+        if not Path(self.lpips_backbone).is_file():
+            return f"The perceptual-loss backbone is not at {self.lpips_backbone}; run `dp360 weights download perceptual` (or put {VGG16_FILE} from {VGG16_URL} there), or pass --no-3d-noise."
+        return None
+
+    def hashes(self) -> dict[str, str]:
+        from ..imaging import file_sha256
+        from .store import WEIGHTS_FILE
+
+        return {"panohead": file_sha256(Path(self.generator_dir) / WEIGHTS_FILE), "lpips_backbone": file_sha256(self.lpips_backbone)}
+
+    def generator(self, device: str):
+        from .store import load_generator
+
+        return load_generator(self.generator_dir, device=device)
+
+    def build(self, prepared_dir: Path, folder: Path, settings: NoiseSettings, device: str, progress: bool = True) -> dict[str, Any]:
+        from .perceptual import load_lpips
+
+        lpips = load_lpips(device, self.lpips_backbone)
+        return build_noise(prepared_dir, folder, self.generator(device), lpips, settings, device, progress)
+
+    def camera_images(self, view_count: int, device: str) -> Path:
+        """Camera-condition renders for `view_count` views, cached per generator."""
+        from ..weights import cache_dir
+
+        digest = self.hashes()["panohead"][:12]
+        out_dir = cache_dir() / "cameras" / f"orbit{view_count}-{digest}"
+        if not out_dir.is_dir():
+            camera_condition_images(self.generator(device), view_count, out_dir, device)
+        return out_dir
