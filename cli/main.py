@@ -226,7 +226,7 @@ StepsOption = Annotated[int, typer.Option(help="DDIM steps.")]
 GuidanceOption = Annotated[float, typer.Option(help="Classifier-free guidance scale (the unconditional branch is the plain UNet).")]
 EtaOption = Annotated[float, typer.Option(help="DDIM eta.")]
 ViewsOption = Annotated[int, typer.Option("--views", help="Number of views around the head (32 uses the official sphere32 camera images).")]
-BackCameraOption = Annotated[int, typer.Option(help="Camera image used for the back view (the final release uses 18; an earlier one 16).")]
+BackCameraOption = Annotated[Optional[int], typer.Option(help="Camera image used for the back view (default: 18 of 32 as the final release, 202.5 degrees; an earlier release used 16).", show_default=False)]
 No3DNoiseOption = Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")]
 WeightsDirOption = Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/, back-*/ and panohead/ (default: the dp360 cache).", show_default=False)]
 CamerasOption = Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view (default: sphere32 in the cache).", show_default=False)]
@@ -243,7 +243,7 @@ def views(
     guidance: GuidanceOption = 3.0,
     eta: EtaOption = 0.5,
     view_count: ViewsOption = 32,
-    back_camera: BackCameraOption = 18,
+    back_camera: BackCameraOption = None,
     no_3d_noise: No3DNoiseOption = False,
     invert_steps: InvertStepsOption = 200,
     pti_steps: PtiStepsOption = 5,

@@ -178,6 +178,9 @@ def smoke_check() -> Check:
     import time
 
     from .models.tiny import write_tiny_bundles
+    from .panohead.perceptual import write_random_backbone
+    from .panohead.stage import NoiseModels, NoiseSettings
+    from .panohead.tiny import write_tiny_panohead
     from .prepare import PrepareSettings
     from .run import RunOptions
     from .run import views as views_run
@@ -189,16 +192,21 @@ def smoke_check() -> Check:
         with tempfile.TemporaryDirectory() as folder:
             bundles = write_tiny_bundles(Path(folder) / "tiny", view_count=32)
             models = ViewModels(bundles["main"], bundles["back"], bundles["cameras"])
+            noise_models = NoiseModels(write_tiny_panohead(Path(folder) / "tiny"), write_random_backbone(Path(folder) / "vgg16.pth"))
             summary = views_run(
                 example,
                 Path(folder) / "run",
                 PrepareSettings(detector="dlib"),
-                RunOptions(device="cpu", seed=0),
+                RunOptions(device="cpu", seed=0, progress=False),
                 view_settings=ViewSettings(steps=2, views=32, seed=0),
                 models=models,
+                noise_settings=NoiseSettings(invert_steps=2, pti_steps=1, views=32, seed=0),
+                noise_models=noise_models,
             )
-            written = sorted(rel for rel in summary.outputs if rel.startswith("views/"))
+            if summary.status != "done":
+                raise RuntimeError(f"the run ended {summary.status}: {summary.stages}")
+            written = sorted(rel for rel in summary.outputs if rel.startswith(("views/", "noise/")))
         seconds = time.perf_counter() - start
-        return Check("smoke", OK, f"prepare + back view + 32 views on tiny random models in {seconds:.0f} s ({len(written)} files in views/); the images are meaningless by design")
+        return Check("smoke", OK, f"prepare + PanoHead inversion + back view + 32 views on tiny random models in {seconds:.0f} s ({len(written)} files in noise/ and views/); the images are meaningless by design")
     except Exception as error:  # noqa: BLE001
         return Check("smoke", FAIL, f"{type(error).__name__}: {error}", "report this with the output of `dp360 doctor --json`")

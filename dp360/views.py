@@ -18,18 +18,28 @@ from .video import write_mp4
 
 log = logging.getLogger(__name__)
 
+BACK_CAMERA_32 = 18
+
+
 @dataclass
 class ViewSettings:
     steps: int = 50
     guidance: float = 3.0
     eta: float = 0.5
     views: int = 32
-    back_camera_index: int = 18  # sphere32 image used for the back view (final release: 0000018.png)
+    # Camera image used for the back view; None = the final release's 0000018.png for 32 views
+    # (202.5 degrees), and the view nearest that angle for other counts.
+    back_camera_index: int | None = None
     seed: int = 42
     use_3d_noise: bool = True
 
     def key_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "back_camera_index": self.back_index()}
+
+    def back_index(self) -> int:
+        if self.back_camera_index is not None:
+            return self.back_camera_index
+        return round(BACK_CAMERA_32 * self.views / 32) % self.views
 
 
 def load_camera_images(folder: str | Path, view_count: int) -> list[Image.Image]:
@@ -55,10 +65,11 @@ def grid_image(images: list[Image.Image], columns: int = 8) -> np.ndarray:
 
 
 def generate_back_view(pipeline, front: Image.Image, camera_images: list[Image.Image], settings: ViewSettings) -> Image.Image:
-    if not 0 <= settings.back_camera_index < len(camera_images):
-        raise Dp360Error(f"--back-camera {settings.back_camera_index} is not one of the {len(camera_images)} camera images.")
+    index = settings.back_index()
+    if not 0 <= index < len(camera_images):
+        raise Dp360Error(f"--back-camera {index} is not one of the {len(camera_images)} camera images.")
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    return pipeline(front, camera_images[settings.back_camera_index], num_inference_steps=settings.steps, guidance_scale=settings.guidance, eta=settings.eta, generator=generator).images[0]
+    return pipeline(front, camera_images[index], num_inference_steps=settings.steps, guidance_scale=settings.guidance, eta=settings.eta, generator=generator).images[0]
 
 
 def generate_views(

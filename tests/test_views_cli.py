@@ -1,6 +1,8 @@
 """`dp360 views`, `dp360 weights` and `dp360 doctor --smoke` on the tiny bundle (CPU)."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,22 +10,35 @@ from PIL import Image
 
 from dp360 import cameras
 from dp360.models.tiny import write_tiny_bundles
+from dp360.panohead.perceptual import VGG16_FILE, write_random_backbone
+from dp360.panohead.tiny import write_tiny_panohead
 from dp360.video import read_mp4
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return write_tiny_bundles(tmp_path_factory.mktemp("tiny"), view_count=32)
+    folder = tmp_path_factory.mktemp("tiny")
+    bundles = write_tiny_bundles(folder, view_count=32)
+    bundles["panohead"] = write_tiny_panohead(folder)
+    bundles["vgg"] = write_random_backbone(folder / VGG16_FILE)
+    return bundles
 
 
-def _views(cli, out, image, tiny, *extra):
-    weights_dir = out.parent / "weights"
-    weights_dir.mkdir(exist_ok=True)
+def _link(link: Path, target: Path) -> None:
+    if not link.exists():
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(target, target_is_directory=target.is_dir())
+
+
+def _views(cli, out, image, tiny, *extra, panohead=True, cameras=True):
+    weights_dir = out.parent / ("weights" if panohead else "weights-no-panohead")
     for kind in ("main", "back"):
-        link = weights_dir / f"{kind}-fp32"
-        if not link.exists():
-            link.symlink_to(tiny[kind], target_is_directory=True)
-    return cli("views", image, "--out", out, "--weights-dir", weights_dir, "--cameras", tiny["cameras"], "--steps", "2", "--detector", "dlib", "--device", "cpu", "--json", *extra)
+        _link(weights_dir / f"{kind}-fp32", tiny[kind])
+    if panohead:
+        _link(weights_dir / "panohead", tiny["panohead"])
+        _link(Path(os.environ["DP360_CACHE"]) / "perceptual" / VGG16_FILE, tiny["vgg"])
+    camera_args = ("--cameras", tiny["cameras"]) if cameras else ()
+    return cli("views", image, "--out", out, "--weights-dir", weights_dir, *camera_args, "--steps", "2", "--invert-steps", "3", "--pti-steps", "1", "--detector", "dlib", "--device", "cpu", "--json", *extra)
 
 
 def test_views_writes_every_file_and_resumes(cli, tmp_path, astronaut_path, tiny):
@@ -45,11 +60,48 @@ def test_views_writes_every_file_and_resumes(cli, tmp_path, astronaut_path, tiny
     assert np.allclose(parsed[16].cam2world, cameras.dp360_orbit(32)[16])
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stages"]["views"]["settings"]["steps"] == 2 and manifest["stages"]["views"]["inputs"]["crop"]
+    # The PanoHead inversion ran and its frames were the views' 3D-aware noise.
+    assert manifest["stages"]["noise"]["status"] == "done" and manifest["stages"]["noise"]["settings"]["invert_steps"] == 3
+    assert manifest["stages"]["views"]["summary"]["3d_noise"] is True
+    assert "noise/000.png" in manifest["stages"]["views"]["inputs"]
+    noise = out / "noise"
+    assert sorted(p.name for p in (noise / "frames").glob("*.png")) == names
+    meta, frames = read_mp4(noise / "condition.mp4")
+    assert len(frames) == 32
+    for name in ("w.pt", "fit.png", "inversion.json"):
+        assert (noise / name).is_file(), name
 
     code, stdout, _ = _views(cli, out, astronaut_path, tiny)
-    assert json.loads(stdout)["stages"]["views"]["last_run"] == "reused"
+    stages = json.loads(stdout)["stages"]
+    assert stages["views"]["last_run"] == "reused" and stages["noise"]["last_run"] == "reused"
     code, stdout, _ = _views(cli, out, astronaut_path, tiny, "--seed", "5")
-    assert json.loads(stdout)["stages"]["views"]["last_run"] == "ran"
+    stages = json.loads(stdout)["stages"]
+    assert stages["views"]["last_run"] == "ran" and stages["noise"]["last_run"] == "ran"
+    first = np.asarray(Image.open(views / "000.png"))
+
+    code, stdout, _ = _views(cli, out, astronaut_path, tiny, "--seed", "5", "--no-3d-noise")
+    summary = json.loads(stdout)
+    assert code == 0 and summary["stages"]["noise"]["status"] == "skipped" and summary["stages"]["views"]["last_run"] == "ran"
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["stages"]["views"]["summary"]["3d_noise"] is False
+    assert not np.array_equal(first, np.asarray(Image.open(views / "000.png")))  # the start latents matter
+
+
+def test_views_without_panohead_warn_and_start_from_gaussian_noise(cli, tmp_path, astronaut_path, tiny):
+    code, stdout, stderr = _views(cli, tmp_path / "head", astronaut_path, tiny, panohead=False)
+    summary = json.loads(stdout)
+    assert code == 0 and summary["status"] == "incomplete"
+    assert summary["stages"]["noise"]["status"] == "not_available" and summary["stages"]["views"]["status"] == "done"
+    assert any("3D-aware noise" in note for note in summary["notes"])
+
+
+def test_view_counts_without_camera_images_get_panohead_renders(cli, tmp_path, astronaut_path, tiny):
+    code, stdout, stderr = _views(cli, tmp_path / "head", astronaut_path, tiny, "--views", "8", cameras=False)
+    assert code == 0, stderr
+    assert len(list((tmp_path / "head" / "views").glob("0*.png"))) == 8
+    rendered = list((Path(os.environ["DP360_CACHE"]) / "cameras").glob("orbit8-*/*.png"))
+    assert len(rendered) == 8
+    assert len(list((tmp_path / "head" / "noise" / "frames").glob("*.png"))) == 8
 
 
 def test_views_without_weights_is_one_sentence(cli, tmp_path, astronaut_path):
@@ -69,7 +121,21 @@ def test_weights_commands_on_a_tiny_checkpoint(cli, tmp_path, tiny):
     code, _, stderr = cli("weights", "download", "main")
     assert code == 2 and "huggingface.co/gym890/diffportrait360" in stderr and "Traceback" not in stderr
     code, stdout, _ = cli("weights", "list", "--json")
-    assert code == 0 and {row["name"] for row in json.loads(stdout)} >= {"main", "back", "panohead", "data"}
+    assert code == 0 and {row["name"] for row in json.loads(stdout)} >= {"main", "back", "panohead", "data", "perceptual", "bundle panohead"}
+    code, _, stderr = cli("weights", "download", "perceptual")
+    assert code == 2 and "vgg16-397923af.pth" in stderr and "Traceback" not in stderr
+
+
+def test_weights_verify_and_convert_panohead(cli, tmp_path, tiny):
+    pickle_path = tiny["panohead"].parent / "tiny-panohead.pkl"
+    code, _, stderr = cli("weights", "verify", "panohead", "--checkpoint", pickle_path)
+    assert code == 0 and "without running pickled code" in stderr
+    code, _, stderr = cli("weights", "convert", "panohead", "--checkpoint", pickle_path, "--out", tmp_path / "p")
+    assert code == 0 and (tmp_path / "p" / "generator.safetensors").is_file(), stderr
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"cos\nsystem\n(S'echo hi'\ntR.")
+    code, _, stderr = cli("weights", "convert", "panohead", "--checkpoint", bad, "--out", tmp_path / "q")
+    assert code == 2 and "does not allow" in stderr and not (tmp_path / "q").exists()
 
 
 def test_doctor_smoke(cli):
