@@ -40,7 +40,7 @@ class NoiseSettings:
 
 
 def _frontal_label(device) -> torch.Tensor:
-    return torch.tensor([cameras.orbit_labels(1)[0]], dtype=torch.float32, device=device)
+    return torch.from_numpy(cameras.orbit_labels(1)).to(device)
 
 
 def load_target(crop_path: Path, resolution: int) -> torch.Tensor:
