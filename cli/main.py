@@ -182,21 +182,64 @@ def reconstruct(
     force: ForceOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
+    eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.5,
+    view_count: Annotated[int, typer.Option("--views", help="Number of views around the head.")] = 32,
+    no_3d_noise: Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")] = False,
+    invert_steps: Annotated[int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps.")] = 200,
+    pti_steps: Annotated[int, typer.Option("--pti-steps", help="PanoHead PTI steps.")] = 5,
+    weights_dir: Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/, back-*/ and panohead/.", show_default=False)] = None,
+    cameras: Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view.", show_default=False)] = None,
+    offload: Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing.")] = False,
+    fit_preset: Annotated[Optional[str], typer.Option("--fit-preset", help="Radiance-field settings: gpu, cpu or test (default: gpu on CUDA, else cpu).", show_default=False)] = None,
+    fit_iterations: Annotated[Optional[int], typer.Option("--fit-iterations", help="Radiance-field training iterations (default: the preset's).", show_default=False)] = None,
+    frames: Annotated[int, typer.Option("--frames", help="Turntable frames.")] = 120,
+    fps: Annotated[int, typer.Option("--fps", help="Turntable frames per second.")] = 30,
+    resolution: Annotated[int, typer.Option("--resolution", help="Turntable size in pixels.")] = 512,
+    elevation: Annotated[float, typer.Option("--elevation", help="Turntable camera elevation in degrees.")] = 0.0,
+    mesh_resolution: Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")] = 256,
+    mesh_faces: Annotated[int, typer.Option("--mesh-faces", help="Decimate the mesh to at most this many faces.")] = 200_000,
+    mesh_format: Annotated[Optional[list[str]], typer.Option("--mesh-format", help="glb (default), obj, ply; repeat for several.", show_default=False)] = None,
 ) -> None:
-    """Everything: prepare -> 3D-aware noise -> back view -> 32 views -> NeRF -> turntable + mesh.
+    """Everything: prepare -> 3D-aware noise -> back view -> views -> NeRF -> turntable + mesh.
 
-    Stages this version does not have yet are listed and recorded in run.json as not available.
+    Writes OUT/{input.png, prepared/, noise/, views/, nerf/, export/turntable.mp4,
+    export/head.glb, run.json}; a rerun skips every stage whose inputs and settings are unchanged.
     """
     from dp360.errors import Dp360Error
+    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.mesh import MeshSettings
+    from dp360.nerf.render import TurntableSettings
+    from dp360.nerf.stage import FieldStageSettings
+    from dp360.panohead.stage import NoiseModels, NoiseSettings
     from dp360.run import RunOptions
     from dp360.run import reconstruct as reconstruct_run
+    from dp360.views import ViewModels, ViewSettings
 
     settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
-    options = RunOptions(device=device, dtype=None if dtype is DType.auto else dtype.value, seed=seed, force=force)
+    resolved_dtype = None if dtype is DType.auto else dtype.value
+    options = RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force, progress=not (quiet or json_output))
     reporter = ConsoleReporter(quiet or json_output)
+    with user_errors():
+        fit = None
+        if fit_preset is not None or fit_iterations is not None:
+            from dp360.runtime import resolve_device
+
+            preset = fit_preset or ("gpu" if resolve_device(device).startswith("cuda") else "cpu")
+            fit = FitSettings.preset(preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed)
+        field_settings = FieldStageSettings(fit, TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution), MeshSettings(resolution=mesh_resolution, faces=mesh_faces), tuple(mesh_format or ("glb",)))
+        field_settings.check()
+    view_settings = ViewSettings(steps=steps, guidance=guidance, eta=eta, views=view_count, seed=seed, use_3d_noise=not no_3d_noise)
+    noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
+
+    def run_one(image: Path, target: Path):
+        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload)
+        return reconstruct_run(image, target, settings, options, reporter, view_settings, models, noise_settings, NoiseModels.locate(weights_dir), field_settings)
+
     if len(images) == 1:
         with user_errors():
-            summary = reconstruct_run(images[0], out, settings, options, reporter)
+            summary = run_one(images[0], out)
         _print_summary(summary, json_output, quiet)
         return
     stems = [image.stem for image in images]
@@ -207,7 +250,7 @@ def reconstruct(
     results, failures = [], 0
     for image in images:
         try:
-            summary = reconstruct_run(image, out / image.stem, settings, options, reporter)
+            summary = run_one(image, out / image.stem)
             results.append(summary.as_dict())
             if not (quiet or json_output):
                 err_console.print(f"[bold]{summary.status}[/]: {image} -> {summary.out_dir}")
@@ -282,6 +325,71 @@ def views(
         options = RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force, progress=not (quiet or json_output))
         summary = views_run(image, out, settings, options, ConsoleReporter(quiet or json_output), view_settings, models, noise_settings, NoiseModels.locate(weights_dir))
     _print_summary(summary, json_output, quiet)
+
+
+RunDirArgument = Annotated[Path, typer.Argument(help="A run folder written by `dp360 reconstruct` (with nerf/ and views/).", show_default=False)]
+
+
+@app.command()
+def render(
+    run_dir: RunDirArgument,
+    out: Annotated[Path, typer.Option("--out", help="Output file (.mp4 / .gif) or folder (frames).", show_default=False)],
+    output_format: Annotated[Optional[str], typer.Option("--format", help="mp4, gif or frames (default: from --out's suffix).", show_default=False)] = None,
+    frames: Annotated[int, typer.Option("--frames", help="Frames in one turn.")] = 120,
+    elevation: Annotated[float, typer.Option("--elevation", help="Camera elevation in degrees above eye level.")] = 0.0,
+    fps: Annotated[int, typer.Option("--fps", help="Frames per second.")] = 30,
+    resolution: Annotated[int, typer.Option("--resolution", help="Square frame size in pixels.")] = 512,
+    radius: Annotated[float, typer.Option("--radius", help="Camera distance from the head's centre (the views use 2.7).")] = 2.7,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Render a turntable video (or GIF, or PNG frames) from a run's fitted radiance field."""
+    from dp360.errors import Dp360Error
+    from dp360.nerf.fit import load_field
+    from dp360.nerf.render import TurntableSettings, render_turntable, write_frames
+    from dp360.runtime import resolve_device
+
+    with user_errors():
+        chosen = output_format or {".mp4": "mp4", ".gif": "gif"}.get(out.suffix.lower(), "frames" if not out.suffix else None)
+        if chosen is None:
+            raise Dp360Error(f"Cannot tell the format from '{out.name}'; use a .mp4 or .gif name, a folder name, or --format.")
+        settings = TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution, radius=radius)
+        settings.check()
+        field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
+        images, speed = render_turntable(field, settings, progress=not quiet)
+        write_frames(images, out, chosen, fps)
+    if not quiet:
+        err_console.print(f"[green]✓[/] {out} ({len(images)} frames, {speed:.1f} frames/s)")
+
+
+@app.command()
+def export(
+    run_dir: RunDirArgument,
+    output_format: Annotated[str, typer.Option("--format", help="glb, obj or ply.")] = "glb",
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: RUN_DIR/export/head.FORMAT).", show_default=False)] = None,
+    mesh_resolution: Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")] = 256,
+    mesh_faces: Annotated[int, typer.Option("--mesh-faces", help="Decimate to at most this many faces.")] = 200_000,
+    mesh_density: Annotated[Optional[float], typer.Option("--mesh-density", help="Iso-level of the density (default: 10, or the densest 10 % for weak fits).", show_default=False)] = None,
+    device: DeviceOption = "auto",
+    quiet: QuietOption = False,
+) -> None:
+    """Export a mesh (one connected head, vertex colours) from a run's fitted radiance field."""
+    from dp360.nerf.fit import load_field
+    from dp360.nerf.mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
+    from dp360.errors import Dp360Error
+    from dp360.runtime import resolve_device
+
+    with user_errors():
+        if output_format not in MESH_FORMATS:
+            raise Dp360Error(f"--format must be one of {', '.join(MESH_FORMATS)}, not {output_format!r}.")
+        settings = MeshSettings(resolution=mesh_resolution, faces=mesh_faces, density=mesh_density)
+        settings.check()
+        field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
+        mesh = extract_mesh(field, settings)
+        target = out or Path(run_dir) / "export" / f"head.{output_format}"
+        write_mesh(mesh, target, output_format)
+    if not quiet:
+        err_console.print(f"[green]✓[/] {target} ({len(mesh.faces)} faces)")
 
 
 weights_app = typer.Typer(help="Download, list, verify and convert the official DiffPortrait360 weights.", no_args_is_help=True)

@@ -260,3 +260,27 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files_into(destination: str | os.PathLike) -> Iterator[Path]:
+    """For a folder several stages share: yield an empty staging folder; on success move each
+    of its files into `destination` (each rename atomic), leaving other files there alone."""
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    try:
+        yield staging
+        for path in sorted(staging.rglob("*")):
+            target = destination / path.relative_to(staging)
+            if path.is_dir():
+                if target.exists() and not target.is_dir():
+                    target.unlink()
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                if target.is_dir():
+                    shutil.rmtree(target)
+                os.replace(path, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

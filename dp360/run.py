@@ -23,9 +23,10 @@ import numpy as np
 
 from . import __version__
 from .errors import Dp360Error, RunDirectoryError
-from .imaging import LoadedImage, atomic_directory, file_sha256, load_portrait, save_image_atomic, write_json_atomic
+from .imaging import LoadedImage, atomic_directory, atomic_files_into, file_sha256, load_portrait, save_image_atomic, write_json_atomic
 
 if TYPE_CHECKING:
+    from .nerf.stage import FieldStageSettings
     from .panohead.stage import NoiseModels, NoiseSettings
     from .prepare import PrepareSettings
     from .views import ViewModels, ViewSettings
@@ -52,7 +53,9 @@ STAGE_DESCRIPTIONS = {
     "export": "mesh export",
 }
 # Bump a stage's version when its code changes what it writes, so old results are redone.
-STAGE_VERSIONS = {"prepare": 1, "noise": 1, "views": 1}
+STAGE_VERSIONS = {"prepare": 1, "noise": 1, "views": 1, "fit": 1, "render": 1, "export": 1}
+# Folders that more than one stage writes into: each stage replaces only its own files.
+SHARED_FOLDERS = {"export"}
 
 
 class Reporter(Protocol):
@@ -218,7 +221,7 @@ class Run:
         self.manifest["stages"][name] = record
         self._save()
         try:
-            with atomic_directory(target) as staging:
+            with (atomic_files_into(target) if folder in SHARED_FOLDERS else atomic_directory(target)) as staging:
                 summary = build(staging)
                 outputs = {
                     str((Path(folder) / path.relative_to(staging)).as_posix()): path.stat().st_size
@@ -304,10 +307,12 @@ def run_pipeline(
     require: tuple[str, ...] = ("prepare",),
     noise_settings: "NoiseSettings | None" = None,
     noise_models: "NoiseModels | None" = None,
+    field_settings: "FieldStageSettings | None" = None,
 ) -> RunSummary:
     """Run the named stages on one portrait into `out_dir`; stages this version does not have
     are recorded as `not_available` and the run ends `incomplete`; a stage in `require` that
     cannot run is an error instead."""
+    from .nerf.stage import FieldStageSettings, build_export, build_fit, build_render
     from .panohead.stage import NoiseModels, NoiseSettings
     from .panohead.store import panohead_problem
     from .prepare import PrepareSettings, prepare_portrait
@@ -325,6 +330,8 @@ def run_pipeline(
     noise_settings = noise_settings or NoiseSettings(seed=options.seed)
     noise_settings.views = view_settings.views
     noise_models = noise_models or NoiseModels.locate()
+    field_settings = field_settings or FieldStageSettings()
+    field_settings.check()
     # Validate the input before anything touches the disk.
     image = load_portrait(image_path)
     if "views" in stages:
@@ -380,6 +387,25 @@ def run_pipeline(
                 models.noise_dir = frames if noise_done else None
                 noise_hashes = {f"noise/{path.name}": file_sha256(path) for path in sorted(frames.glob("*.png"))} if noise_done else {}
                 run.stage("views", "views", {**view_settings.key_dict(), "dtype": dtype}, {"crop": file_sha256(run.out_dir / "prepared" / "crop.png"), **models.hashes(), **noise_hashes}, lambda folder: models.build_views(run.out_dir, folder, view_settings, device, dtype))
+            elif name in ("fit", "render", "export"):
+                views_dir = run.out_dir / "views"
+                upstream = {"fit": "views", "render": "fit", "export": "fit"}[name]
+                if run.manifest["stages"].get(upstream, {}).get("status") != "done":
+                    run.mark_unavailable(name, f"the '{upstream}' stage has not produced its results")
+                    missing.append(name)
+                    continue
+                progress = run.options.progress
+                if name == "fit":
+                    fit_settings = field_settings.fit_for(device)
+                    view_hashes = {f"views/{path.name}": file_sha256(path) for path in sorted(views_dir.iterdir()) if path.suffix in (".png", ".json") and path.name != "grid.png"}
+                    run.stage("fit", "nerf", fit_settings.key_dict(), view_hashes, lambda folder: build_fit(views_dir, folder, run.out_dir / "nerf", fit_settings, device, progress))
+                else:
+                    checkpoint = {"nerf": run.manifest["stages"]["fit"]["key"]}
+                    if name == "render":
+                        run.stage("render", "export", field_settings.turntable.key_dict(), checkpoint, lambda folder: build_render(run.out_dir, folder, field_settings.turntable, device, progress))
+                    else:
+                        mesh_key = {**field_settings.mesh.key_dict(), "formats": list(field_settings.mesh_formats)}
+                        run.stage("export", "export", mesh_key, checkpoint, lambda folder: build_export(run.out_dir, folder, field_settings.mesh, field_settings.mesh_formats, device))
             else:
                 run.mark_unavailable(name)
                 missing.append(name)
@@ -402,9 +428,10 @@ def reconstruct(
     models: "ViewModels | None" = None,
     noise_settings: "NoiseSettings | None" = None,
     noise_models: "NoiseModels | None" = None,
+    field_settings: "FieldStageSettings | None" = None,
 ) -> RunSummary:
-    """The whole pipeline on one portrait (the stages this version has; the rest are listed)."""
-    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, stages=tuple(dict(PIPELINE)), view_settings=view_settings, models=models, noise_settings=noise_settings, noise_models=noise_models)
+    """The whole pipeline on one portrait: prepare -> noise -> views -> fit -> render -> export."""
+    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, stages=tuple(dict(PIPELINE)), view_settings=view_settings, models=models, noise_settings=noise_settings, noise_models=noise_models, field_settings=field_settings)
 
 
 def views(

@@ -81,6 +81,15 @@ class _NoLPIPS(torch.nn.Module):
 
 
 @contextlib.contextmanager
+def nerfstudio_quietly() -> Iterator[None]:
+    """nerfstudio prints its log to stdout; keep stdout for dp360's --json summaries."""
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
+
+
+@contextlib.contextmanager
 def no_download_metrics() -> Iterator[None]:
     # nerfacto imports the metric class from torchmetrics when it builds the model.
     import torchmetrics.image.lpip as lpip_module
@@ -142,6 +151,7 @@ def nerfacto_head_config(views_dir: Path, output_dir: Path, settings: FitSetting
                 num_proposal_samples_per_ray=tuple(settings.proposal_samples), proposal_net_args_list=proposal_args,
                 use_appearance_embedding=settings.appearance_embedding,
                 average_init_density=0.01,
+                proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
                 implementation="tcnn" if cuda and _has_tcnn() else "torch",
             ),
         ),
@@ -193,8 +203,11 @@ def _check_views(views_dir: Path) -> None:
         raise Dp360Error(f"{views_dir} has no transforms.json; generate views first (`dp360 views`), or point at a folder of images with nerfstudio cameras.")
 
 
-def fit_field(views_dir: Path, out_dir: Path, settings: FitSettings, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
-    """Train the field on `views_dir` into `out_dir` (a fresh folder). Returns a summary."""
+def fit_field(views_dir: Path, out_dir: Path, settings: FitSettings, device: str = "cpu", progress: bool = True, final_dir: Path | None = None) -> dict[str, Any]:
+    """Train the field on `views_dir` into `out_dir` (a fresh folder). Returns a summary.
+
+    `final_dir`: where `out_dir` will be moved afterwards (a stage's staging folder), so that
+    nerfstudio's config.yml points at the final checkpoint folder."""
     from tqdm.auto import tqdm
 
     _check_views(views_dir)
@@ -202,11 +215,11 @@ def fit_field(views_dir: Path, out_dir: Path, settings: FitSettings, device: str
     background = resolve_background(views_dir, settings.background)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
-    with no_download_metrics():
+    with no_download_metrics(), nerfstudio_quietly():
         trainer = config.setup(local_rank=0, world_size=1)
         trainer.setup()
+        config.save_config()
     _apply_background(trainer.pipeline, background)
-    config.save_config()
     start = time.perf_counter()
     losses = []
     trainer.pipeline.train()
@@ -214,14 +227,20 @@ def fit_field(views_dir: Path, out_dir: Path, settings: FitSettings, device: str
         loss, _, _ = trainer.train_iteration(step)
         losses.append(loss.item())
     fit_seconds = time.perf_counter() - start
-    trainer.save_checkpoint(max(settings.iterations - 1, 0))
+    with nerfstudio_quietly():
+        trainer.save_checkpoint(max(settings.iterations - 1, 0))
+    if final_dir is not None:
+        import yaml
+
+        config.output_dir = Path(final_dir)
+        (Path(trainer.base_dir) / "config.yml").write_text(yaml.dump(config), "utf8")
     summary = {
         "method": METHOD,
         "iterations": settings.iterations,
         "fit_seconds": round(fit_seconds, 2),
         "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
         "background": background,
-        "config": str(Path(config.get_base_dir()).relative_to(out_dir) / "config.yml"),
+        "config": f"{EXPERIMENT}/{METHOD}/{TIMESTAMP}/config.yml",
     }
     (Path(out_dir) / FIT_FILE).write_text(json.dumps({"settings": settings.key_dict(), "views_dir": str(Path(views_dir).resolve()), **summary}, indent=2))
     return summary
@@ -258,7 +277,7 @@ def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = Non
     checkpoints = sorted((nerf_dir / EXPERIMENT / METHOD / TIMESTAMP / "nerfstudio_models").glob("step-*.ckpt"))
     if not checkpoints:
         raise Dp360Error(f"{nerf_dir} has no nerfstudio checkpoint; rerun the fit stage (`dp360 reconstruct --force`).")
-    with no_download_metrics():
+    with no_download_metrics(), nerfstudio_quietly():
         pipeline = config.pipeline.setup(device=device, test_mode="inference")
     # weights_only, with the numpy scalars nerfstudio's trainer stores next to the tensors
     import numpy.core.multiarray as multiarray

@@ -18,13 +18,14 @@ from .fit import LoadedField
 
 MESH_FORMATS = ("glb", "obj", "ply")
 HEAD_BOX_HALF = 0.5  # PanoHead renders heads inside [-0.5, 0.5]^3 (box_warp 1)
+DEFAULT_DENSITY = 10.0
 
 
 @dataclass
 class MeshSettings:
     resolution: int = 256  # marching-cubes grid per axis
     faces: int = 200_000  # decimate to at most this many faces
-    density: float = 10.0  # iso-level of the field's density
+    density: float | None = None  # iso-level; None = automatic (see `iso_level`)
     box_half: float = HEAD_BOX_HALF
 
     def key_dict(self) -> dict[str, Any]:
@@ -35,7 +36,7 @@ class MeshSettings:
             raise Dp360Error("--mesh-resolution must be between 16 and 1024.")
         if self.faces < 100:
             raise Dp360Error("--mesh-faces must be at least 100.")
-        if self.density <= 0:
+        if self.density is not None and self.density <= 0:
             raise Dp360Error("--mesh-density must be positive.")
 
 
@@ -68,6 +69,15 @@ def field_colours(field: LoadedField, vertices: np.ndarray, normals: np.ndarray,
     return np.concatenate(colours) if colours else np.zeros((0, 3))
 
 
+def iso_level(grid: np.ndarray) -> float:
+    """Automatic iso-level: Otsu's split of log-density into empty space and head (a fitted
+    head's density is orders of magnitude above the empty box's), capped at 10."""
+    from skimage.filters import threshold_otsu
+
+    logs = np.log(np.clip(grid, 1e-6, None))
+    return float(min(DEFAULT_DENSITY, np.exp(threshold_otsu(logs))))
+
+
 def extract_mesh(field: LoadedField, settings: MeshSettings):
     """The head as a trimesh.Trimesh with vertex colours."""
     import trimesh
@@ -75,13 +85,14 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
 
     settings.check()
     grid = density_grid(field, settings.resolution, settings.box_half)
-    if not (grid.min() < settings.density < grid.max()):
+    level = settings.density if settings.density is not None else iso_level(grid)
+    if not (grid.min() < level < grid.max()):
         raise Dp360Error(
-            f"The field's density never crosses {settings.density} inside the head box (range {grid.min():.3g} .. {grid.max():.3g}); "
+            f"The field's density never crosses {level:.3g} inside the head box (range {grid.min():.3g} .. {grid.max():.3g}); "
             "the fit probably failed, or try another --mesh-density."
         )
     spacing = 2 * settings.box_half / (settings.resolution - 1)
-    vertices, faces, _, _ = marching_cubes(grid, level=settings.density, spacing=(spacing,) * 3)
+    vertices, faces, _, _ = marching_cubes(grid, level=level, spacing=(spacing,) * 3)
     mesh = trimesh.Trimesh(vertices - settings.box_half, faces, process=True)
     components = mesh.split(only_watertight=False)
     if len(components) > 1:
@@ -91,6 +102,7 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
     mesh.fix_normals()
     colours = field_colours(field, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals))
     mesh.visual.vertex_colors = np.concatenate([(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1).astype(np.uint8)
+    mesh.metadata["iso_level"] = float(level)
     return mesh
 
 

@@ -1,0 +1,171 @@
+"""Radiance-field stage (nerfstudio, CPU, tiny sizes): camera convention, turntable, mesh, and
+`dp360 reconstruct` end to end on the tiny bundles."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from dp360 import cameras
+from dp360.nerf import synthetic
+from dp360.nerf.fit import FitSettings, fit_field, load_field
+from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
+from dp360.nerf.render import TurntableSettings, render_pose, render_turntable, write_frames
+from dp360.video import read_mp4
+
+SIZE = 48
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("field")
+    views = synthetic.write_views(root / "views", size=SIZE)
+    nerf = root / "nerf"
+    nerf.mkdir()
+    summary = fit_field(views, nerf, FitSettings.preset("test", iterations=250), "cpu", progress=False)
+    return views, nerf, summary
+
+
+def _structure_correlation(rendered, image):
+    """Correlation of the colour layout on the head (blurred: the synthetic texture is finer
+    than a 48-pixel view resolves), over pixels where both show the head."""
+    from scipy.ndimage import gaussian_filter
+
+    mask = (np.abs(image - synthetic.BACKGROUND).sum(-1) > 0.05) & (np.abs(rendered - synthetic.BACKGROUND).sum(-1) > 0.05)
+    a, b = gaussian_filter(rendered, (2, 2, 0))[mask], gaussian_filter(image, (2, 2, 0))[mask]
+    a, b = a - a.mean(0), b - b.mean(0)
+    return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
+
+
+def test_field_follows_nerfstudio_camera_convention(fitted):
+    views, nerf, summary = fitted
+    assert summary["loss_first_last"][1] < summary["loss_first_last"][0] / 2
+    assert summary["background"] == pytest.approx([0.8, 0.8, 0.8], abs=0.01)  # from the views' borders
+    field = load_field(nerf, "cpu", views)
+    for index in (0, 8, 28):  # front and sides, where the head is not left-right symmetric
+        truth = np.asarray(Image.open(views / f"{index:03d}.png"), dtype=np.float64) / 255
+        rendered = render_pose(field, cameras.dp360_orbit(32)[index], SIZE)
+        right = _structure_correlation(rendered, truth)
+        assert right > 0.6
+        assert right > _structure_correlation(rendered, truth[:, ::-1]) + 0.2  # mirrored
+        assert right > _structure_correlation(rendered, truth[::-1]) + 0.2  # upside down
+
+
+def test_turntable_formats_decode(fitted, tmp_path):
+    views, nerf, _ = fitted
+    field = load_field(nerf, "cpu", views)
+    settings = TurntableSettings(frames=5, resolution=32, fps=10)
+    frames, fps = render_turntable(field, settings)
+    assert len(frames) == 5 and frames[0].shape == (32, 32, 3) and fps > 0
+    meta, decoded = read_mp4(write_frames(frames, tmp_path / "t.mp4", "mp4", 10))
+    assert len(decoded) == 5 and tuple(meta["size"]) == (32, 32)
+    gif = Image.open(write_frames(frames, tmp_path / "t.gif", "gif", 10))
+    assert gif.n_frames == 5 and gif.size == (32, 32)
+    assert len(list(write_frames(frames, tmp_path / "frames", "frames", 10).glob("*.png"))) == 5
+    # a full turn: the first and the middle frame show different sides
+    assert np.abs(frames[0].astype(int) - frames[2].astype(int)).mean() > 2
+
+
+def test_mesh_is_one_head_inside_the_box_in_the_camera_frame(fitted, tmp_path):
+    views, nerf, _ = fitted
+    field = load_field(nerf, "cpu", views)
+    mesh = extract_mesh(field, MeshSettings(resolution=48, faces=3000))
+    assert len(mesh.faces) <= 3000 and len(mesh.split(only_watertight=False)) == 1
+    for fmt in ("glb", "obj", "ply"):
+        loaded = trimesh.load(write_mesh(mesh, tmp_path / f"head.{fmt}", fmt), force="mesh")
+        assert len(loaded.vertices) > 100
+        assert np.all(np.abs(loaded.vertices) <= 0.5 + 1e-4)
+    # the synthetic head's extent (half-axes 0.22 x 0.27 x 0.24 plus nose and ears), roughly
+    extent = mesh.bounds[1] - mesh.bounds[0]
+    assert 0.3 < extent[1] < 0.75 and extent[1] > extent[0] * 0.8
+    assert mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
+
+
+def test_bad_turntable_and_mesh_settings_are_refused():
+    from dp360.errors import Dp360Error
+
+    with pytest.raises(Dp360Error, match="--resolution"):
+        TurntableSettings(resolution=33).check()
+    with pytest.raises(Dp360Error, match="--mesh-faces"):
+        MeshSettings(faces=3).check()
+
+
+# -- the whole command on the tiny bundles ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    from dp360.models.tiny import write_tiny_bundles
+    from dp360.panohead.perceptual import VGG16_FILE, write_random_backbone
+    from dp360.panohead.tiny import write_tiny_panohead
+
+    folder = tmp_path_factory.mktemp("tiny-weights")
+    bundles = write_tiny_bundles(folder / "bundles", view_count=32)
+    weights = folder / "weights"
+    weights.mkdir()
+    for kind in ("main", "back"):
+        (weights / f"{kind}-fp32").symlink_to(bundles[kind], target_is_directory=True)
+    (weights / "panohead").symlink_to(write_tiny_panohead(folder / "panohead"), target_is_directory=True)
+    return weights, bundles["cameras"], write_random_backbone(folder / VGG16_FILE)
+
+
+def _reconstruct(cli, out, image, tiny_weights, *extra):
+    weights, camera_dir, vgg = tiny_weights
+    perceptual = Path(os.environ["DP360_CACHE"]) / "perceptual"
+    perceptual.mkdir(parents=True, exist_ok=True)
+    if not (perceptual / vgg.name).exists():
+        (perceptual / vgg.name).symlink_to(vgg)
+    return cli(
+        "reconstruct", image, "--out", out, "--weights-dir", weights, "--cameras", camera_dir, "--detector", "dlib", "--device", "cpu",
+        "--steps", "2", "--invert-steps", "2", "--pti-steps", "1", "--fit-preset", "test", "--fit-iterations", "30",
+        "--frames", "4", "--resolution", "32", "--mesh-resolution", "32", "--mesh-faces", "2000", "--json", *extra,
+    )
+
+
+def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path, tiny_weights):
+    out = tmp_path / "head"
+    code, stdout, stderr = _reconstruct(cli, out, astronaut_path, tiny_weights)
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["status"] == "done"
+    assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(("prepare", "noise", "views", "fit", "render", "export"), "done")
+    for rel in ("input.png", "prepared/crop.png", "prepared/overlay.png", "prepared/dataset.json", "noise/frames/000.png", "noise/w.pt",
+                "views/back_ref.png", "views/000.png", "views/031.png", "views/grid.png", "views/orbit.mp4", "views/transforms.json",
+                "nerf/fit.json", "nerf/dp360/nerfacto-head/fit/config.yml", "export/turntable.mp4", "export/head.glb", "run.json"):
+        assert (out / rel).is_file(), rel
+    assert list((out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "nerfstudio_models").glob("step-*.ckpt"))
+    import yaml
+
+    config_text = (out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "config.yml").read_text()
+    assert Path(yaml.load(config_text, Loader=yaml.Loader).output_dir) == out / "nerf"  # our own file: the full loader is fine
+    meta, frames = read_mp4(out / "export" / "turntable.mp4")
+    assert len(frames) == 4 and tuple(meta["size"]) == (32, 32)
+    assert np.all(np.abs(trimesh.load(out / "export" / "head.glb", force="mesh").vertices) <= 0.5 + 1e-4)
+
+    code, stdout, _ = _reconstruct(cli, out, astronaut_path, tiny_weights)
+    assert code == 0 and all(stage["last_run"] == "reused" for stage in json.loads(stdout)["stages"].values())
+    # Only the turntable changes with its own settings; the mesh is kept.
+    code, stdout, _ = _reconstruct(cli, out, astronaut_path, tiny_weights, "--frames", "6")
+    runs = {name: stage["last_run"] for name, stage in json.loads(stdout)["stages"].items()}
+    assert runs["render"] == "ran" and runs["export"] == "reused" and runs["fit"] == "reused"
+    assert (out / "export" / "head.glb").is_file() and len(read_mp4(out / "export" / "turntable.mp4")[1]) == 6
+
+    # render and export commands on the finished run
+    code, _, stderr = cli("render", out, "--out", tmp_path / "spin.gif", "--frames", "3", "--resolution", "32", "--device", "cpu", "--quiet")
+    assert code == 0, stderr
+    assert Image.open(tmp_path / "spin.gif").n_frames == 3
+    code, _, stderr = cli("export", out, "--format", "ply", "--mesh-resolution", "32", "--mesh-faces", "1000", "--device", "cpu", "--quiet")
+    assert code == 0 and len(trimesh.load(out / "export" / "head.ply").faces) <= 1000, stderr
+
+
+def test_render_and_export_explain_bad_input(cli, tmp_path):
+    code, _, stderr = cli("render", tmp_path, "--out", tmp_path / "t.mp4", "--device", "cpu")
+    assert code == 2 and stderr.startswith("error: ") and "dp360 reconstruct" in stderr and not (tmp_path / "t.mp4").exists()
+    code, _, stderr = cli("render", tmp_path, "--out", tmp_path / "t.avi", "--device", "cpu")
+    assert code == 2 and "format" in stderr
+    code, _, stderr = cli("export", tmp_path, "--format", "stl", "--device", "cpu")
+    assert code == 2 and "glb, obj, ply" in stderr
