@@ -99,6 +99,8 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
         mesh = max(components, key=lambda part: len(part.faces))  # no floaters
     if len(mesh.faces) > settings.faces:
         mesh = mesh.simplify_quadric_decimation(face_count=settings.faces)
+        # Quadric placement can push a vertex a hair outside the sampled box; keep the box exact.
+        mesh.vertices = np.clip(mesh.vertices, -settings.box_half, settings.box_half)
     mesh.fix_normals()
     colours = field_colours(field, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals))
     mesh.visual.vertex_colors = np.concatenate([(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1).astype(np.uint8)
