@@ -369,7 +369,7 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: RUN_DIR/export/head.FORMAT).", show_default=False)] = None,
     mesh_resolution: Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")] = 256,
     mesh_faces: Annotated[int, typer.Option("--mesh-faces", help="Decimate to at most this many faces.")] = 200_000,
-    mesh_density: Annotated[Optional[float], typer.Option("--mesh-density", help="Iso-level of the density (default: 10, or the densest 10 % for weak fits).", show_default=False)] = None,
+    mesh_density: Annotated[Optional[float], typer.Option("--mesh-density", help="Iso-level of the density (default: automatic, an Otsu split of log-density capped at 10).", show_default=False)] = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
@@ -414,6 +414,8 @@ def weights_download(what: WhatArgument = None, cache_dir: CacheDirOption = None
             err_console.print(f"{name}: {file_name} ({'about %.1f GB' % size if size else 'size unknown'}) - {description}")
             path = weights.download_perceptual() if name in weights.EXTRA_FILES else weights.download_official(name, cache_dir)
             err_console.print(f"[green]✓[/] {path}")
+            if name == "data":
+                err_console.print(f"[green]✓[/] camera images: {weights.extract_sphere32(path)}")
 
 
 @weights_app.command("list")

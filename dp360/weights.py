@@ -154,3 +154,35 @@ def download_perceptual() -> Path:
         path.unlink()
         raise Dp360Error(f"The downloaded VGG16 weights do not match their published hash; {how}.")
     return path
+
+
+def extract_sphere32(archive: str | Path, destination: Path | None = None) -> Path:
+    """The 32 `sphere32` camera images from the official inference-data zip into
+    `<cache>/sphere32/` (atomically). The archive's internal layout is not documented, so the
+    images are found by content: the folder named sphere32 holding 32 PNGs, else the only
+    folder that holds exactly 32 PNGs."""
+    import zipfile
+    from collections import defaultdict
+
+    from .imaging import atomic_directory
+
+    destination = Path(destination) if destination is not None else cache_dir() / "sphere32"
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            folders: dict[str, list[str]] = defaultdict(list)
+            for name in bundle.namelist():
+                if name.lower().endswith(".png") and not name.startswith("__MACOSX"):
+                    folders[name.rsplit("/", 1)[0] if "/" in name else ""].append(name)
+            named = [folder for folder, files in folders.items() if "sphere32" in folder.lower() and len(files) == 32]
+            candidates = named or [folder for folder, files in folders.items() if len(files) == 32]
+            if len(candidates) != 1:
+                raise Dp360Error(
+                    f"{archive} has no single folder of 32 camera images ({len(candidates)} candidates); "
+                    "extract the sphere32 PNGs by hand into " + str(destination) + " or pass --cameras."
+                )
+            with atomic_directory(destination) as staging:
+                for index, member in enumerate(sorted(folders[candidates[0]])):
+                    (staging / f"{index:03d}.png").write_bytes(bundle.read(member))
+    except zipfile.BadZipFile:
+        raise Dp360Error(f"{archive} is not a zip archive; download it again with `dp360 weights download data`.") from None
+    return destination

@@ -142,3 +142,26 @@ def test_doctor_smoke(cli):
     code, stdout, stderr = cli("doctor", "--smoke", "--json")
     smoke = {check["name"]: check for check in json.loads(stdout)}["smoke"]
     assert code == 0 and smoke["status"] == "OK" and "meaningless" in smoke["detail"], stderr
+
+
+def test_sphere32_images_are_found_in_the_inference_archive(tmp_path):
+    import zipfile
+
+    from dp360.errors import Dp360Error
+    from dp360.weights import extract_sphere32
+
+    archive = tmp_path / "inference_data.zip"
+    data = (Path(__file__).resolve().parents[1] / "assets" / "astronaut.png").read_bytes()  # any PNG will do
+    with zipfile.ZipFile(archive, "w") as bundle:
+        for k in range(32):
+            bundle.writestr(f"inference_data/sphere32/{k:07d}.png", data)
+        for k in range(5):
+            bundle.writestr(f"inference_data/sample/{k}.png", data)
+    out = extract_sphere32(archive, tmp_path / "sphere32")
+    assert sorted(p.name for p in out.glob("*.png")) == [f"{k:03d}.png" for k in range(32)]
+    broken = tmp_path / "broken.zip"
+    with zipfile.ZipFile(broken, "w") as bundle:
+        bundle.writestr("a/1.png", data)
+    with pytest.raises(Dp360Error, match="32 camera images"):
+        extract_sphere32(broken, tmp_path / "none")
+    assert not (tmp_path / "none").exists()
