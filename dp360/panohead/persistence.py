@@ -29,7 +29,7 @@ from ..errors import Dp360Error
 
 PERSISTENT_RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 # Modules whose classes are replaced by inert records (never imported, never instantiated).
-RECORDED_MODULE_PREFIXES = ("training.", "torch_utils.", "dnnlib.", "torch.nn.modules.", "torch_utils", "training")
+RECORDED_MODULE_PREFIXES = ("training.", "torch_utils.", "dnnlib.", "torch.nn.modules.")
 
 
 class UnsafePickleError(Dp360Error):
@@ -215,8 +215,6 @@ def read_network_pickle(path: str | Path, key: str = "G_ema") -> PickledNetwork:
     try:
         with open(path, "rb") as handle:
             data = SafeUnpickler(handle).load()
-    except UnsafePickleError:
-        raise
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
         raise Dp360Error(f"{path} is not a readable PanoHead pickle ({type(error).__name__}: {error}).") from None
     data = data if isinstance(data, dict) else _plain(data)
