@@ -166,6 +166,25 @@ def prepare(
     _print_summary(summary, json_output, quiet)
 
 
+StepsOption = Annotated[int, typer.Option(help="DDIM steps.")]
+GuidanceOption = Annotated[float, typer.Option(help="Classifier-free guidance scale (the unconditional branch is the plain UNet).")]
+EtaOption = Annotated[float, typer.Option(help="DDIM eta.")]
+ViewsOption = Annotated[int, typer.Option("--views", help="Number of views around the head (32 uses the official sphere32 camera images).")]
+BackCameraOption = Annotated[Optional[int], typer.Option(help="Camera image used for the back view (default: 18 of 32 as the final release, 202.5 degrees; an earlier release used 16).", show_default=False)]
+No3DNoiseOption = Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")]
+WeightsDirOption = Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/, back-*/ and panohead/ (default: the dp360 cache).", show_default=False)]
+CamerasOption = Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view (default: sphere32 in the cache).", show_default=False)]
+OffloadOption = Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")]
+InvertStepsOption = Annotated[int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps (3D-aware noise).")]
+PtiStepsOption = Annotated[int, typer.Option("--pti-steps", help="PanoHead generator fine-tuning (PTI) steps after the inversion.")]
+FramesOption = Annotated[int, typer.Option("--frames", help="Turntable frames in one turn.")]
+FpsOption = Annotated[int, typer.Option("--fps", help="Turntable frames per second.")]
+ResolutionOption = Annotated[int, typer.Option("--resolution", help="Turntable frame size in pixels (square).")]
+ElevationOption = Annotated[float, typer.Option("--elevation", help="Turntable camera elevation in degrees above eye level.")]
+MeshResolutionOption = Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")]
+MeshFacesOption = Annotated[int, typer.Option("--mesh-faces", help="Decimate the mesh to at most this many faces.")]
+
+
 @app.command()
 def reconstruct(
     images: Annotated[list[Path], typer.Argument(help="One or more portraits; several go to OUT/<stem>/ one after another.", show_default=False)],
@@ -182,24 +201,24 @@ def reconstruct(
     force: ForceOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
-    eta: Annotated[float, typer.Option(help="DDIM eta.")] = 0.5,
-    view_count: Annotated[int, typer.Option("--views", help="Number of views around the head.")] = 32,
-    no_3d_noise: Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")] = False,
-    invert_steps: Annotated[int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps.")] = 200,
-    pti_steps: Annotated[int, typer.Option("--pti-steps", help="PanoHead PTI steps.")] = 5,
-    weights_dir: Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/, back-*/ and panohead/.", show_default=False)] = None,
-    cameras: Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view.", show_default=False)] = None,
-    offload: Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing.")] = False,
+    steps: StepsOption = 50,
+    guidance: GuidanceOption = 3.0,
+    eta: EtaOption = 0.5,
+    view_count: ViewsOption = 32,
+    no_3d_noise: No3DNoiseOption = False,
+    invert_steps: InvertStepsOption = 200,
+    pti_steps: PtiStepsOption = 5,
+    weights_dir: WeightsDirOption = None,
+    cameras: CamerasOption = None,
+    offload: OffloadOption = False,
     fit_preset: Annotated[Optional[str], typer.Option("--fit-preset", help="Radiance-field settings: gpu, cpu or test (default: gpu on CUDA, else cpu).", show_default=False)] = None,
     fit_iterations: Annotated[Optional[int], typer.Option("--fit-iterations", help="Radiance-field training iterations (default: the preset's).", show_default=False)] = None,
-    frames: Annotated[int, typer.Option("--frames", help="Turntable frames.")] = 120,
-    fps: Annotated[int, typer.Option("--fps", help="Turntable frames per second.")] = 30,
-    resolution: Annotated[int, typer.Option("--resolution", help="Turntable size in pixels.")] = 512,
-    elevation: Annotated[float, typer.Option("--elevation", help="Turntable camera elevation in degrees.")] = 0.0,
-    mesh_resolution: Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")] = 256,
-    mesh_faces: Annotated[int, typer.Option("--mesh-faces", help="Decimate the mesh to at most this many faces.")] = 200_000,
+    frames: FramesOption = 120,
+    fps: FpsOption = 30,
+    resolution: ResolutionOption = 512,
+    elevation: ElevationOption = 0.0,
+    mesh_resolution: MeshResolutionOption = 256,
+    mesh_faces: MeshFacesOption = 200_000,
     mesh_format: Annotated[Optional[list[str]], typer.Option("--mesh-format", help="glb (default), obj, ply; repeat for several.", show_default=False)] = None,
 ) -> None:
     """Everything: prepare -> 3D-aware noise -> back view -> views -> NeRF -> turntable + mesh.
@@ -265,17 +284,6 @@ def reconstruct(
         raise typer.Exit(2)
 
 
-StepsOption = Annotated[int, typer.Option(help="DDIM steps.")]
-GuidanceOption = Annotated[float, typer.Option(help="Classifier-free guidance scale (the unconditional branch is the plain UNet).")]
-EtaOption = Annotated[float, typer.Option(help="DDIM eta.")]
-ViewsOption = Annotated[int, typer.Option("--views", help="Number of views around the head (32 uses the official sphere32 camera images).")]
-BackCameraOption = Annotated[Optional[int], typer.Option(help="Camera image used for the back view (default: 18 of 32 as the final release, 202.5 degrees; an earlier release used 16).", show_default=False)]
-No3DNoiseOption = Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")]
-WeightsDirOption = Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/, back-*/ and panohead/ (default: the dp360 cache).", show_default=False)]
-CamerasOption = Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view (default: sphere32 in the cache).", show_default=False)]
-OffloadOption = Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")]
-InvertStepsOption = Annotated[int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps (3D-aware noise).")]
-PtiStepsOption = Annotated[int, typer.Option("--pti-steps", help="PanoHead generator fine-tuning (PTI) steps after the inversion.")]
 
 
 @app.command()
@@ -335,10 +343,10 @@ def render(
     run_dir: RunDirArgument,
     out: Annotated[Path, typer.Option("--out", help="Output file (.mp4 / .gif) or folder (frames).", show_default=False)],
     output_format: Annotated[Optional[str], typer.Option("--format", help="mp4, gif or frames (default: from --out's suffix).", show_default=False)] = None,
-    frames: Annotated[int, typer.Option("--frames", help="Frames in one turn.")] = 120,
-    elevation: Annotated[float, typer.Option("--elevation", help="Camera elevation in degrees above eye level.")] = 0.0,
-    fps: Annotated[int, typer.Option("--fps", help="Frames per second.")] = 30,
-    resolution: Annotated[int, typer.Option("--resolution", help="Square frame size in pixels.")] = 512,
+    frames: FramesOption = 120,
+    elevation: ElevationOption = 0.0,
+    fps: FpsOption = 30,
+    resolution: ResolutionOption = 512,
     radius: Annotated[float, typer.Option("--radius", help="Camera distance from the head's centre (the views use 2.7).")] = 2.7,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
@@ -367,8 +375,8 @@ def export(
     run_dir: RunDirArgument,
     output_format: Annotated[str, typer.Option("--format", help="glb, obj or ply.")] = "glb",
     out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: RUN_DIR/export/head.FORMAT).", show_default=False)] = None,
-    mesh_resolution: Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")] = 256,
-    mesh_faces: Annotated[int, typer.Option("--mesh-faces", help="Decimate to at most this many faces.")] = 200_000,
+    mesh_resolution: MeshResolutionOption = 256,
+    mesh_faces: MeshFacesOption = 200_000,
     mesh_density: Annotated[Optional[float], typer.Option("--mesh-density", help="Iso-level of the density (default: automatic, an Otsu split of log-density capped at 10).", show_default=False)] = None,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
