@@ -1,5 +1,5 @@
 # The two commands of the README. Both install everything they need into .venv first.
-.PHONY: example test setup
+.PHONY: example test lint setup
 
 setup:
 	@bash scripts/setup.sh
@@ -11,3 +11,8 @@ example: setup
 # The test suite (offline, CPU).
 test: setup
 	.venv/bin/python -m pytest
+
+# ruff: lint and format check (line length 120, settings in pyproject.toml).
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .

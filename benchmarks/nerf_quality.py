@@ -51,9 +51,15 @@ def main() -> None:
             psnr.append(peak_signal_noise_ratio(truth, rendered.astype(np.float64), data_range=1.0))
             ssim.append(structural_similarity(truth, rendered.astype(np.float64), channel_axis=2, data_range=1.0))
     level = np.array(psnr[:8]), np.array(psnr[8:])
-    print(f"device {device}, preset {preset}, {settings.iterations} iterations, {args.size} x {args.size}, 32 training views")
-    print(f"fit: {summary['fit_seconds']:.1f} s ({summary['fit_seconds'] / max(settings.iterations, 1):.3f} s/iteration)")
-    print(f"held-out PSNR {np.mean(psnr):.2f} dB (eye level {level[0].mean():.2f}, +15 deg {level[1].mean():.2f}), SSIM {np.mean(ssim):.3f}")
+    print(
+        f"device {device}, preset {preset}, {settings.iterations} iterations, {args.size} x {args.size}, 32 training views"
+    )
+    print(
+        f"fit: {summary['fit_seconds']:.1f} s ({summary['fit_seconds'] / max(settings.iterations, 1):.3f} s/iteration)"
+    )
+    print(
+        f"held-out PSNR {np.mean(psnr):.2f} dB (eye level {level[0].mean():.2f}, +15 deg {level[1].mean():.2f}), SSIM {np.mean(ssim):.3f}"
+    )
     print(f"render: {len(poses) / render_seconds:.2f} frames/s at {args.size} x {args.size}")
 
 

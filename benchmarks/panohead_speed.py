@@ -53,14 +53,23 @@ def main() -> None:
     sync()
     inversion_s = time.perf_counter() - start
     start = time.perf_counter()
-    invert(generator, target, camera, lpips, InversionSettings(invert_steps=0, pti_steps=args.pti_steps, w_avg_samples=16), progress=False)
+    invert(
+        generator,
+        target,
+        camera,
+        lpips,
+        InversionSettings(invert_steps=0, pti_steps=args.pti_steps, w_avg_samples=16),
+        progress=False,
+    )
     sync()
     pti_s = time.perf_counter() - start
     start = time.perf_counter()
     render_views(result.generator, result.ws, torch.from_numpy(cameras.orbit_labels(args.renders)))
     sync()
     render_s = time.perf_counter() - start
-    print(f"inversion: {args.invert_steps} steps in {inversion_s:.1f} s ({inversion_s / max(args.invert_steps, 1):.3f} s/step, incl. W statistics of {args.w_samples} samples)")
+    print(
+        f"inversion: {args.invert_steps} steps in {inversion_s:.1f} s ({inversion_s / max(args.invert_steps, 1):.3f} s/step, incl. W statistics of {args.w_samples} samples)"
+    )
     print(f"PTI: {args.pti_steps} steps in {pti_s:.1f} s ({pti_s / max(args.pti_steps, 1):.3f} s/step)")
     print(f"renders: {args.renders} at 512 x 512 in {render_s:.1f} s ({render_s / max(args.renders, 1):.3f} s/render)")
     if device.startswith("cuda"):

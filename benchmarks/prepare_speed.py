@@ -42,7 +42,9 @@ def main() -> None:
             start = time.perf_counter()
             prepare_portrait(image, Path(folder) / f"run{index}", settings, device=device)
             seconds.append(time.perf_counter() - start)
-    print(f"prepare[{args.detector}] {args.size}px on {device}: median {statistics.median(seconds):.3f} s, min {min(seconds):.3f} s over {args.repeats} runs")
+    print(
+        f"prepare[{args.detector}] {args.size}px on {device}: median {statistics.median(seconds):.3f} s, min {min(seconds):.3f} s over {args.repeats} runs"
+    )
 
 
 if __name__ == "__main__":

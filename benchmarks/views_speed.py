@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 
-from dp360.models.components import MAIN_COMPONENTS, build_components
-from dp360.models.configs import FAMILIES
-from dp360.pipelines.portrait360 import Portrait360Pipeline
+from dp360.diffusion.models.components import MAIN_COMPONENTS, build_components
+from dp360.diffusion.models.configs import FAMILIES
+from dp360.diffusion.pipelines.portrait360 import Portrait360Pipeline
 from dp360.runtime import DTYPES, resolve_device, torch_dtype
 
 
@@ -35,13 +35,22 @@ def main() -> None:
     dtype = torch_dtype(args.dtype) if device != "cpu" else torch.float32
     family = FAMILIES[args.family]
     torch.manual_seed(0)
-    components = {name: module.to(device=device, dtype=dtype).eval() for name, module in build_components(family, MAIN_COMPONENTS).items()}
+    components = {
+        name: module.to(device=device, dtype=dtype).eval()
+        for name, module in build_components(family, MAIN_COMPONENTS).items()
+    }
     pipe = Portrait360Pipeline(scheduler=DDIMScheduler(**family.scheduler), **components)
     pipe.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(0)
     size = family.image_size
     image = lambda: rng.integers(0, 255, (size, size, 3), dtype=np.uint8)  # noqa: E731
-    inputs = dict(front_image=image(), back_image=image(), camera_images=[image() for _ in range(args.views)], noise_frames=[image() for _ in range(args.views)], num_inference_steps=args.steps)
+    inputs = dict(
+        front_image=image(),
+        back_image=image(),
+        camera_images=[image() for _ in range(args.views)],
+        noise_frames=[image() for _ in range(args.views)],
+        num_inference_steps=args.steps,
+    )
     results = {}
     for label, shared in (("dp360", True), ("reference-faithful", False)):
         if device.startswith("cuda"):
@@ -54,7 +63,9 @@ def main() -> None:
         seconds = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
         results[label] = seconds
-        print(f"{label:>20}: {seconds / args.views:.3f} s/view ({seconds:.1f} s for {args.views} views, {args.steps} steps, {size}px, {args.dtype if device != 'cpu' else 'fp32'} on {device}), peak GPU memory {peak:.2f} GiB")
+        print(
+            f"{label:>20}: {seconds / args.views:.3f} s/view ({seconds:.1f} s for {args.views} views, {args.steps} steps, {size}px, {args.dtype if device != 'cpu' else 'fp32'} on {device}), peak GPU memory {peak:.2f} GiB"
+        )
     print(f"speed-up of dp360 over the reference work pattern: {results['reference-faithful'] / results['dp360']:.2f}x")
 
 

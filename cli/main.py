@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import sys
+from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -43,17 +45,63 @@ class DType(str, Enum):
     fp32 = "fp32"
 
 
-OutOption = Annotated[Path, typer.Option("--out", "-o", help="Output folder of the run (created; resumed if it holds a run).", show_default=False)]
-DetectorOption = Annotated[Detector, typer.Option(help="Face detector: RetinaFace (facexlib) with an offline dlib fallback under 'auto'.")]
-DetectorWeightsOption = Annotated[Optional[Path], typer.Option(help="Folder holding RetinaFace's detection_Resnet50_Final.pth (default: the dp360 cache).", show_default=False)]
-NoCropOption = Annotated[bool, typer.Option("--no-crop", help="The portrait is already aligned like PanoHead's crops (stylized or cartoon heads that detectors miss).")]
-YawOption = Annotated[Optional[float], typer.Option(help="Camera yaw in degrees instead of the estimate (0 frontal, > 0 the subject's left).", show_default=False)]
-PitchOption = Annotated[Optional[float], typer.Option(help="Camera elevation in degrees instead of the estimate (> 0 camera above the eyes).", show_default=False)]
-FaceIndexOption = Annotated[Optional[int], typer.Option(help="Which face to use when there are several (0 = largest).", show_default=False)]
+OutOption = Annotated[
+    Path,
+    typer.Option(
+        "--out", "-o", help="Output folder of the run (created; resumed if it holds a run).", show_default=False
+    ),
+]
+DetectorOption = Annotated[
+    Detector, typer.Option(help="Face detector: RetinaFace (facexlib) with an offline dlib fallback under 'auto'.")
+]
+DetectorWeightsOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Folder holding RetinaFace's detection_Resnet50_Final.pth (default: the dp360 cache).", show_default=False
+    ),
+]
+NoCropOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-crop",
+        help="The portrait is already aligned like PanoHead's crops (stylized or cartoon heads that detectors miss).",
+    ),
+]
+YawOption = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Camera yaw in degrees instead of the estimate, -180 to 180 (0 frontal, > 0 the subject's left).",
+        show_default=False,
+    ),
+]
+PitchOption = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Camera elevation in degrees instead of the estimate, -89 to 89 (> 0 camera above the eyes).",
+        show_default=False,
+    ),
+]
+FaceIndexOption = Annotated[
+    Optional[int], typer.Option(help="Which face to use when there are several (0 = largest).", show_default=False)
+]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DTypeOption = Annotated[DType, typer.Option(help="Compute precision (auto: fp16 on CUDA, fp32 elsewhere).")]
-SeedOption = Annotated[int, typer.Option(help="Random seed of the run.")]
-ForceOption = Annotated[bool, typer.Option("--force", help="Redo stages even when their inputs and settings are unchanged.")]
+SeedOption = Annotated[int, typer.Option(help="Random seed of the run, 0 to 4294967295.")]
+ForceOption = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Redo stages even when their inputs and settings are unchanged; replace a run of another input in OUT.",
+    ),
+]
+MaxPixelsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--max-pixels",
+        help="Refuse input images larger than this many pixels, 1e6 to 1e9 (default 90 million).",
+        show_default=False,
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json).")]
 
@@ -94,9 +142,30 @@ def user_errors() -> Iterator[None]:
     except Dp360Error as error:
         err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         err_console.print("[red]interrupted[/]: finished stages are kept; rerun the same command to resume.")
-        raise typer.Exit(130) from None
+        raise typer.Exit(interrupt_exit_code(interrupt)) from None
+    except Exception as error:
+        from dp360.errors import filesystem_error
+
+        translated = filesystem_error(error)
+        if translated is None:
+            raise
+        err_console.print(f"[red]error:[/] {translated}", soft_wrap=True)
+        raise typer.Exit(translated.exit_code) from None
+
+
+def interrupt_exit_code(interrupt: KeyboardInterrupt) -> int:
+    """128 + the signal's number, as a shell reports a process ended by it."""
+    from dp360.errors import Terminated
+
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
+def _raise_terminated(signum, frame) -> None:
+    from dp360.errors import Terminated
+
+    raise Terminated()
 
 
 def _version_callback(value: bool) -> None:
@@ -107,7 +176,10 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")] = None,
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
+    ] = None,
 ) -> None:
     """dp360: 360-degree heads from one portrait."""
 
@@ -148,6 +220,7 @@ def prepare(
     face_index: FaceIndexOption = None,
     device: DeviceOption = "auto",
     force: ForceOption = False,
+    max_pixels: MaxPixelsOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -162,32 +235,66 @@ def prepare(
 
     with user_errors():
         settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
-        summary = prepare_run(image, out, settings, RunOptions(device=device, force=force), ConsoleReporter(quiet or json_output))
+        options = RunOptions(device=device, force=force, max_pixels=max_pixels)
+        summary = prepare_run(image, out, settings, options, ConsoleReporter(quiet or json_output))
     _print_summary(summary, json_output, quiet)
 
 
-StepsOption = Annotated[int, typer.Option(help="DDIM steps.")]
-GuidanceOption = Annotated[float, typer.Option(help="Classifier-free guidance scale (the unconditional branch is the plain UNet).")]
-EtaOption = Annotated[float, typer.Option(help="DDIM eta.")]
-ViewsOption = Annotated[int, typer.Option("--views", help="Number of views around the head (32 uses the official sphere32 camera images).")]
-BackCameraOption = Annotated[Optional[int], typer.Option(help="Camera image used for the back view (default: 18 of 32 as the final release, 202.5 degrees; an earlier release used 16).", show_default=False)]
-No3DNoiseOption = Annotated[bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")]
-WeightsDirOption = Annotated[Optional[Path], typer.Option(help="Folder with the converted bundles main-*/, back-*/ and panohead/ (default: the dp360 cache).", show_default=False)]
-CamerasOption = Annotated[Optional[Path], typer.Option(help="Folder of camera-condition PNGs, one per view (default: sphere32 in the cache).", show_default=False)]
-OffloadOption = Annotated[bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")]
+StepsOption = Annotated[int, typer.Option(help="DDIM steps, 1 to 1000.")]
+GuidanceOption = Annotated[
+    float,
+    typer.Option(help="Classifier-free guidance scale, 1 to 30 (the unconditional branch is the plain UNet)."),
+]
+EtaOption = Annotated[float, typer.Option(help="DDIM eta, 0 to 1.")]
+ViewsOption = Annotated[
+    int, typer.Option("--views", help="Number of views around the head, 8 to 128 (32 uses the official sphere32 images).")
+]
+BackCameraOption = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Camera image used for the back view (default: 18 of 32 as the final release, 202.5 degrees; an earlier release used 16).",
+        show_default=False,
+    ),
+]
+No3DNoiseOption = Annotated[
+    bool, typer.Option("--no-3d-noise", help="Start every view from Gaussian noise instead of PanoHead renders.")
+]
+WeightsDirOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Folder with the converted bundles main-*/, back-*/ and panohead/ (default: the dp360 cache).",
+        show_default=False,
+    ),
+]
+CamerasOption = Annotated[
+    Optional[Path],
+    typer.Option(
+        help="Folder of camera-condition PNGs, one per view (default: sphere32 in the cache).", show_default=False
+    ),
+]
+OffloadOption = Annotated[
+    bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")
+]
 InvertStepsOption = Annotated[int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps (3D-aware noise).")]
-PtiStepsOption = Annotated[int, typer.Option("--pti-steps", help="PanoHead generator fine-tuning (PTI) steps after the inversion.")]
+PtiStepsOption = Annotated[
+    int, typer.Option("--pti-steps", help="PanoHead generator fine-tuning (PTI) steps after the inversion.")
+]
 FramesOption = Annotated[int, typer.Option("--frames", help="Turntable frames in one turn.")]
 FpsOption = Annotated[int, typer.Option("--fps", help="Turntable frames per second.")]
 ResolutionOption = Annotated[int, typer.Option("--resolution", help="Turntable frame size in pixels (square).")]
-ElevationOption = Annotated[float, typer.Option("--elevation", help="Turntable camera elevation in degrees above eye level.")]
+ElevationOption = Annotated[
+    float, typer.Option("--elevation", help="Turntable camera elevation in degrees above eye level.")
+]
 MeshResolutionOption = Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")]
 MeshFacesOption = Annotated[int, typer.Option("--mesh-faces", help="Decimate the mesh to at most this many faces.")]
 
 
 @app.command()
 def reconstruct(
-    images: Annotated[list[Path], typer.Argument(help="One or more portraits; several go to OUT/<stem>/ one after another.", show_default=False)],
+    images: Annotated[
+        list[Path],
+        typer.Argument(help="One or more portraits; several go to OUT/<stem>/ one after another.", show_default=False),
+    ],
     out: OutOption,
     detector: DetectorOption = Detector.auto,
     detector_weights: DetectorWeightsOption = None,
@@ -199,62 +306,114 @@ def reconstruct(
     dtype: DTypeOption = DType.auto,
     seed: SeedOption = 42,
     force: ForceOption = False,
+    max_pixels: MaxPixelsOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     steps: StepsOption = 50,
     guidance: GuidanceOption = 3.0,
     eta: EtaOption = 0.5,
     view_count: ViewsOption = 32,
+    back_camera: BackCameraOption = None,
     no_3d_noise: No3DNoiseOption = False,
     invert_steps: InvertStepsOption = 200,
     pti_steps: PtiStepsOption = 5,
     weights_dir: WeightsDirOption = None,
     cameras: CamerasOption = None,
     offload: OffloadOption = False,
-    fit_preset: Annotated[Optional[str], typer.Option("--fit-preset", help="Radiance-field settings: gpu, cpu or test (default: gpu on CUDA, else cpu).", show_default=False)] = None,
-    fit_iterations: Annotated[Optional[int], typer.Option("--fit-iterations", help="Radiance-field training iterations (default: the preset's).", show_default=False)] = None,
+    fit_preset: Annotated[
+        Optional[str],
+        typer.Option(
+            "--fit-preset",
+            help="Radiance-field settings: gpu, cpu or test (default: gpu on CUDA, else cpu).",
+            show_default=False,
+        ),
+    ] = None,
+    fit_iterations: Annotated[
+        Optional[int],
+        typer.Option(
+            "--fit-iterations", help="Radiance-field training iterations (default: the preset's).", show_default=False
+        ),
+    ] = None,
     frames: FramesOption = 120,
     fps: FpsOption = 30,
     resolution: ResolutionOption = 512,
     elevation: ElevationOption = 0.0,
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
-    mesh_format: Annotated[Optional[list[str]], typer.Option("--mesh-format", help="glb (default), obj, ply; repeat for several.", show_default=False)] = None,
+    mesh_format: Annotated[
+        Optional[list[str]],
+        typer.Option("--mesh-format", help="glb (default), obj, ply; repeat for several.", show_default=False),
+    ] = None,
 ) -> None:
     """Everything: prepare -> 3D-aware noise -> back view -> views -> NeRF -> turntable + mesh.
 
     Writes OUT/{input.png, prepared/, noise/, views/, nerf/, export/turntable.mp4,
     export/head.glb, run.json}; a rerun skips every stage whose inputs and settings are unchanged.
     """
+    from dp360.diffusion.stage import ViewModels, ViewSettings
     from dp360.errors import Dp360Error
     from dp360.nerf.fit import FitSettings
     from dp360.nerf.mesh import MeshSettings
     from dp360.nerf.render import TurntableSettings
     from dp360.nerf.stage import FieldStageSettings
     from dp360.panohead.stage import NoiseModels, NoiseSettings
-    from dp360.run import RunOptions
+    from dp360.run import RunOptions, check_run_settings, pipeline_stages
     from dp360.run import reconstruct as reconstruct_run
-    from dp360.views import ViewModels, ViewSettings
 
     settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
     resolved_dtype = None if dtype is DType.auto else dtype.value
-    options = RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force, progress=not (quiet or json_output))
+    options = RunOptions(
+        device=device,
+        dtype=resolved_dtype,
+        seed=seed,
+        force=force,
+        progress=not (quiet or json_output),
+        max_pixels=max_pixels,
+    )
     reporter = ConsoleReporter(quiet or json_output)
+    view_settings = ViewSettings(
+        steps=steps,
+        guidance=guidance,
+        eta=eta,
+        views=view_count,
+        back_camera_index=back_camera,
+        seed=seed,
+        use_3d_noise=not no_3d_noise,
+    )
+    noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
     with user_errors():
         fit = None
         if fit_preset is not None or fit_iterations is not None:
             from dp360.runtime import resolve_device
 
             preset = fit_preset or ("gpu" if resolve_device(device).startswith("cuda") else "cpu")
-            fit = FitSettings.preset(preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed)
-        field_settings = FieldStageSettings(fit, TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution), MeshSettings(resolution=mesh_resolution, faces=mesh_faces), tuple(mesh_format or ("glb",)))
-        field_settings.check()
-    view_settings = ViewSettings(steps=steps, guidance=guidance, eta=eta, views=view_count, seed=seed, use_3d_noise=not no_3d_noise)
-    noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
+            fit = FitSettings.preset(
+                preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed
+            )
+        field_settings = FieldStageSettings(
+            fit,
+            TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
+            MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
+            tuple(mesh_format or ("glb",)),
+        )
+        # Every setting is checked once, before the first portrait is touched.
+        stages = tuple(stage.name for stage in pipeline_stages())
+        check_run_settings(options, stages, settings, view_settings, noise_settings, field_settings)
 
     def run_one(image: Path, target: Path):
         models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload)
-        return reconstruct_run(image, target, settings, options, reporter, view_settings, models, noise_settings, NoiseModels.locate(weights_dir), field_settings)
+        return reconstruct_run(
+            image,
+            target,
+            settings,
+            options,
+            reporter,
+            view_settings,
+            models,
+            noise_settings,
+            NoiseModels.locate(weights_dir),
+            field_settings,
+        )
 
     if len(images) == 1:
         with user_errors():
@@ -264,26 +423,44 @@ def reconstruct(
     stems = [image.stem for image in images]
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
     if duplicates:
-        err_console.print(f"[red]error:[/] several inputs share the name {', '.join(duplicates)}; rename them so each gets its own OUT/<stem>/ folder.")
+        err_console.print(
+            f"[red]error:[/] several inputs share the name {', '.join(duplicates)}; "
+            "rename them so each gets its own OUT/<stem>/ folder."
+        )
         raise typer.Exit(2)
     results, failures = [], 0
-    for image in images:
+    for position, image in enumerate(images):
         try:
             summary = run_one(image, out / image.stem)
             results.append(summary.as_dict())
             if not (quiet or json_output):
                 err_console.print(f"[bold]{summary.status}[/]: {image} -> {summary.out_dir}")
-        except Dp360Error as error:
+        except KeyboardInterrupt as interrupt:
+            finished = [result.get("input") or result["out_dir"] for result in results]
+            err_console.print(
+                f"[red]interrupted[/] during {image}: {len(results)} of {len(images)} portraits had finished"
+                + (f" ({', '.join(finished)})" if finished else "")
+                + f", {len(images) - position - 1} not started; rerun the same command to resume "
+                "(finished portraits and stages are reused).",
+                soft_wrap=True,
+            )
+            raise typer.Exit(interrupt_exit_code(interrupt)) from None
+        except Exception as error:
+            from dp360.errors import filesystem_error
+
+            problem = error if isinstance(error, Dp360Error) else filesystem_error(error)
+            if problem is None:
+                raise
             failures += 1
-            results.append({"input": str(image), "status": "failed", "error": str(error)})
-            err_console.print(f"[red]error:[/] {image}: {error}", soft_wrap=True)
+            results.append({"input": str(image), "status": "failed", "error": str(problem)})
+            err_console.print(f"[red]error:[/] {image}: {problem}", soft_wrap=True)
     if json_output:
         sys.stdout.write(json.dumps({"runs": results}, indent=2) + "\n")
     if failures:
-        err_console.print(f"[red]{failures} of {len(images)} portraits failed[/]; the others are complete.")
+        statuses = sorted({result["status"] for result in results if result["status"] != "failed"})
+        rest = f"the others ended {' or '.join(statuses)}" if statuses else "none finished"
+        err_console.print(f"[red]{failures} of {len(images)} portraits failed[/]; {rest}.")
         raise typer.Exit(2)
-
-
 
 
 @app.command()
@@ -311,6 +488,7 @@ def views(
     dtype: DTypeOption = DType.auto,
     seed: SeedOption = 42,
     force: ForceOption = False,
+    max_pixels: MaxPixelsOption = None,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -319,53 +497,103 @@ def views(
     Writes OUT/views/: back_ref.png, 000.png ... (one per view), grid.png, orbit.mp4 and
     transforms.json (nerfstudio cameras of the orbit).
     """
+    from dp360.diffusion.stage import ViewModels, ViewSettings
     from dp360.panohead.stage import NoiseModels, NoiseSettings
     from dp360.run import RunOptions
     from dp360.run import views as views_run
-    from dp360.views import ViewModels, ViewSettings
 
     with user_errors():
         settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
         resolved_dtype = None if dtype is DType.auto else dtype.value
-        view_settings = ViewSettings(steps=steps, guidance=guidance, eta=eta, views=view_count, back_camera_index=back_camera, seed=seed, use_3d_noise=not no_3d_noise)
+        view_settings = ViewSettings(
+            steps=steps,
+            guidance=guidance,
+            eta=eta,
+            views=view_count,
+            back_camera_index=back_camera,
+            seed=seed,
+            use_3d_noise=not no_3d_noise,
+        )
         models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload)
         noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
-        options = RunOptions(device=device, dtype=resolved_dtype, seed=seed, force=force, progress=not (quiet or json_output))
-        summary = views_run(image, out, settings, options, ConsoleReporter(quiet or json_output), view_settings, models, noise_settings, NoiseModels.locate(weights_dir))
+        options = RunOptions(
+            device=device,
+            dtype=resolved_dtype,
+            seed=seed,
+            force=force,
+            progress=not (quiet or json_output),
+            max_pixels=max_pixels,
+        )
+        summary = views_run(
+            image,
+            out,
+            settings,
+            options,
+            ConsoleReporter(quiet or json_output),
+            view_settings,
+            models,
+            noise_settings,
+            NoiseModels.locate(weights_dir),
+        )
     _print_summary(summary, json_output, quiet)
 
 
-RunDirArgument = Annotated[Path, typer.Argument(help="A run folder written by `dp360 reconstruct` (with nerf/ and views/).", show_default=False)]
+RunDirArgument = Annotated[
+    Path,
+    typer.Argument(help="A run folder written by `dp360 reconstruct` (with nerf/ and views/).", show_default=False),
+]
 
 
 @app.command()
 def render(
     run_dir: RunDirArgument,
-    out: Annotated[Path, typer.Option("--out", help="Output file (.mp4 / .gif) or folder (frames).", show_default=False)],
-    output_format: Annotated[Optional[str], typer.Option("--format", help="mp4, gif or frames (default: from --out's suffix).", show_default=False)] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output file (.mp4 / .gif) or folder (frames).", show_default=False)
+    ],
+    output_format: Annotated[
+        Optional[str],
+        typer.Option("--format", help="mp4, gif or frames (default: from --out's suffix).", show_default=False),
+    ] = None,
     frames: FramesOption = 120,
     elevation: ElevationOption = 0.0,
     fps: FpsOption = 30,
     resolution: ResolutionOption = 512,
-    radius: Annotated[float, typer.Option("--radius", help="Camera distance from the head's centre (the views use 2.7).")] = 2.7,
+    radius: Annotated[
+        float, typer.Option("--radius", help="Camera distance from the head's centre (the views use 2.7).")
+    ] = 2.7,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an existing output file of the same kind (never a folder that is not dp360 frames).",
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Render a turntable video (or GIF, or PNG frames) from a run's fitted radiance field."""
     from dp360.errors import Dp360Error
     from dp360.nerf.fit import load_field
-    from dp360.nerf.render import TurntableSettings, render_turntable, write_frames
+    from dp360.nerf.render import TurntableSettings, check_turntable_target, render_turntable, write_frames
     from dp360.runtime import resolve_device
 
     with user_errors():
-        chosen = output_format or {".mp4": "mp4", ".gif": "gif"}.get(out.suffix.lower(), "frames" if not out.suffix else None)
+        chosen = output_format or {".mp4": "mp4", ".gif": "gif"}.get(
+            out.suffix.lower(), "frames" if not out.suffix else None
+        )
         if chosen is None:
-            raise Dp360Error(f"Cannot tell the format from '{out.name}'; use a .mp4 or .gif name, a folder name, or --format.")
+            raise Dp360Error(
+                f"Cannot tell the format from '{out.name}'; use a .mp4 or .gif name, a folder name, or --format."
+            )
         settings = TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution, radius=radius)
         settings.check()
+        if not run_dir.is_dir():
+            state = "is not a folder" if run_dir.exists() else "does not exist"
+            raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
+        check_turntable_target(out, chosen, overwrite)  # before the (slow) rendering
         field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
         images, speed = render_turntable(field, settings, progress=not quiet)
-        write_frames(images, out, chosen, fps)
+        write_frames(images, out, chosen, fps, overwrite)
     if not quiet:
         err_console.print(f"[green]✓[/] {out} ({len(images)} frames, {speed:.1f} frames/s)")
 
@@ -374,17 +602,35 @@ def render(
 def export(
     run_dir: RunDirArgument,
     output_format: Annotated[str, typer.Option("--format", help="glb, obj or ply.")] = "glb",
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output file (default: RUN_DIR/export/head.FORMAT).", show_default=False)] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option("--out", help="Output file (default: RUN_DIR/export/head.FORMAT).", show_default=False),
+    ] = None,
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
-    mesh_density: Annotated[Optional[float], typer.Option("--mesh-density", help="Iso-level of the density (default: automatic, an Otsu split of log-density capped at 10).", show_default=False)] = None,
+    mesh_density: Annotated[
+        Optional[float],
+        typer.Option(
+            "--mesh-density",
+            help="Iso-level of the density (default: automatic, an Otsu split of log-density capped at 10).",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace an existing output file of the same kind (never a folder that is not dp360 frames).",
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     quiet: QuietOption = False,
 ) -> None:
     """Export a mesh (one connected head, vertex colours) from a run's fitted radiance field."""
+    from dp360.errors import Dp360Error
     from dp360.nerf.fit import load_field
     from dp360.nerf.mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
-    from dp360.errors import Dp360Error
+    from dp360.outputs import check_file_target
     from dp360.runtime import resolve_device
 
     with user_errors():
@@ -392,18 +638,32 @@ def export(
             raise Dp360Error(f"--format must be one of {', '.join(MESH_FORMATS)}, not {output_format!r}.")
         settings = MeshSettings(resolution=mesh_resolution, faces=mesh_faces, density=mesh_density)
         settings.check()
+        if not run_dir.is_dir():
+            state = "is not a folder" if run_dir.exists() else "does not exist"
+            raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
+        target = out or Path(run_dir) / "export" / f"head.{output_format}"
+        # The default target lies inside the run folder, which dp360 owns: it may replace it.
+        overwrite = overwrite or out is None
+        check_file_target(target, overwrite)  # before the (slow) extraction
         field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
         mesh = extract_mesh(field, settings)
-        target = out or Path(run_dir) / "export" / f"head.{output_format}"
-        write_mesh(mesh, target, output_format)
+        write_mesh(mesh, target, output_format, overwrite)
     if not quiet:
         err_console.print(f"[green]✓[/] {target} ({len(mesh.faces)} faces)")
 
 
-weights_app = typer.Typer(help="Download, list, verify and convert the official DiffPortrait360 weights.", no_args_is_help=True)
+weights_app = typer.Typer(
+    help="Download, list, verify and convert the official DiffPortrait360 weights.", no_args_is_help=True
+)
 app.add_typer(weights_app, name="weights")
-WhatArgument = Annotated[Optional[list[str]], typer.Argument(help="Files: main, back, panohead, data, perceptual (default: all).", show_default=False)]
-CacheDirOption = Annotated[Optional[str], typer.Option("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's).", show_default=False)]
+WhatArgument = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Files: main, back, panohead, data, perceptual (default: all).", show_default=False),
+]
+CacheDirOption = Annotated[
+    Optional[str],
+    typer.Option("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's).", show_default=False),
+]
 
 
 @weights_app.command("download")
@@ -416,11 +676,19 @@ def weights_download(what: WhatArgument = None, cache_dir: CacheDirOption = None
         names = what or [*weights.OFFICIAL_FILES, *weights.EXTRA_FILES]
         unknown = [name for name in names if name not in weights.OFFICIAL_FILES and name not in weights.EXTRA_FILES]
         if unknown:
-            raise Dp360Error(f"Unknown weight file(s) {', '.join(unknown)}; choose from {', '.join([*weights.OFFICIAL_FILES, *weights.EXTRA_FILES])}.")
+            raise Dp360Error(
+                f"Unknown weight file(s) {', '.join(unknown)}; choose from {', '.join([*weights.OFFICIAL_FILES, *weights.EXTRA_FILES])}."
+            )
         for name in names:
             file_name, size, description = weights.OFFICIAL_FILES.get(name) or weights.EXTRA_FILES[name]
-            err_console.print(f"{name}: {file_name} ({'about %.1f GB' % size if size else 'size unknown'}) - {description}")
-            path = weights.download_perceptual() if name in weights.EXTRA_FILES else weights.download_official(name, cache_dir)
+            err_console.print(
+                f"{name}: {file_name} ({f'about {size:.1f} GB' if size else 'size unknown'}) - {description}"
+            )
+            path = (
+                weights.download_perceptual()
+                if name in weights.EXTRA_FILES
+                else weights.download_official(name, cache_dir)
+            )
             err_console.print(f"[green]✓[/] {path}")
             if name == "data":
                 err_console.print(f"[green]✓[/] camera images: {weights.extract_sphere32(path)}")
@@ -432,18 +700,41 @@ def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = Fal
     from dp360 import weights
 
     rows = []
-    for name, (file_name, size, description) in weights.OFFICIAL_FILES.items():
+    for name, (file_name, _size, description) in weights.OFFICIAL_FILES.items():
         path = weights.cached_official(name, cache_dir)
-        rows.append({"name": name, "file": file_name, "cached": str(path) if path else None, "description": description})
+        rows.append(
+            {"name": name, "file": file_name, "cached": str(path) if path else None, "description": description}
+        )
     for kind in ("main", "back"):
         for fp16 in (False, True):
             folder = weights.bundle_path(kind, fp16)
-            rows.append({"name": f"bundle {folder.name}", "file": str(folder), "cached": str(folder) if folder.is_dir() else None, "description": "converted diffusers components"})
+            rows.append(
+                {
+                    "name": f"bundle {folder.name}",
+                    "file": str(folder),
+                    "cached": str(folder) if folder.is_dir() else None,
+                    "description": "converted diffusers components",
+                }
+            )
     from dp360.panohead.perceptual import backbone_path
     from dp360.panohead.store import panohead_dir, panohead_problem
 
-    rows.append({"name": "bundle panohead", "file": str(panohead_dir()), "cached": None if panohead_problem() else str(panohead_dir()), "description": "converted PanoHead generator (safetensors)"})
-    rows.append({"name": "perceptual", "file": str(backbone_path()), "cached": str(backbone_path()) if backbone_path().is_file() else None, "description": weights.EXTRA_FILES["perceptual"][2]})
+    rows.append(
+        {
+            "name": "bundle panohead",
+            "file": str(panohead_dir()),
+            "cached": None if panohead_problem() else str(panohead_dir()),
+            "description": "converted PanoHead generator (safetensors)",
+        }
+    )
+    rows.append(
+        {
+            "name": "perceptual",
+            "file": str(backbone_path()),
+            "cached": str(backbone_path()) if backbone_path().is_file() else None,
+            "description": weights.EXTRA_FILES["perceptual"][2],
+        }
+    )
     if json_output:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
@@ -455,8 +746,12 @@ def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = Fal
 @weights_app.command("verify")
 def weights_verify(
     kind: Annotated[str, typer.Argument(help="main, back or panohead.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)] = None,
-    family: Annotated[str, typer.Option(help="Model family the checkpoint should match: sd15 (official) or tiny.")] = "sd15",
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)
+    ] = None,
+    family: Annotated[
+        str, typer.Option(help="Model family the checkpoint should match: sd15 (official) or tiny.")
+    ] = "sd15",
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Check that a checkpoint's keys and shapes match dp360's components exactly (no leftovers)."""
@@ -473,13 +768,15 @@ def weights_verify(
             with torch.device("meta"):
                 generator = PanoHeadGenerator(PanoHeadConfig.from_init_kwargs(network.init_kwargs))
             check_state_dict(generator, network.state_dict)
-            err_console.print(f"[green]✓[/] {path}: {len(network.state_dict)} tensors of {network.class_name} fill dp360's PanoHead generator exactly (read without running pickled code)")
+            err_console.print(
+                f"[green]✓[/] {path}: {len(network.state_dict)} tensors of {network.class_name} fill dp360's PanoHead generator exactly (read without running pickled code)"
+            )
         return
 
-    from dp360.models.bundle import KIND_COMPONENTS, load_official_checkpoint
-    from dp360.models.components import build_components, component_config
-    from dp360.models.configs import FAMILIES
-    from dp360.models.convert import convert_official
+    from dp360.diffusion.models.bundle import KIND_COMPONENTS, load_official_checkpoint
+    from dp360.diffusion.models.components import build_components, component_config
+    from dp360.diffusion.models.configs import FAMILIES
+    from dp360.diffusion.models.convert import convert_official
 
     with user_errors():
         path = _official_checkpoint(kind, checkpoint, cache_dir)
@@ -487,9 +784,17 @@ def weights_verify(
         chosen = FAMILIES[family]
         with torch.device("meta"):
             components = build_components(chosen, KIND_COMPONENTS[kind])
-        report = convert_official(state, {n: (component_config(chosen, n), {k: v.shape for k, v in m.state_dict().items()}) for n, m in components.items()})
+        report = convert_official(
+            state,
+            {
+                n: (component_config(chosen, n), {k: v.shape for k, v in m.state_dict().items()})
+                for n, m in components.items()
+            },
+        )
         used = sum(len(s) for s in report.state_dicts.values())
-        err_console.print(f"[green]✓[/] {path}: {used} tensors map onto {len(report.state_dicts)} components; {len(report.ignored)} schedule/obsolete buffers ignored")
+        err_console.print(
+            f"[green]✓[/] {path}: {used} tensors map onto {len(report.state_dicts)} components; {len(report.ignored)} schedule/obsolete buffers ignored"
+        )
 
 
 def _official_checkpoint(kind: str, checkpoint: Path | None, cache_dir: str | None) -> Path:
@@ -498,15 +803,21 @@ def _official_checkpoint(kind: str, checkpoint: Path | None, cache_dir: str | No
     from dp360.errors import Dp360Error
 
     if kind not in ("main", "back", "panohead"):
-        raise Dp360Error(f"Unknown checkpoint kind '{kind}'; use main (model_state-340000.th), back (back_head-230000.th) or panohead (the PanoHead .pkl).")
+        raise Dp360Error(
+            f"Unknown checkpoint kind '{kind}'; use main (model_state-340000.th), back (back_head-230000.th) or panohead (the PanoHead .pkl)."
+        )
     return checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
 
 
 @weights_app.command("convert")
 def weights_convert(
     kind: Annotated[str, typer.Argument(help="main, back or panohead.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Bundle folder (default: the dp360 cache).", show_default=False)] = None,
+    checkpoint: Annotated[
+        Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Bundle folder (default: the dp360 cache).", show_default=False)
+    ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Store the weights in half precision (half the disk).")] = False,
     family: Annotated[str, typer.Option(help="sd15 (official) or tiny.")] = "sd15",
     cache_dir: CacheDirOption = None,
@@ -515,7 +826,7 @@ def weights_convert(
     import torch
 
     from dp360 import weights
-    from dp360.models.bundle import convert_to_bundle
+    from dp360.diffusion.models.bundle import convert_to_bundle
 
     with user_errors():
         path = _official_checkpoint(kind, checkpoint, cache_dir)
@@ -532,7 +843,12 @@ def weights_convert(
 @app.command()
 def doctor(
     json_output: JsonOption = False,
-    smoke: Annotated[bool, typer.Option("--smoke", help="Also run prepare -> back view -> views end to end on tiny random models (CPU, < 1 minute).")] = False,
+    smoke: Annotated[
+        bool,
+        typer.Option(
+            "--smoke", help="Also run prepare -> back view -> views end to end on tiny random models (CPU, < 1 minute)."
+        ),
+    ] = False,
 ) -> None:
     """Check this machine: torch/CUDA, GPU memory, packages, weight cache, disk, video encoding."""
     from dp360.doctor import FAIL, run_checks, smoke_check
@@ -552,6 +868,8 @@ def doctor(
 
 
 def main() -> None:
+    # SIGTERM unwinds like Ctrl-C: the running stage is recorded as interrupted, temporaries go.
+    signal.signal(signal.SIGTERM, _raise_terminated)
     app()
 
 

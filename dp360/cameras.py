@@ -21,8 +21,9 @@ Camera frame of a pose matrix: OpenCV (x right, y down, z forward), stored as a 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -223,7 +224,10 @@ def from_nerfstudio_transforms(transforms: dict[str, Any]) -> list[ViewCamera]:
     """Inverse of `to_nerfstudio_transforms` (per-frame intrinsics override the top-level ones)."""
     views = []
     for frame in transforms["frames"]:
-        get = lambda key: frame.get(key, transforms.get(key))  # noqa: E731
+
+        def get(key: str, frame: dict[str, Any] = frame) -> Any:
+            return frame.get(key, transforms.get(key))
+
         width, height = int(get("w")), int(get("h"))
         pixel = np.array([[get("fl_x"), 0.0, get("cx")], [0.0, get("fl_y"), get("cy")], [0.0, 0.0, 1.0]], dtype=float)
         views.append(

@@ -7,9 +7,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from . import runtime, weights
 
@@ -63,7 +63,22 @@ def check_gpu() -> Check:
 
 
 def check_imports() -> Check:
-    modules = ["torchvision.ops", "diffusers", "transformers", "huggingface_hub", "safetensors", "nerfstudio", "facexlib", "dlib", "cv2", "trimesh", "imageio", "imageio_ffmpeg", "typer", "rich"]
+    modules = [
+        "torchvision.ops",
+        "diffusers",
+        "transformers",
+        "huggingface_hub",
+        "safetensors",
+        "nerfstudio",
+        "facexlib",
+        "dlib",
+        "cv2",
+        "trimesh",
+        "imageio",
+        "imageio_ffmpeg",
+        "typer",
+        "rich",
+    ]
     failed = []
     for module in modules:
         try:
@@ -73,7 +88,12 @@ def check_imports() -> Check:
     versions = runtime.package_versions()
     detail = ", ".join(f"{name} {version}" for name, version in versions.items() if version and name != "dp360")
     if failed:
-        return Check("packages", FAIL, "cannot import " + "; ".join(failed), "reinstall dp360 with `pip install -e .` (see README)")
+        return Check(
+            "packages",
+            FAIL,
+            "cannot import " + "; ".join(failed),
+            "reinstall dp360 with `pip install -e .` (see README)",
+        )
     return Check("packages", OK, detail)
 
 
@@ -104,7 +124,12 @@ def check_face_detectors() -> Check:
             f"RetinaFace weights not cached (looked in {retina.parent}); the offline dlib detector will be used",
             f"run once with network access, or copy {retina.name} from {weights.FACEXLIB_RELEASE_URL} into {retina.parent}",
         )
-    return Check("face detectors", FAIL, f"dlib detector unavailable: {dlib_path}", "pip install dlib-bin face-recognition-models")
+    return Check(
+        "face detectors",
+        FAIL,
+        f"dlib detector unavailable: {dlib_path}",
+        "pip install dlib-bin face-recognition-models",
+    )
 
 
 def check_cache() -> Check:
@@ -115,7 +140,9 @@ def check_cache() -> Check:
     listing = ", ".join(f"{path.relative_to(root)} ({_gib(size)})" for path, size in files[:8]) or "empty"
     if len(files) > 8:
         listing += f", and {len(files) - 8} more"
-    return Check("weight cache", OK, f"{root}: {len(files)} file(s), {_gib(total)} [{listing}]; Hugging Face cache {hf_home}")
+    return Check(
+        "weight cache", OK, f"{root}: {len(files)} file(s), {_gib(total)} [{listing}]; Hugging Face cache {hf_home}"
+    )
 
 
 def check_disk() -> Check:
@@ -126,7 +153,12 @@ def check_disk() -> Check:
     detail = f"{_gib(free_cache)} free at {probe}, {_gib(free_here)} free here"
     # The official weights are ~20 GB as downloaded plus their safetensors conversions.
     if free_cache < 30 * 2**30:
-        return Check("disk", WARN, detail, "the official weights and their conversion need about 30 GiB; free some space or set DP360_CACHE/HF_HOME elsewhere")
+        return Check(
+            "disk",
+            WARN,
+            detail,
+            "the official weights and their conversion need about 30 GiB; free some space or set DP360_CACHE/HF_HOME elsewhere",
+        )
     return Check("disk", OK, detail)
 
 
@@ -144,9 +176,16 @@ def check_video() -> Check:
             meta, frames = read_mp4(path)
             if len(frames) != 4 or tuple(meta["size"]) != (64, 64):
                 raise RuntimeError(f"decoded {len(frames)} frames of {meta['size']}")
-        return Check("video", OK, f"H.264 MP4 encode and decode work (ffmpeg from imageio-ffmpeg {imageio_ffmpeg.__version__})")
+        return Check(
+            "video", OK, f"H.264 MP4 encode and decode work (ffmpeg from imageio-ffmpeg {imageio_ffmpeg.__version__})"
+        )
     except Exception as error:  # noqa: BLE001
-        return Check("video", FAIL, f"H.264 encoding failed: {error}", "reinstall imageio-ffmpeg (`pip install -U imageio-ffmpeg`)")
+        return Check(
+            "video",
+            FAIL,
+            f"H.264 encoding failed: {error}",
+            "reinstall imageio-ffmpeg (`pip install -U imageio-ffmpeg`)",
+        )
 
 
 CHECKS: tuple[Callable[[], Check], ...] = (
@@ -168,7 +207,14 @@ def run_checks() -> list[Check]:
         try:
             results.append(check())
         except Exception as error:  # noqa: BLE001 - a broken check is itself a finding
-            results.append(Check(check.__name__.removeprefix("check_"), FAIL, f"{type(error).__name__}: {error}", "see the error; reinstall dp360 if a package is broken"))
+            results.append(
+                Check(
+                    check.__name__.removeprefix("check_"),
+                    FAIL,
+                    f"{type(error).__name__}: {error}",
+                    "see the error; reinstall dp360 if a package is broken",
+                )
+            )
     return results
 
 
@@ -177,14 +223,14 @@ def smoke_check() -> Check:
     checkpoint conversion and loading code. Its images are meaningless."""
     import time
 
-    from .models.tiny import write_tiny_bundles
+    from .diffusion.models.tiny import write_tiny_bundles
+    from .diffusion.stage import ViewModels, ViewSettings
     from .panohead.perceptual import write_random_backbone
     from .panohead.stage import NoiseModels, NoiseSettings
     from .panohead.tiny import write_tiny_panohead
     from .prepare import PrepareSettings
     from .run import RunOptions
     from .run import views as views_run
-    from .views import ViewModels, ViewSettings
 
     example = Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"
     start = time.perf_counter()
@@ -192,7 +238,9 @@ def smoke_check() -> Check:
         with tempfile.TemporaryDirectory() as folder:
             bundles = write_tiny_bundles(Path(folder) / "tiny", view_count=32)
             models = ViewModels(bundles["main"], bundles["back"], bundles["cameras"])
-            noise_models = NoiseModels(write_tiny_panohead(Path(folder) / "tiny"), write_random_backbone(Path(folder) / "vgg16.pth"))
+            noise_models = NoiseModels(
+                write_tiny_panohead(Path(folder) / "tiny"), write_random_backbone(Path(folder) / "vgg16.pth")
+            )
             summary = views_run(
                 example,
                 Path(folder) / "run",
@@ -207,6 +255,12 @@ def smoke_check() -> Check:
                 raise RuntimeError(f"the run ended {summary.status}: {summary.stages}")
             written = sorted(rel for rel in summary.outputs if rel.startswith(("views/", "noise/")))
         seconds = time.perf_counter() - start
-        return Check("smoke", OK, f"prepare + PanoHead inversion + back view + 32 views on tiny random models in {seconds:.0f} s ({len(written)} files in noise/ and views/); the images are meaningless by design")
+        return Check(
+            "smoke",
+            OK,
+            f"prepare + PanoHead inversion + back view + 32 views on tiny random models in {seconds:.0f} s ({len(written)} files in noise/ and views/); the images are meaningless by design",
+        )
     except Exception as error:  # noqa: BLE001
-        return Check("smoke", FAIL, f"{type(error).__name__}: {error}", "report this with the output of `dp360 doctor --json`")
+        return Check(
+            "smoke", FAIL, f"{type(error).__name__}: {error}", "report this with the output of `dp360 doctor --json`"
+        )

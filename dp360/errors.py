@@ -4,6 +4,9 @@ The CLI prints the message of a `Dp360Error` without a traceback and exits non-z
 exception is a bug and keeps its traceback.
 """
 
+import errno
+import os
+
 
 class Dp360Error(Exception):
     """An error caused by the user's input or environment, with a message fit to print as is."""
@@ -25,3 +28,37 @@ class DetectorUnavailableError(Dp360Error):
 
 class RunDirectoryError(Dp360Error):
     """The output folder cannot be used for a run."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds like Ctrl-C: stages record
+    that they were interrupted and temporaries are removed."""
+
+
+# errno -> what to do, for the filesystem errors a user's setup causes.
+_FILESYSTEM_ADVICE = {
+    errno.ENOSPC: "free some disk space or choose another --out",
+    errno.EDQUOT: "free some space within your disk quota or choose another --out",
+    errno.EFBIG: "the file size limit (ulimit -f) is too low for it; raise the limit",
+    errno.EACCES: "check the permissions or choose another --out",
+    errno.EPERM: "check the permissions or choose another --out",
+    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EISDIR: "a folder is in the way; choose another path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EMFILE: "too many files are open; raise the limit (ulimit -n)",
+}
+
+
+def filesystem_error(error: BaseException) -> Dp360Error | None:
+    """One sentence for an OSError a user's setup causes (no space, no permission, a file in
+    the way ...), found in `error` or in the exceptions it was raised from; None otherwise."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _FILESYSTEM_ADVICE:
+            where = f" '{error.filename}'" if error.filename else ""
+            reason = (error.strerror or os.strerror(error.errno)).rstrip(".").lower()
+            return Dp360Error(f"Cannot write or read{where}: {reason}; {_FILESYSTEM_ADVICE[error.errno]}.")
+        error = error.__cause__ or error.__context__
+    return None

@@ -13,12 +13,16 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 import warnings
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -29,9 +33,11 @@ from .errors import InputImageError
 MIN_SIDE = 128
 # Larger inputs are downscaled on load (the crop is 512 px; detection runs at <= 1024 px anyway).
 MAX_SIDE = 4096
-# Pillow refuses images above this many pixels as decompression bombs; we allow large photos
-# (a 100 MP camera) but not absurd headers that would exhaust memory.
-MAX_PIXELS = 400_000_000
+# Images whose header declares more pixels are refused before decoding (Pillow's own default is
+# about 89 MP): decoding costs about 4 bytes a pixel and more in the conversions that follow.
+MAX_PIXELS = 90_000_000
+# What a truncated or corrupt file raises from Pillow's decoders, in the header or in the data.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -121,8 +127,14 @@ def _sniff_format(path: Path) -> str | None:
     return next((name for signature, name in _SIGNATURES if head.startswith(signature)), None)
 
 
-def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE) -> LoadedImage:
-    """Read an image file into 8-bit RGB, or raise `InputImageError` with a one-sentence reason."""
+def _megapixels(pixels: int) -> str:
+    return f"{round(pixels / 1e6, 2):g}"
+
+
+def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Read an image file into 8-bit RGB, or raise `InputImageError` with a one-sentence reason.
+
+    Images whose header declares more than `max_pixels` pixels are refused before any decoding."""
     path = Path(path)
     if not path.exists():
         raise InputImageError(f"Input image '{path}' does not exist; check the path.")
@@ -134,14 +146,21 @@ def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE) -> LoadedIm
             raise InputImageError(f"Input image '{path}' is an empty file (0 bytes); pass a real image.")
         sha256 = file_sha256(path)
     except PermissionError:
-        raise InputImageError(f"Input image '{path}' cannot be read (permission denied); check its permissions.") from None
+        raise InputImageError(
+            f"Input image '{path}' cannot be read (permission denied); check its permissions."
+        ) from None
+
+    def corrupt(error: Exception) -> InputImageError:
+        return InputImageError(f"Input image '{path}' is corrupt or truncated ({error}); re-export or re-download it.")
 
     notes: list[str] = []
     previous_limit = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own check would refuse only at twice its limit, and without the size: ours,
+            # right after the header is read, replaces it for the header's size.
+            Image.MAX_IMAGE_PIXELS = None
             try:
                 image = Image.open(path)
             except UnidentifiedImageError:
@@ -154,27 +173,36 @@ def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE) -> LoadedIm
                 raise InputImageError(
                     f"'{path}' is not an image file dp360 can read; pass a PNG, JPEG, WebP, TIFF, BMP or GIF portrait."
                 ) from None
-            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-                raise InputImageError(
-                    f"'{path}' declares more than {MAX_PIXELS // 1_000_000} megapixels; downscale it before using it."
-                ) from None
+            except _DECODE_ERRORS as error:  # a header cut short ("Truncated File Read")
+                raise corrupt(error) from None
+            # Pillow's check stays on for what the header did not show (other frames, tiles).
+            Image.MAX_IMAGE_PIXELS = max_pixels
             with image:
-                frames = getattr(image, "n_frames", 1)
-                if frames > 1:
-                    image.seek(0)
-                    notes.append(f"the file holds {frames} frames; using the first")
+                pixels = image.width * image.height
+                if pixels > max_pixels:
+                    raise InputImageError(
+                        f"Input image '{path}' is {image.width}x{image.height} pixels ({_megapixels(pixels)} MP), "
+                        f"more than the limit of {_megapixels(max_pixels)} MP; downscale it or pass --max-pixels."
+                    )
                 if image.width == 0 or image.height == 0:
                     raise InputImageError(f"Input image '{path}' has zero width or height; pass a real image.")
-                if max(image.width, image.height) > max_side and image.format == "JPEG":
-                    # Let the JPEG decoder downscale by a power of two while decoding (fast, low memory).
-                    image.draft("RGB", (max_side, max_side))
                 try:
+                    frames = getattr(image, "n_frames", 1)
+                    if frames > 1:
+                        image.seek(0)
+                        notes.append(f"the file holds {frames} frames; using the first")
+                    if max(image.width, image.height) > max_side and image.format == "JPEG":
+                        # Let the JPEG decoder downscale by a power of two while decoding (fast, low memory).
+                        image.draft("RGB", (max_side, max_side))
                     image.load()
                     image = ImageOps.exif_transpose(image) or image
-                except (OSError, SyntaxError, ValueError) as error:
+                except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                     raise InputImageError(
-                        f"Input image '{path}' is corrupt or truncated ({error}); re-export or re-download it."
+                        f"Input image '{path}' holds a frame or tile of more than {_megapixels(max_pixels)} MP; "
+                        "downscale it or pass --max-pixels."
                     ) from None
+                except _DECODE_ERRORS as error:
+                    raise corrupt(error) from None
     finally:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
@@ -203,6 +231,24 @@ def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE) -> LoadedIm
 # --------------------------------------------------------------------------------------------
 
 
+def current_umask() -> int:
+    """The process umask. /proc tells it without changing it; elsewhere os.umask, which can only
+    read it by setting it, sets it back at once."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, directory: bool = False) -> None:
+    """mkstemp makes files 0600 and mkdtemp folders 0700 whatever the umask; give what we publish
+    the mode an ordinary open() or mkdir() would have."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `destination`; rename it into place only on success."""
@@ -215,6 +261,7 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
     temporary_path = Path(temporary)
     try:
         yield temporary_path
+        _follow_umask(temporary_path)
         os.replace(temporary_path, destination)
     finally:
         if temporary_path.exists():
@@ -250,6 +297,7 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         yield staging
+        _follow_umask(staging, directory=True)
         if destination.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
             os.replace(destination, retired / destination.name)
@@ -265,7 +313,9 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
 @contextlib.contextmanager
 def atomic_files_into(destination: str | os.PathLike) -> Iterator[Path]:
     """For a folder several stages share: yield an empty staging folder; on success move each
-    of its files into `destination` (each rename atomic), leaving other files there alone."""
+    of its files into `destination` (each rename atomic), leaving other files there alone.
+    (Only the staging folder itself is mkdtemp's; the files and folders moved out of it have
+    the umask's modes already.)"""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
@@ -284,3 +334,48 @@ def atomic_files_into(destination: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+# The names the helpers above give their temporaries: a hidden name, tempfile's eight random
+# characters, then .tmp (with the destination's suffix) or .old. Nothing else is ever matched.
+_TEMPORARY_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.(?:tmp(?:\.[^.]+)?|(?P<old>old))")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove what killed processes left of the atomic helpers' temporaries in `folder` and its
+    immediate subfolders; return what was removed. Call it only while no other process can be
+    writing there (the run's lock held): a live writer's temporaries look the same.
+
+    A process killed inside `atomic_directory`'s swap leaves the only copy of the old folder in
+    `.NAME.XXXXXXXX.old/NAME`; it is put back first when NAME is missing."""
+    removed: list[Path] = []
+
+    def sweep(where: Path, descend: bool) -> None:
+        try:
+            entries = sorted(where.iterdir())
+        except OSError:  # missing or unreadable: nothing of ours to remove
+            return
+        for path in entries:
+            real_dir = path.is_dir() and not path.is_symlink()
+            match = _TEMPORARY_NAME.fullmatch(path.name)
+            if match is None:
+                if real_dir and descend:
+                    sweep(path, descend=False)
+                continue
+            if match["old"] and real_dir:
+                name = match["name"]
+                if os.path.lexists(path / name) and not os.path.lexists(where / name):
+                    os.replace(path / name, where / name)
+            if real_dir:
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+
+    sweep(Path(folder), descend=True)
+    return removed
+
+
+def is_dp360_temporary(name: str) -> bool:
+    """Whether a file or folder name is one the atomic helpers above give their temporaries."""
+    return _TEMPORARY_NAME.fullmatch(name) is not None

@@ -62,7 +62,9 @@ def resolve_device(requested: str = "auto") -> str:
         return "mps"
     if requested == "cuda" or requested.startswith("cuda:"):
         if not torch.cuda.is_available():
-            raise Dp360Error(f"--device {requested} was asked for but CUDA is not available here; use --device cpu or auto.")
+            raise Dp360Error(
+                f"--device {requested} was asked for but CUDA is not available here; use --device cpu or auto."
+            )
         if ":" in requested:
             index_text = requested.split(":", 1)[1]
             if not index_text.isdigit() or int(index_text) >= torch.cuda.device_count():

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -16,7 +16,15 @@ def write_mp4(path: str | Path, frames: Sequence[np.ndarray], fps: float = 10.0)
 
     height, width = frames[0].shape[:2]
     with atomic_path(path) as temporary:
-        writer = imageio_ffmpeg.write_frames(str(temporary), (width, height), fps=fps, codec="libx264", pix_fmt_out="yuv420p", macro_block_size=1, output_params=["-f", "mp4"])
+        writer = imageio_ffmpeg.write_frames(
+            str(temporary),
+            (width, height),
+            fps=fps,
+            codec="libx264",
+            pix_fmt_out="yuv420p",
+            macro_block_size=1,
+            output_params=["-f", "mp4"],
+        )
         writer.send(None)
         for frame in frames:
             writer.send(np.ascontiguousarray(frame, dtype=np.uint8).tobytes())

@@ -39,7 +39,10 @@ def facexlib_dir() -> Path:
 
 
 def offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in ("HF_HUB_OFFLINE", "DP360_OFFLINE"))
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "DP360_OFFLINE")
+    )
 
 
 def download_file(url: str, destination: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
@@ -83,7 +86,11 @@ def describe_cache() -> list[tuple[Path, int]]:
 OFFICIAL_REPO = "gym890/diffportrait360"
 # name -> (file in the repo, approximate size in GB, what it is)
 OFFICIAL_FILES = {
-    "main": ("model_state-340000.th", 10.8, "360-view model: SD1.5 UNet + view-consistency modules + reference net + camera ControlNet + VAE + CLIP (fp32)"),
+    "main": (
+        "model_state-340000.th",
+        10.8,
+        "360-view model: SD1.5 UNet + view-consistency modules + reference net + camera ControlNet + VAE + CLIP (fp32)",
+    ),
     "back": ("back_head-230000.th", 9.2, "back-view model F (fp32)"),
     "panohead": ("easy-khair-180-gpc0.8-trans10-025000.pkl", 0.3, "PanoHead generator (non-commercial licence)"),
     "data": ("inference_data.zip", None, "inference data with the 32 'sphere32' camera-condition images"),
@@ -130,7 +137,11 @@ def cached_official(name: str, cache: str | None = None) -> Path | None:
 # --------------------------------------------------------------------------------------------
 
 EXTRA_FILES = {
-    "perceptual": ("vgg16-397923af.pth", 0.53, "torchvision VGG16 ImageNet weights: LPIPS backbone of the PanoHead inversion (BSD-3)"),
+    "perceptual": (
+        "vgg16-397923af.pth",
+        0.53,
+        "torchvision VGG16 ImageNet weights: LPIPS backbone of the PanoHead inversion (BSD-3)",
+    ),
 }
 
 
@@ -145,11 +156,15 @@ def download_perceptual() -> Path:
         return path
     how = f"download {VGG16_URL} by hand into {path.parent}"
     if offline():
-        raise Dp360Error(f"Downloads are off (HF_HUB_OFFLINE/DP360_OFFLINE) and the VGG16 weights are not at {path}; {how}.")
+        raise Dp360Error(
+            f"Downloads are off (HF_HUB_OFFLINE/DP360_OFFLINE) and the VGG16 weights are not at {path}; {how}."
+        )
     try:
         download_file(VGG16_URL, path, timeout=60)
     except (urllib.error.URLError, OSError, TimeoutError) as error:
-        raise Dp360Error(f"The VGG16 weights could not be downloaded ({getattr(error, 'reason', error)}); {how}.") from None
+        raise Dp360Error(
+            f"The VGG16 weights could not be downloaded ({getattr(error, 'reason', error)}); {how}."
+        ) from None
     if not file_sha256(path).startswith(VGG16_SHA256_PREFIX):
         path.unlink()
         raise Dp360Error(f"The downloaded VGG16 weights do not match their published hash; {how}.")
@@ -184,5 +199,7 @@ def extract_sphere32(archive: str | Path, destination: Path | None = None) -> Pa
                 for index, member in enumerate(sorted(folders[candidates[0]])):
                     (staging / f"{index:03d}.png").write_bytes(bundle.read(member))
     except zipfile.BadZipFile:
-        raise Dp360Error(f"{archive} is not a zip archive; download it again with `dp360 weights download data`.") from None
+        raise Dp360Error(
+            f"{archive} is not a zip archive; download it again with `dp360 weights download data`."
+        ) from None
     return destination

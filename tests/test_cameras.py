@@ -34,7 +34,9 @@ def test_orbit_is_evenly_spaced_on_radius_and_looks_at_origin():
         assert np.allclose(cam2world[:3, 2], -position / 2.7)  # optical axis through the origin
         assert np.allclose(cam2world[:3, :3] @ cam2world[:3, :3].T, np.eye(3))
         assert np.linalg.det(cam2world[:3, :3]) == pytest.approx(1.0)
-        assert np.allclose(cameras.project_points([0, 0, 0], cam2world, cameras.normalized_intrinsics(), 512, 512), [256, 256])
+        assert np.allclose(
+            cameras.project_points([0, 0, 0], cam2world, cameras.normalized_intrinsics(), 512, 512), [256, 256]
+        )
         yaws.append(cameras.yaw_elevation_of(cam2world)[0])
     steps = np.diff(np.unwrap(np.radians(yaws)))
     assert np.allclose(np.degrees(steps), 360 / 32)
@@ -46,7 +48,9 @@ def test_projection_of_known_point():
     expected_u = 256 + 4.2647 * 512 * 0.1 / 2.7
     assert np.allclose(cameras.project_points([0.1, 0, 0], FRONT, intrinsics, 512, 512), [[expected_u, 256]])
     # World +y is up, so it lands above the centre (smaller row).
-    assert cameras.project_points([0, 0.1, 0], FRONT, intrinsics, 512, 512)[0, 1] == pytest.approx(256 - 4.2647 * 512 * 0.1 / 2.7)
+    assert cameras.project_points([0, 0.1, 0], FRONT, intrinsics, 512, 512)[0, 1] == pytest.approx(
+        256 - 4.2647 * 512 * 0.1 / 2.7
+    )
     # From the back, world +x appears on the image left.
     back = cameras.dp360_orbit(32)[16]
     assert cameras.project_points([0.1, 0, 0], back, intrinsics, 512, 512)[0, 0] < 256
@@ -104,9 +108,8 @@ def test_nerfstudio_transforms_round_trip():
 
 def test_nerfstudio_reads_our_transforms(tmp_path):
     """nerfstudio's own parser sees the cameras we wrote (OpenGL c2w and pixel intrinsics)."""
-    from PIL import Image
-
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from PIL import Image
 
     orbit = cameras.dp360_orbit(8)
     views = []
@@ -115,7 +118,12 @@ def test_nerfstudio_reads_our_transforms(tmp_path):
         views.append(cameras.ViewCamera(f"{k:03d}.png", cam2world, cameras.normalized_intrinsics()))
     (tmp_path / "transforms.json").write_text(json.dumps(cameras.to_nerfstudio_transforms(views, 64, 64)))
     config = NerfstudioDataParserConfig(
-        data=tmp_path, orientation_method="none", center_method="none", auto_scale_poses=False, scale_factor=1.0, eval_mode="all"
+        data=tmp_path,
+        orientation_method="none",
+        center_method="none",
+        auto_scale_poses=False,
+        scale_factor=1.0,
+        eval_mode="all",
     )
     outputs = config.setup().get_dataparser_outputs(split="train")
     parsed = outputs.cameras.camera_to_worlds.numpy()

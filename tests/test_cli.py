@@ -65,7 +65,13 @@ def test_bad_input_in_a_real_process(tmp_path):
     """The installed console script: exit status 2, one line, no traceback, no output folder."""
     (tmp_path / "bad.png").write_text("not pixels")
     process = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "dp360"), "prepare", str(tmp_path / "bad.png"), "--out", str(tmp_path / "out")],
+        [
+            os.path.join(os.path.dirname(sys.executable), "dp360"),
+            "prepare",
+            str(tmp_path / "bad.png"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "COLUMNS": "200"},
@@ -89,8 +95,12 @@ def test_output_folder_that_is_a_file_or_foreign(cli, tmp_path, astronaut_path):
 def test_bad_options(cli, tmp_path, astronaut_path):
     _assert_user_error(*cli("prepare", astronaut_path, "--out", tmp_path / "o", "--device", "tpu"), "Unknown device")
     if not torch.cuda.is_available():
-        _assert_user_error(*cli("prepare", astronaut_path, "--out", tmp_path / "o", "--device", "cuda:0"), "CUDA is not available")
-    _assert_user_error(*cli("prepare", astronaut_path, "--out", tmp_path / "o", "--face-index", "3", *DLIB), "out of range")
+        _assert_user_error(
+            *cli("prepare", astronaut_path, "--out", tmp_path / "o", "--device", "cuda:0"), "CUDA is not available"
+        )
+    _assert_user_error(
+        *cli("prepare", astronaut_path, "--out", tmp_path / "o", "--face-index", "3", *DLIB), "out of range"
+    )
     assert not (tmp_path / "o").exists()
     code, _, stderr = cli("prepare", astronaut_path, "--out", tmp_path / "o", "--detector", "yolo")
     assert code == 2 and "yolo" in stderr
@@ -110,7 +120,11 @@ def test_prepare_writes_layout_and_resumes(cli, tmp_path, astronaut_path):
     assert manifest["input"]["sha256"] and manifest["environment"]["packages"]["torch"]
     assert manifest["environment"]["device"] == "cpu" and manifest["environment"]["dtype"] == "fp32"
     stage = manifest["stages"]["prepare"]
-    assert stage["settings"]["detector"] == "dlib" and stage["seconds"] > 0 and stage["inputs"]["input"] == manifest["input"]["sha256"]
+    assert (
+        stage["settings"]["detector"] == "dlib"
+        and stage["seconds"] > 0
+        and stage["inputs"]["input"] == manifest["input"]["sha256"]
+    )
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temporaries left behind
 
     crop_mtime = (out / "prepared" / "crop.png").stat().st_mtime_ns
@@ -186,7 +200,9 @@ def test_doctor_runs_without_gpu(cli):
     code, stdout, stderr = cli("doctor", "--json")
     checks = {check["name"]: check for check in json.loads(stdout)}
     assert code == 0, stderr
-    assert {"python", "torch", "gpu", "packages", "opencv", "face detectors", "weight cache", "disk", "video"} <= set(checks)
+    assert {"python", "torch", "gpu", "packages", "opencv", "face detectors", "weight cache", "disk", "video"} <= set(
+        checks
+    )
     assert checks["video"]["status"] == "OK" and checks["packages"]["status"] == "OK"
     if not torch.cuda.is_available():
         assert checks["gpu"]["status"] == "WARN" and checks["gpu"]["advice"]

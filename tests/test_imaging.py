@@ -1,4 +1,10 @@
 import os
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,15 +12,21 @@ from PIL import Image
 
 from dp360.errors import InputImageError
 from dp360.imaging import (
+    MAX_PIXELS,
     MAX_SIDE,
     atomic_directory,
+    atomic_files_into,
     atomic_path,
+    current_umask,
     load_portrait,
+    remove_stale_temporaries,
     save_image_atomic,
     write_json_atomic,
 )
 
-from .images import png_with_size, truncated_copy
+from .images import cut_copy, png_with_size, truncated_copy
+
+PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS
 
 
 @pytest.fixture
@@ -87,7 +99,9 @@ def test_rgb_passes_unchanged(tmp_path, gradient):
 def test_grayscale_becomes_rgb(tmp_path, gradient):
     loaded = _roundtrip(tmp_path, Image.fromarray(gradient[:, :, 0]), "gray.png")
     assert loaded.rgb.shape == (200, 300, 3)
-    assert np.array_equal(loaded.rgb[:, :, 0], gradient[:, :, 0]) and np.array_equal(loaded.rgb[:, :, 2], gradient[:, :, 0])
+    assert np.array_equal(loaded.rgb[:, :, 0], gradient[:, :, 0]) and np.array_equal(
+        loaded.rgb[:, :, 2], gradient[:, :, 0]
+    )
 
 
 def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):
@@ -152,10 +166,6 @@ def test_huge_image_is_downscaled_with_note(tmp_path):
     assert any("downscaled" in note for note in loaded.notes)
 
 
-def test_decompression_bomb_is_refused(tmp_path):
-    assert "megapixels" in _error(png_with_size(tmp_path / "bomb.png", 30000, 30000))
-
-
 # ------------------------------------------------------------------------- atomic writes
 
 
@@ -191,3 +201,121 @@ def test_atomic_directory_swaps_whole_folder_or_nothing(tmp_path):
         (staging / "three.txt").write_text("3")
     assert sorted(p.name for p in target.iterdir()) == ["three.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
+
+
+# ------------------------------------------------------------------- limits before decoding
+
+
+def test_header_bomb_is_refused_before_decoding(tmp_path):
+    # 1.6 GB of RGBA once decoded, a few bytes on disk: refused from the header alone.
+    bomb = png_with_size(tmp_path / "bomb.png", 20000, 20000)
+    start = time.perf_counter()
+    message = _error(bomb)
+    assert time.perf_counter() - start < 0.5
+    assert "20000x20000" in message and "400 MP" in message and "90 MP" in message and "--max-pixels" in message
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_LIMIT  # Pillow's global is left as it was
+
+
+def test_max_pixels_sets_the_limit(tmp_path, gradient):
+    Image.fromarray(gradient).save(tmp_path / "g.png")  # 300x200 = 0.06 MP
+    with pytest.raises(InputImageError, match=r"0\.06 MP.*limit of 0\.05 MP"):
+        load_portrait(tmp_path / "g.png", max_pixels=50_000)
+    assert load_portrait(tmp_path / "g.png", max_pixels=60_000).size == (300, 200)
+    assert MAX_PIXELS == 90_000_000
+
+
+@pytest.mark.parametrize("format", ["JPEG", "PNG", "WEBP"])
+def test_every_truncation_point_is_one_sentence(tmp_path, astronaut, format):
+    whole = tmp_path / f"whole.{format.lower()}"
+    Image.fromarray(astronaut).save(whole, format=format, **({"quality": 95} if format == "JPEG" else {}))
+    size = whole.stat().st_size
+    cuts = [c for c in (1, 3, 8, 16, 30, 100, 400, 2000, 5000, 30000) if c < size] + [size // 2, size - 200]
+    for cut in cuts:
+        message = _error(cut_copy(whole, tmp_path / f"cut{cut}.{format.lower()}", cut))
+        assert any(words in message for words in ("corrupt or truncated", "cannot be decoded", "not an image")), cut
+
+
+# ---------------------------------------------------------------------- modes follow the umask
+
+
+@pytest.fixture
+def umask():
+    previous = os.umask(0o022)
+    yield os.umask
+    os.umask(previous)
+
+
+@pytest.mark.parametrize("mask,file_mode,folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_written_files_and_folders_follow_the_umask(tmp_path, gradient, umask, mask, file_mode, folder_mode):
+    umask(mask)
+    assert current_umask() == mask
+    save_image_atomic(tmp_path / "g.png", gradient)
+    write_json_atomic(tmp_path / "a.json", {})
+    with atomic_directory(tmp_path / "stage") as staging:
+        save_image_atomic(staging / "g.png", gradient)
+    with atomic_files_into(tmp_path / "shared") as staging:
+        (staging / "sub").mkdir()
+        write_json_atomic(staging / "sub" / "b.json", {})
+    for path in ("g.png", "a.json", "stage/g.png", "shared/sub/b.json"):
+        assert stat.S_IMODE((tmp_path / path).stat().st_mode) == file_mode, path
+    for path in ("stage", "shared", "shared/sub"):
+        assert stat.S_IMODE((tmp_path / path).stat().st_mode) == folder_mode, path
+
+
+# ------------------------------------------------------------------------ stale temporaries
+
+_KILLED_WRITER = """
+import contextlib, os, sys
+from pathlib import Path
+from dp360.imaging import atomic_directory, atomic_files_into, atomic_path
+
+root = Path(sys.argv[1])
+with contextlib.ExitStack() as stack:
+    stack.enter_context(atomic_path(root / "run.json")).write_text("{")
+    (stack.enter_context(atomic_directory(root / "views")) / "000.png").write_bytes(b"half")
+    (stack.enter_context(atomic_files_into(root / "export")) / "head.glb").write_bytes(b"half")
+    stack.enter_context(atomic_path(root / "export" / "turntable.mp4")).write_bytes(b"half")
+    os._exit(1)  # killed: no cleanup runs
+"""
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
+    root = tmp_path / "run"
+    (root / "views").mkdir(parents=True)
+    (root / "views" / "000.png").write_bytes(b"done")
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(root)], check=False, cwd=Path(__file__).parents[1])
+    # Killed inside atomic_directory's swap: the old folder survives only inside the .old folder.
+    (root / ".frames.k2_9xq0a.old" / "frames").mkdir(parents=True)
+    (root / ".frames.k2_9xq0a.old" / "frames" / "0000.png").write_bytes(b"old frame")
+    # The user's files, some with names close to ours.
+    keep = [
+        "holiday.txt",
+        ".hidden",
+        ".notes.tmp",
+        ".a.short.tmp",
+        ".a.ABCDEFGH.tmp",
+        "a.abcdefgh.tmp",
+        ".a.abcdefgh.tmpx",
+        ".a.abcdefgh.old.bak",
+        "export/notes.txt",
+        "export/deep/.x.abcdefgh.tmp",  # two levels down: not looked at
+    ]
+    for name in keep:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("user")
+
+    removed = remove_stale_temporaries(root)
+
+    assert sorted(re.sub(r"\.[a-z0-9_]{8}\.", ".*.", path.relative_to(root).as_posix()) for path in removed) == [
+        ".export.*.tmp",
+        ".frames.*.old",
+        ".run.*.tmp.json",
+        ".views.*.tmp",
+        "export/.turntable.*.tmp.mp4",
+    ]
+    after = sorted(path.relative_to(root).as_posix() for path in root.rglob("*"))
+    assert after == sorted([*keep, "export", "export/deep", "frames", "frames/0000.png", "views", "views/000.png"])
+    assert all((root / name).read_text() == "user" for name in keep)
+    assert (root / "views" / "000.png").read_bytes() == b"done"
+    assert (root / "frames" / "0000.png").read_bytes() == b"old frame"  # put back
+    assert remove_stale_temporaries(root) == [] and remove_stale_temporaries(tmp_path / "missing") == []

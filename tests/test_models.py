@@ -8,13 +8,24 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from dp360.models.components import BACK_COMPONENTS, MAIN_COMPONENTS, build_component, build_components, component_config
-from dp360.models.configs import FULL, TINY
-from dp360.models.convert import ConversionError, convert_official, to_official_layout
-from dp360.models.reference_attention import ReferenceBanks, install_reference_reader, install_reference_writer, self_attention_names
-from dp360.models.temporal import attach_temporal_modules, temporal_sites
-from dp360.models.tiny import randomize_zero_layers as _randomize_zero_layers
-from dp360.models.tiny import tiny_components
+from dp360.diffusion.models.components import (
+    BACK_COMPONENTS,
+    MAIN_COMPONENTS,
+    build_component,
+    build_components,
+    component_config,
+)
+from dp360.diffusion.models.configs import FULL, TINY
+from dp360.diffusion.models.convert import ConversionError, convert_official, to_official_layout
+from dp360.diffusion.models.reference_attention import (
+    ReferenceBanks,
+    install_reference_reader,
+    install_reference_writer,
+    self_attention_names,
+)
+from dp360.diffusion.models.temporal import attach_temporal_modules, temporal_sites
+from dp360.diffusion.models.tiny import randomize_zero_layers as _randomize_zero_layers
+from dp360.diffusion.models.tiny import tiny_components
 
 KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
 
@@ -71,7 +82,12 @@ def test_reference_attention(inputs):
     assert torch.allclose(run(), baseline, atol=1e-5)  # reading off restores the plain UNet
 
     # The shared (batch-1) bank equals the reference's repeated computation at batch 8.
-    repeated = ReferenceBanks([_bank(reference_unet, writer, front.expand(8, -1, -1, -1), text), _bank(reference_unet, writer, back.expand(8, -1, -1, -1), text)])
+    repeated = ReferenceBanks(
+        [
+            _bank(reference_unet, writer, front.expand(8, -1, -1, -1), text),
+            _bank(reference_unet, writer, back.expand(8, -1, -1, -1), text),
+        ]
+    )
     reader.reading = repeated
     reader.share_projection = False
     faithful = run()
@@ -121,12 +137,18 @@ def test_temporal_sites_follow_the_reference_layout():
 
 
 def _targets(components):
-    return {name: (component_config(TINY, name), {k: v.shape for k, v in module.state_dict().items()}) for name, module in components.items()}
+    return {
+        name: (component_config(TINY, name), {k: v.shape for k, v in module.state_dict().items()})
+        for name, module in components.items()
+    }
 
 
 def test_converter_round_trip_and_offenders():
     source = tiny_components(MAIN_COMPONENTS)
-    checkpoint = to_official_layout({name: (component_config(TINY, name), module.state_dict()) for name, module in source.items()}, schedule=torch.zeros(1000))
+    checkpoint = to_official_layout(
+        {name: (component_config(TINY, name), module.state_dict()) for name, module in source.items()},
+        schedule=torch.zeros(1000),
+    )
     assert any(key.startswith("pose_control_model.input_hint_block.14.") for key in checkpoint)
     assert any(key.startswith("control_model.output_blocks.") for key in checkpoint)
     assert not any(key.startswith("control_model.out.") for key in checkpoint)
@@ -138,12 +160,21 @@ def test_converter_round_trip_and_offenders():
     # The converted models compute what the originals compute.
     with torch.no_grad():
         latents, t, text = torch.randn(8, 4, 8, 8), torch.tensor(10), torch.randn(8, 77, 32)
-        assert torch.allclose(fresh["unet"](latents, t, encoder_hidden_states=text).sample, source["unet"](latents, t, encoder_hidden_states=text).sample, atol=1e-5)
+        assert torch.allclose(
+            fresh["unet"](latents, t, encoder_hidden_states=text).sample,
+            source["unet"](latents, t, encoder_hidden_states=text).sample,
+            atol=1e-5,
+        )
         hint = torch.rand(8, 3, 64, 64) * 2 - 1
-        for a, b in zip(fresh["controlnet"](latents, t, text, hint, return_dict=False)[0], source["controlnet"](latents, t, text, hint, return_dict=False)[0]):
+        for a, b in zip(
+            fresh["controlnet"](latents, t, text, hint, return_dict=False)[0],
+            source["controlnet"](latents, t, text, hint, return_dict=False)[0],
+        ):
             assert torch.allclose(a, b, atol=1e-5)
         image = torch.rand(1, 3, 64, 64) * 2 - 1
-        assert torch.allclose(fresh["vae"].encode(image).latent_dist.mean, source["vae"].encode(image).latent_dist.mean, atol=1e-5)
+        assert torch.allclose(
+            fresh["vae"].encode(image).latent_dist.mean, source["vae"].encode(image).latent_dist.mean, atol=1e-5
+        )
         ids = torch.tensor([[49406] + [49407] * 76])
         assert torch.allclose(fresh["text_encoder"](ids)[0], source["text_encoder"](ids)[0], atol=1e-5)
         frames = torch.randn(8, 32, 8, 8)
@@ -162,7 +193,10 @@ def test_converter_round_trip_and_offenders():
 
 @pytest.mark.parametrize(
     "manifest,names",
-    [("dp360_main_model_state_340000.keys.json", MAIN_COMPONENTS), ("dp360_back_head_230000.keys.json", BACK_COMPONENTS)],
+    [
+        ("dp360_main_model_state_340000.keys.json", MAIN_COMPONENTS),
+        ("dp360_back_head_230000.keys.json", BACK_COMPONENTS),
+    ],
 )
 def test_real_key_manifests_convert_exactly(manifest, names):
     path = KEYS / manifest
@@ -171,12 +205,20 @@ def test_real_key_manifests_convert_exactly(manifest, names):
     entries = json.loads(path.read_text())["entries"]
     with torch.device("meta"):
         components = build_components(FULL, names)
-    targets = {name: (component_config(FULL, name), {k: v.shape for k, v in module.state_dict().items()}) for name, module in components.items()}
+    targets = {
+        name: (component_config(FULL, name), {k: v.shape for k, v in module.state_dict().items()})
+        for name, module in components.items()
+    }
     checkpoint = {key: torch.empty(entry["shape"], device="meta") for key, entry in entries.items()}
     report = convert_official(checkpoint, targets)
     used = sum(len(state) for state in report.state_dicts.values())
     assert used + len(report.ignored) == len(entries)
-    assert set(report.unfilled_by_design.get("reference_unet", [])) == {"conv_norm_out.weight", "conv_norm_out.bias", "conv_out.weight", "conv_out.bias"}
+    assert set(report.unfilled_by_design.get("reference_unet", [])) == {
+        "conv_norm_out.weight",
+        "conv_norm_out.bias",
+        "conv_out.weight",
+        "conv_out.bias",
+    }
     for name, module in components.items():
         expected = {k for k in module.state_dict() if k not in report.unfilled_by_design.get(name, [])}
         assert set(report.state_dicts[name]) == expected

@@ -35,7 +35,9 @@ def _structure_correlation(rendered, image):
     than a 48-pixel view resolves), over pixels where both show the head."""
     from scipy.ndimage import gaussian_filter
 
-    mask = (np.abs(image - synthetic.BACKGROUND).sum(-1) > 0.05) & (np.abs(rendered - synthetic.BACKGROUND).sum(-1) > 0.05)
+    mask = (np.abs(image - synthetic.BACKGROUND).sum(-1) > 0.05) & (
+        np.abs(rendered - synthetic.BACKGROUND).sum(-1) > 0.05
+    )
     a, b = gaussian_filter(rendered, (2, 2, 0))[mask], gaussian_filter(image, (2, 2, 0))[mask]
     a, b = a - a.mean(0), b - b.mean(0)
     return float((a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum()))
@@ -99,7 +101,7 @@ def test_bad_turntable_and_mesh_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    from dp360.models.tiny import write_tiny_bundles
+    from dp360.diffusion.models.tiny import write_tiny_bundles
     from dp360.panohead.perceptual import VGG16_FILE, write_random_backbone
     from dp360.panohead.tiny import write_tiny_panohead
 
@@ -120,9 +122,38 @@ def _reconstruct(cli, out, image, tiny_weights, *extra):
     if not (perceptual / vgg.name).exists():
         (perceptual / vgg.name).symlink_to(vgg)
     return cli(
-        "reconstruct", image, "--out", out, "--weights-dir", weights, "--cameras", camera_dir, "--detector", "dlib", "--device", "cpu",
-        "--steps", "2", "--invert-steps", "2", "--pti-steps", "1", "--fit-preset", "test", "--fit-iterations", "30",
-        "--frames", "4", "--resolution", "32", "--mesh-resolution", "32", "--mesh-faces", "2000", "--json", *extra,
+        "reconstruct",
+        image,
+        "--out",
+        out,
+        "--weights-dir",
+        weights,
+        "--cameras",
+        camera_dir,
+        "--detector",
+        "dlib",
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--invert-steps",
+        "2",
+        "--pti-steps",
+        "1",
+        "--fit-preset",
+        "test",
+        "--fit-iterations",
+        "30",
+        "--frames",
+        "4",
+        "--resolution",
+        "32",
+        "--mesh-resolution",
+        "32",
+        "--mesh-faces",
+        "2000",
+        "--json",
+        *extra,
     )
 
 
@@ -132,16 +163,36 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["status"] == "done"
-    assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(("prepare", "noise", "views", "fit", "render", "export"), "done")
-    for rel in ("input.png", "prepared/crop.png", "prepared/overlay.png", "prepared/dataset.json", "noise/frames/000.png", "noise/w.pt",
-                "views/back_ref.png", "views/000.png", "views/031.png", "views/grid.png", "views/orbit.mp4", "views/transforms.json",
-                "nerf/fit.json", "nerf/dp360/nerfacto-head/fit/config.yml", "export/turntable.mp4", "export/head.glb", "run.json"):
+    assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(
+        ("prepare", "noise", "views", "fit", "render", "export"), "done"
+    )
+    for rel in (
+        "input.png",
+        "prepared/crop.png",
+        "prepared/overlay.png",
+        "prepared/dataset.json",
+        "noise/frames/000.png",
+        "noise/w.pt",
+        "views/back_ref.png",
+        "views/000.png",
+        "views/031.png",
+        "views/grid.png",
+        "views/orbit.mp4",
+        "views/transforms.json",
+        "nerf/fit.json",
+        "nerf/dp360/nerfacto-head/fit/config.yml",
+        "export/turntable.mp4",
+        "export/head.glb",
+        "run.json",
+    ):
         assert (out / rel).is_file(), rel
     assert list((out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "nerfstudio_models").glob("step-*.ckpt"))
     import yaml
 
     config_text = (out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "config.yml").read_text()
-    assert Path(yaml.load(config_text, Loader=yaml.Loader).output_dir) == out / "nerf"  # our own file: the full loader is fine
+    assert (
+        Path(yaml.load(config_text, Loader=yaml.Loader).output_dir) == out / "nerf"
+    )  # our own file: the full loader is fine
     meta, frames = read_mp4(out / "export" / "turntable.mp4")
     assert len(frames) == 4 and tuple(meta["size"]) == (32, 32)
     assert np.all(np.abs(trimesh.load(out / "export" / "head.glb", force="mesh").vertices) <= 0.5 + 1e-4)
@@ -155,19 +206,50 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     assert (out / "export" / "head.glb").is_file() and len(read_mp4(out / "export" / "turntable.mp4")[1]) == 6
 
     # render and export commands on the finished run
-    code, _, stderr = cli("render", out, "--out", tmp_path / "spin", "--frames", "3", "--resolution", "32", "--device", "cpu", "--quiet")
+    code, _, stderr = cli(
+        "render", out, "--out", tmp_path / "spin", "--frames", "3", "--resolution", "32", "--device", "cpu", "--quiet"
+    )
     assert code == 0, stderr
     assert len(list((tmp_path / "spin").glob("*.png"))) == 3
     # (GIF encoders merge identical consecutive frames, which a tiny random field can render.)
-    code, _, stderr = cli("render", out, "--out", tmp_path / "spin.gif", "--frames", "3", "--resolution", "32", "--device", "cpu", "--quiet")
+    code, _, stderr = cli(
+        "render",
+        out,
+        "--out",
+        tmp_path / "spin.gif",
+        "--frames",
+        "3",
+        "--resolution",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert code == 0 and Image.open(tmp_path / "spin.gif").size == (32, 32), stderr
-    code, _, stderr = cli("export", out, "--format", "ply", "--mesh-resolution", "32", "--mesh-faces", "1000", "--device", "cpu", "--quiet")
+    code, _, stderr = cli(
+        "export",
+        out,
+        "--format",
+        "ply",
+        "--mesh-resolution",
+        "32",
+        "--mesh-faces",
+        "1000",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert code == 0 and len(trimesh.load(out / "export" / "head.ply").faces) <= 1000, stderr
 
 
 def test_render_and_export_explain_bad_input(cli, tmp_path):
     code, _, stderr = cli("render", tmp_path, "--out", tmp_path / "t.mp4", "--device", "cpu")
-    assert code == 2 and stderr.startswith("error: ") and "dp360 reconstruct" in stderr and not (tmp_path / "t.mp4").exists()
+    assert (
+        code == 2
+        and stderr.startswith("error: ")
+        and "dp360 reconstruct" in stderr
+        and not (tmp_path / "t.mp4").exists()
+    )
     code, _, stderr = cli("render", tmp_path, "--out", tmp_path / "t.avi", "--device", "cpu")
     assert code == 2 and "format" in stderr
     code, _, stderr = cli("export", tmp_path, "--format", "stl", "--device", "cpu")

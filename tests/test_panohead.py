@@ -36,8 +36,12 @@ def test_fused_modulated_conv_equals_plain(up, demodulate):
     styles = torch.randn(3, 6, generator=generator)
     noise = torch.randn(3, 1, 8 * up, 8 * up, generator=generator)
     kernel = ops.setup_filter()
-    fused = ops.modulated_conv2d(x, weight, styles, noise, up=up, padding=1, kernel=kernel, demodulate=demodulate, fused=True)
-    plain = ops.modulated_conv2d(x, weight, styles, noise, up=up, padding=1, kernel=kernel, demodulate=demodulate, fused=False)
+    fused = ops.modulated_conv2d(
+        x, weight, styles, noise, up=up, padding=1, kernel=kernel, demodulate=demodulate, fused=True
+    )
+    plain = ops.modulated_conv2d(
+        x, weight, styles, noise, up=up, padding=1, kernel=kernel, demodulate=demodulate, fused=False
+    )
     assert fused.shape == (3, 5, 8 * up, 8 * up)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
 
@@ -141,7 +145,9 @@ def test_volume_renderer_matches_the_closed_form_for_a_constant_density_sphere()
     settings = RenderSettings(depth_resolution=400, depth_resolution_importance=0, deterministic=True, triplane_crop=0)
     origin = torch.tensor([[[0.0, 0.0, 2.7]]])
     offsets = torch.tensor([0.0, 0.15, 0.25, 0.35])
-    directions = torch.nn.functional.normalize(torch.stack([offsets / 2.7, torch.zeros(4), -torch.ones(4)], dim=-1), dim=-1)[None]
+    directions = torch.nn.functional.normalize(
+        torch.stack([offsets / 2.7, torch.zeros(4), -torch.ones(4)], dim=-1), dim=-1
+    )[None]
     _, depth, opacity = render_rays(_sphere_field(radius, raw), origin.expand(1, 4, 3), directions, settings)
     # chord length of a ray at distance d from the centre: 2 sqrt(r^2 - d^2)
     distance = 2.7 * torch.sin(torch.atan(offsets / 2.7))
@@ -159,14 +165,21 @@ def test_importance_sampling_sharpens_a_thin_surface():
     # stratified pass alone barely touches it.
     def shell(points):
         distance = points.norm(dim=-1, keepdim=True)
-        sigma = torch.where((distance - 0.3).abs() < 0.01, torch.full_like(distance, 200.0), torch.full_like(distance, -1e3))
+        sigma = torch.where(
+            (distance - 0.3).abs() < 0.01, torch.full_like(distance, 200.0), torch.full_like(distance, -1e3)
+        )
         return torch.ones_like(distance).repeat(1, 1, 3), sigma
 
     origin = torch.tensor([[[0.0, 0.0, 2.7]]])
     direction = torch.tensor([[[0.0, 0.0, -1.0]]])
     base = dict(depth_resolution=24, deterministic=True, triplane_crop=0)
     _, _, fine = render_rays(shell, origin, direction, RenderSettings(depth_resolution_importance=48, **base))
-    _, _, dense = render_rays(shell, origin, direction, RenderSettings(depth_resolution=4000, depth_resolution_importance=0, deterministic=True, triplane_crop=0))
+    _, _, dense = render_rays(
+        shell,
+        origin,
+        direction,
+        RenderSettings(depth_resolution=4000, depth_resolution_importance=0, deterministic=True, triplane_crop=0),
+    )
     assert abs(float(fine) - float(dense)) < 0.05 and float(dense) > 0.9
 
 
@@ -187,7 +200,15 @@ def _blob_planes(centre, size=32, depth=16, sharpness=40.0):
 def test_yaw_moves_rendered_content_where_the_camera_projection_says(yaw):
     centre = (0.2, -0.1, 0.15)
     planes, depth = _blob_planes(centre)
-    settings = RenderSettings(ray_start=2.0, ray_end=3.4, depth_resolution=64, depth_resolution_importance=32, triplane_depth=depth, deterministic=True, triplane_crop=0)
+    settings = RenderSettings(
+        ray_start=2.0,
+        ray_end=3.4,
+        depth_resolution=64,
+        depth_resolution_importance=32,
+        triplane_depth=depth,
+        deterministic=True,
+        triplane_crop=0,
+    )
 
     def field(points):
         features = sample_trigrid(planes, points, 1.0, depth).mean(dim=1)
@@ -196,7 +217,9 @@ def test_yaw_moves_rendered_content_where_the_camera_projection_says(yaw):
     resolution = 48
     pose = cameras.orbit_pose(yaw, 10.0)
     intrinsics = cameras.normalized_intrinsics(focal=2.0)
-    origins, directions = cameras.pixel_rays(torch.tensor(pose, dtype=torch.float32)[None], torch.tensor(intrinsics, dtype=torch.float32)[None], resolution)
+    origins, directions = cameras.pixel_rays(
+        torch.tensor(pose, dtype=torch.float32)[None], torch.tensor(intrinsics, dtype=torch.float32)[None], resolution
+    )
     _, _, opacity = render_rays(field, origins, directions, settings)
     image = opacity.reshape(resolution, resolution)
     assert float(image.max()) > 0.5
@@ -245,7 +268,9 @@ def test_unpickler_never_runs_the_stored_module_source(tmp_path, tiny, monkeypat
     monkeypatch.setattr(persistence, "_persistent_tree", with_payload_source)
     path = write_network_pickle(tmp_path / "src.pkl", tiny, tiny.config.init_kwargs())
     network = read_network_pickle(path)
-    assert network.class_name == "training.triplane.TriPlaneGenerator" and len(network.state_dict) == len(tiny.state_dict())
+    assert network.class_name == "training.triplane.TriPlaneGenerator" and len(network.state_dict) == len(
+        tiny.state_dict()
+    )
     assert not marker.exists()
 
 
@@ -257,7 +282,10 @@ def test_well_formed_pickle_converts_and_loads_strictly(tmp_path, tiny):
         torch.testing.assert_close(loaded.state_dict()[key], value)
     z = torch.randn(1, tiny.config.z_dim)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(z, _front(), generator=torch.Generator().manual_seed(0))["image"], tiny(z, _front(), generator=torch.Generator().manual_seed(0))["image"])
+        torch.testing.assert_close(
+            loaded(z, _front(), generator=torch.Generator().manual_seed(0))["image"],
+            tiny(z, _front(), generator=torch.Generator().manual_seed(0))["image"],
+        )
 
 
 def test_a_pickle_with_wrong_shapes_is_refused_with_the_offenders(tmp_path, tiny):
@@ -301,7 +329,15 @@ def _target(generator, psi=0.5, seed=5, yaw=0.0):
 
 def test_inversion_recovers_a_known_latent(tiny):
     ws_true, camera, target = _target(tiny)
-    settings = InversionSettings(invert_steps=150, pti_steps=0, lpips_weight=0, mse_weight=1.0, w_regularization=0.1, w_avg_samples=2000, latent_space="w")
+    settings = InversionSettings(
+        invert_steps=150,
+        pti_steps=0,
+        lpips_weight=0,
+        mse_weight=1.0,
+        w_regularization=0.1,
+        w_avg_samples=2000,
+        latent_space="w",
+    )
     result = invert(tiny, target, camera, None, settings, progress=False, frontal_camera=_front())
     w_avg, _, _ = w_statistics(tiny, _front(), 2000, 0)
     assert result.projection_losses[-1] < result.projection_losses[0] / 20
@@ -331,4 +367,6 @@ def test_w_plus_inversion_and_pti_fit_the_target_and_its_other_views(tiny, tmp_p
 def test_inversion_without_perceptual_weights_is_an_error(tiny):
     _, camera, target = _target(tiny)
     with pytest.raises(Dp360Error, match="perceptual"):
-        invert(tiny, target, camera, None, InversionSettings(invert_steps=1, pti_steps=0, w_avg_samples=16), progress=False)
+        invert(
+            tiny, target, camera, None, InversionSettings(invert_steps=1, pti_steps=0, w_avg_samples=16), progress=False
+        )

@@ -5,12 +5,11 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dp360.models.components import BACK_COMPONENTS, MAIN_COMPONENTS
-from dp360.models.configs import TINY
-from dp360.pipelines.common import PipelineInputError
-from dp360.pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline, plan_chunks
-
-from dp360.models.tiny import tiny_components
+from dp360.diffusion.models.components import BACK_COMPONENTS, MAIN_COMPONENTS
+from dp360.diffusion.models.configs import TINY
+from dp360.diffusion.models.tiny import tiny_components
+from dp360.diffusion.pipelines.common import PipelineInputError
+from dp360.diffusion.pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline, plan_chunks
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +23,13 @@ def pipe():
 def images():
     rng = np.random.default_rng(0)
     make = lambda: rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)  # noqa: E731
-    return {"front": make(), "back": make(), "cameras": [make() for _ in range(16)], "noise": [make() for _ in range(16)], "other": make()}
+    return {
+        "front": make(),
+        "back": make(),
+        "cameras": [make() for _ in range(16)],
+        "noise": [make() for _ in range(16)],
+        "other": make(),
+    }
 
 
 def _run(pipe, images, seed=0, views=8, **overrides):
@@ -52,7 +57,9 @@ def test_conditioning_changes_the_output_only_when_changed(pipe, images):
     base = _run(pipe, images).images
     assert np.array_equal(base, _run(pipe, images).images)
     for key, value in [("front_image", images["other"]), ("back_image", images["other"]), ("noise_frames", None)]:
-        assert np.abs(_run(pipe, images, **{key: value}).images - base).max() > 1e-5, key  # unchanged inputs give bit-identical output
+        assert np.abs(_run(pipe, images, **{key: value}).images - base).max() > 1e-5, (
+            key
+        )  # unchanged inputs give bit-identical output
     swapped = list(images["cameras"][:8])
     swapped[5] = images["other"]
     assert np.abs(_run(pipe, images, camera_images=swapped).images - base).max() > 1e-5
@@ -92,25 +99,37 @@ def test_back_view_pipeline():
     back.set_progress_bar_config(disable=True)
     rng = np.random.default_rng(1)
     front, camera = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    run = lambda seed, cam=camera: back(front, cam, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np").images  # noqa: E731
+
+    def run(seed, cam=camera):
+        return back(
+            front, cam, num_inference_steps=2, generator=torch.Generator().manual_seed(seed), output_type="np"
+        ).images
+
     first = run(0)
     assert first.shape == (1, 3, 64, 64)
     assert np.array_equal(first, run(0)) and np.abs(first - run(1)).max() > 1e-3
-    assert np.abs(first - run(0, 255 - camera)).max() > 1e-5  # the camera image steers it (same seed: otherwise bit-identical)
+    assert (
+        np.abs(first - run(0, 255 - camera)).max() > 1e-5
+    )  # the camera image steers it (same seed: otherwise bit-identical)
 
 
 def test_tiny_official_checkpoint_converts_to_a_bundle_that_samples_the_same(tmp_path, pipe, images):
     """The real file path: a tiny checkpoint in the official layout, saved with torch.save, read
     back with weights_only + mmap, converted to safetensors folders, loaded into a pipeline."""
-    from dp360.models.bundle import convert_to_bundle, load_bundle
-    from dp360.models.components import component_config
-    from dp360.models.convert import to_official_layout
+    from dp360.diffusion.models.bundle import convert_to_bundle, load_bundle
+    from dp360.diffusion.models.components import component_config
+    from dp360.diffusion.models.convert import to_official_layout
 
     components = {name: getattr(pipe, name) for name in MAIN_COMPONENTS}
-    checkpoint = to_official_layout({name: (component_config(TINY, name), module.state_dict()) for name, module in components.items()}, schedule=torch.zeros(1000))
+    checkpoint = to_official_layout(
+        {name: (component_config(TINY, name), module.state_dict()) for name, module in components.items()},
+        schedule=torch.zeros(1000),
+    )
     torch.save({"state_dict": checkpoint}, tmp_path / "model_state-tiny.th")
     bundle = convert_to_bundle(tmp_path / "model_state-tiny.th", tmp_path / "bundle", "main", family="tiny")
-    assert (bundle / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (bundle / "temporal" / "config.json").is_file()
+    assert (bundle / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (
+        bundle / "temporal" / "config.json"
+    ).is_file()
     loaded = load_bundle(bundle)
     loaded.set_progress_bar_config(disable=True)
     assert np.allclose(_run(loaded, images).images, _run(pipe, images).images, atol=1e-5)

@@ -31,7 +31,7 @@ def astronaut_face(dlib_detector, astronaut) -> FaceDetection:
 
 def _label(folder: Path):
     dataset = json.loads((folder / "dataset.json").read_text())
-    (name, label), = dataset["labels"]
+    ((name, label),) = dataset["labels"]
     assert name == "crop.png"
     return cameras.parse_panohead_label(label)
 
@@ -57,7 +57,9 @@ def test_crop_removes_roll_and_scale(astronaut, dlib_detector, astronaut_face):
     # Rotate the photo by 20 degrees and enlarge it 1.6x: the aligned crop barely changes.
     matrix = cv2.getRotationMatrix2D((256, 256), 20, 1.6)
     matrix[:, 2] += (0.3 * 512, 0.3 * 512)
-    moved = cv2.warpAffine(astronaut, matrix, (int(512 * 1.6), int(512 * 1.6)), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT)
+    moved = cv2.warpAffine(
+        astronaut, matrix, (int(512 * 1.6), int(512 * 1.6)), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REFLECT
+    )
     face = dlib_detector.detect(moved)[0]
     transform = panohead_crop_transform(face.landmarks5)
     eyes = transform.apply(face.landmarks5[:2])
@@ -66,7 +68,9 @@ def test_crop_removes_roll_and_scale(astronaut, dlib_detector, astronaut_face):
     centre = (slice(128, 384), slice(128, 384))  # the face region, away from padding differences
     correlation = np.corrcoef(reference[centre].ravel().astype(float), again[centre].ravel().astype(float))[0, 1]
     assert correlation > 0.9
-    unrelated = np.corrcoef(reference[centre].ravel().astype(float), np.rot90(again)[centre].ravel().astype(float))[0, 1]
+    unrelated = np.corrcoef(reference[centre].ravel().astype(float), np.rot90(again)[centre].ravel().astype(float))[
+        0, 1
+    ]
     assert unrelated < correlation - 0.2
 
 
@@ -117,12 +121,16 @@ def test_prepare_astronaut(tmp_path, astronaut_path):
 
 
 def test_overrides_set_the_camera(tmp_path, astronaut_path):
-    result = prepare_portrait(load_portrait(astronaut_path), tmp_path, PrepareSettings(detector="dlib", yaw=30.0, pitch=-10.0))
+    result = prepare_portrait(
+        load_portrait(astronaut_path), tmp_path, PrepareSettings(detector="dlib", yaw=30.0, pitch=-10.0)
+    )
     cam2world, _ = _label(tmp_path)
     assert np.allclose(cam2world, cameras.orbit_pose(30, -10), atol=1e-5)
     assert result.pose.source == "override"
     # Only yaw given: the elevation keeps the estimate.
-    result = prepare_portrait(load_portrait(astronaut_path), tmp_path / "b", PrepareSettings(detector="dlib", yaw=-20.0))
+    result = prepare_portrait(
+        load_portrait(astronaut_path), tmp_path / "b", PrepareSettings(detector="dlib", yaw=-20.0)
+    )
     assert result.pose.yaw == pytest.approx(-20) and result.pose.elevation == pytest.approx(
         json.loads((tmp_path / "b" / "face.json").read_text())["estimated_pose"]["elevation_deg"], abs=1e-3
     )
@@ -140,16 +148,22 @@ def test_no_crop_accepts_an_aligned_cartoon(tmp_path):
     crop = np.asarray(Image.open(tmp_path / "out" / "crop.png"))
     assert crop.shape == (512, 512, 3)
     assert np.abs(crop.astype(int) - np.asarray(Image.open(path)).astype(int)).mean() < 2
-    assert result.pose.source == "default" and np.allclose(_label(tmp_path / "out")[0], cameras.orbit_pose(0, 0), atol=1e-5)
+    assert result.pose.source == "default" and np.allclose(
+        _label(tmp_path / "out")[0], cameras.orbit_pose(0, 0), atol=1e-5
+    )
     assert any("frontal" in note for note in result.notes)
-    result = prepare_portrait(load_portrait(path), tmp_path / "yawed", PrepareSettings(detector="dlib", no_crop=True, yaw=45.0))
+    result = prepare_portrait(
+        load_portrait(path), tmp_path / "yawed", PrepareSettings(detector="dlib", no_crop=True, yaw=45.0)
+    )
     assert np.allclose(_label(tmp_path / "yawed")[0], cameras.orbit_pose(45, 0), atol=1e-5)
 
 
 def test_no_crop_on_non_square_uses_the_centre(tmp_path, astronaut):
     wide = np.concatenate([np.zeros((512, 100, 3), np.uint8), astronaut, np.zeros((512, 100, 3), np.uint8)], axis=1)
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    result = prepare_portrait(load_portrait(tmp_path / "wide.png"), tmp_path / "out", PrepareSettings(detector="dlib", no_crop=True))
+    result = prepare_portrait(
+        load_portrait(tmp_path / "wide.png"), tmp_path / "out", PrepareSettings(detector="dlib", no_crop=True)
+    )
     crop = np.asarray(Image.open(tmp_path / "out" / "crop.png"))
     assert np.abs(crop.astype(int) - astronaut.astype(int)).mean() < 3
     assert result.pose.source == "landmarks"  # the astronaut's face is found inside the square
@@ -198,7 +212,9 @@ def _write_retinaface_weights(folder: Path, corrupt: bool = False) -> None:
 
 def test_retinaface_loads_local_weights_strictly(tmp_path, astronaut):
     _write_retinaface_weights(tmp_path / "w")
-    detector = RetinaFaceDetector(network="mobile0.25", weights_dir=tmp_path / "w", allow_download=False, confidence=0.0)
+    detector = RetinaFaceDetector(
+        network="mobile0.25", weights_dir=tmp_path / "w", allow_download=False, confidence=0.0
+    )
     faces = detector.detect(astronaut)
     # Random weights find random "faces"; what matters is the decoded structure.
     assert faces and all(isinstance(face, FaceDetection) and face.landmarks5.shape == (5, 2) for face in faces)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dp360 import cameras
-from dp360.models.tiny import write_tiny_bundles
+from dp360.diffusion.models.tiny import write_tiny_bundles
 from dp360.panohead.perceptual import VGG16_FILE, write_random_backbone
 from dp360.panohead.tiny import write_tiny_panohead
 from dp360.video import read_mp4
@@ -38,7 +38,27 @@ def _views(cli, out, image, tiny, *extra, panohead=True, cameras=True):
         _link(weights_dir / "panohead", tiny["panohead"])
         _link(Path(os.environ["DP360_CACHE"]) / "perceptual" / VGG16_FILE, tiny["vgg"])
     camera_args = ("--cameras", tiny["cameras"]) if cameras else ()
-    return cli("views", image, "--out", out, "--weights-dir", weights_dir, *camera_args, "--steps", "2", "--invert-steps", "3", "--pti-steps", "1", "--detector", "dlib", "--device", "cpu", "--json", *extra)
+    return cli(
+        "views",
+        image,
+        "--out",
+        out,
+        "--weights-dir",
+        weights_dir,
+        *camera_args,
+        "--steps",
+        "2",
+        "--invert-steps",
+        "3",
+        "--pti-steps",
+        "1",
+        "--detector",
+        "dlib",
+        "--device",
+        "cpu",
+        "--json",
+        *extra,
+    )
 
 
 def test_views_writes_every_file_and_resumes(cli, tmp_path, astronaut_path, tiny):
@@ -61,7 +81,9 @@ def test_views_writes_every_file_and_resumes(cli, tmp_path, astronaut_path, tiny
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stages"]["views"]["settings"]["steps"] == 2 and manifest["stages"]["views"]["inputs"]["crop"]
     # The PanoHead inversion ran and its frames were the views' 3D-aware noise.
-    assert manifest["stages"]["noise"]["status"] == "done" and manifest["stages"]["noise"]["settings"]["invert_steps"] == 3
+    assert (
+        manifest["stages"]["noise"]["status"] == "done" and manifest["stages"]["noise"]["settings"]["invert_steps"] == 3
+    )
     assert manifest["stages"]["views"]["summary"]["3d_noise"] is True
     assert "noise/000.png" in manifest["stages"]["views"]["inputs"]
     noise = out / "noise"
@@ -81,7 +103,11 @@ def test_views_writes_every_file_and_resumes(cli, tmp_path, astronaut_path, tiny
 
     code, stdout, _ = _views(cli, out, astronaut_path, tiny, "--seed", "5", "--no-3d-noise")
     summary = json.loads(stdout)
-    assert code == 0 and summary["stages"]["noise"]["status"] == "skipped" and summary["stages"]["views"]["last_run"] == "ran"
+    assert (
+        code == 0
+        and summary["stages"]["noise"]["status"] == "skipped"
+        and summary["stages"]["views"]["last_run"] == "ran"
+    )
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stages"]["views"]["summary"]["3d_noise"] is False
     assert not np.array_equal(first, np.asarray(Image.open(views / "000.png")))  # the start latents matter
@@ -105,23 +131,49 @@ def test_view_counts_without_camera_images_get_panohead_renders(cli, tmp_path, a
 
 
 def test_views_without_weights_is_one_sentence(cli, tmp_path, astronaut_path):
-    code, stdout, stderr = cli("views", astronaut_path, "--out", tmp_path / "o", "--detector", "dlib", "--weights-dir", tmp_path / "none")
-    assert code == 2 and stderr.startswith("error: ") and "dp360 weights download" in stderr and "Traceback" not in stderr
+    code, stdout, stderr = cli(
+        "views", astronaut_path, "--out", tmp_path / "o", "--detector", "dlib", "--weights-dir", tmp_path / "none"
+    )
+    assert (
+        code == 2 and stderr.startswith("error: ") and "dp360 weights download" in stderr and "Traceback" not in stderr
+    )
     assert not (tmp_path / "o" / "views").exists()
 
 
 def test_weights_commands_on_a_tiny_checkpoint(cli, tmp_path, tiny):
-    code, _, stderr = cli("weights", "verify", "main", "--checkpoint", tiny["main"].parent / "main.th", "--family", "tiny")
+    code, _, stderr = cli(
+        "weights", "verify", "main", "--checkpoint", tiny["main"].parent / "main.th", "--family", "tiny"
+    )
     assert code == 0 and "components" in stderr
-    code, _, stderr = cli("weights", "verify", "main", "--checkpoint", tiny["main"].parent / "back.th", "--family", "tiny")
+    code, _, stderr = cli(
+        "weights", "verify", "main", "--checkpoint", tiny["main"].parent / "back.th", "--family", "tiny"
+    )
     assert code == 2 and "does not fill" in stderr  # the back checkpoint has no temporal modules
-    code, _, stderr = cli("weights", "convert", "back", "--checkpoint", tiny["main"].parent / "back.th", "--family", "tiny", "--out", tmp_path / "b", "--fp16")
+    code, _, stderr = cli(
+        "weights",
+        "convert",
+        "back",
+        "--checkpoint",
+        tiny["main"].parent / "back.th",
+        "--family",
+        "tiny",
+        "--out",
+        tmp_path / "b",
+        "--fp16",
+    )
     assert code == 0, stderr
     assert json.loads((tmp_path / "b" / "dp360_bundle.json").read_text())["dtype"] == "float16"
     code, _, stderr = cli("weights", "download", "main")
     assert code == 2 and "huggingface.co/gym890/diffportrait360" in stderr and "Traceback" not in stderr
     code, stdout, _ = cli("weights", "list", "--json")
-    assert code == 0 and {row["name"] for row in json.loads(stdout)} >= {"main", "back", "panohead", "data", "perceptual", "bundle panohead"}
+    assert code == 0 and {row["name"] for row in json.loads(stdout)} >= {
+        "main",
+        "back",
+        "panohead",
+        "data",
+        "perceptual",
+        "bundle panohead",
+    }
     code, _, stderr = cli("weights", "download", "perceptual")
     assert code == 2 and "vgg16-397923af.pth" in stderr and "Traceback" not in stderr
 

@@ -22,9 +22,10 @@ import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ import torch
 from ..errors import Dp360Error
 
 FIT_FILE = "fit.json"
+MAX_FIT_ITERATIONS = 1_000_000
 EXPERIMENT, METHOD, TIMESTAMP = "dp360", "nerfacto-head", "fit"
 
 
@@ -55,11 +57,28 @@ class FitSettings:
     appearance_embedding: bool = False  # one appearance for all views: they show one head
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "FitSettings":
+    def preset(cls, name: str, **overrides: Any) -> FitSettings:
         presets = {
             "gpu": {},
-            "cpu": dict(iterations=600, rays_per_batch=1024, num_levels=12, log2_hashmap_size=17, max_res=512, proposal_samples=(96, 48), num_nerf_samples=32),
-            "test": dict(iterations=40, rays_per_batch=256, num_levels=8, log2_hashmap_size=14, max_res=128, hidden_dim=32, proposal_samples=(48, 24), num_nerf_samples=16),
+            "cpu": dict(
+                iterations=600,
+                rays_per_batch=1024,
+                num_levels=12,
+                log2_hashmap_size=17,
+                max_res=512,
+                proposal_samples=(96, 48),
+                num_nerf_samples=32,
+            ),
+            "test": dict(
+                iterations=40,
+                rays_per_batch=256,
+                num_levels=8,
+                log2_hashmap_size=14,
+                max_res=128,
+                hidden_dim=32,
+                proposal_samples=(48, 24),
+                num_nerf_samples=16,
+            ),
         }
         if name not in presets:
             raise Dp360Error(f"Unknown fit preset '{name}'; choose from {', '.join(presets)}.")
@@ -67,6 +86,15 @@ class FitSettings:
 
     def key_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def check(self) -> None:
+        from ..stage import check_int, check_seed
+
+        check_int("--fit-iterations", self.iterations, 1, MAX_FIT_ITERATIONS)
+        check_int("rays per batch", self.rays_per_batch, 1, 1 << 20)
+        check_seed(self.seed)
+        if self.background not in ("auto", "white", "black"):
+            raise Dp360Error(f"The fit background must be auto, white or black, not {self.background!r}.")
 
 
 class _NoLPIPS(torch.nn.Module):
@@ -134,21 +162,31 @@ def nerfacto_head_config(views_dir: Path, output_dir: Path, settings: FitSetting
         pipeline=VanillaPipelineConfig(
             datamanager=VanillaDataManagerConfig(
                 dataparser=NerfstudioDataParserConfig(
-                    data=Path(views_dir), orientation_method="none", center_method="none", auto_scale_poses=False,
-                    scale_factor=1.0, scene_scale=settings.scene_half_size, eval_mode="all",
+                    data=Path(views_dir),
+                    orientation_method="none",
+                    center_method="none",
+                    auto_scale_poses=False,
+                    scale_factor=1.0,
+                    scene_scale=settings.scene_half_size,
+                    eval_mode="all",
                 ),
                 train_num_rays_per_batch=settings.rays_per_batch,
                 eval_num_rays_per_batch=settings.rays_per_batch,
             ),
             model=NerfactoModelConfig(
                 eval_num_rays_per_chunk=1 << 14,
-                near_plane=settings.near, far_plane=settings.far,
+                near_plane=settings.near,
+                far_plane=settings.far,
                 background_color="white",  # replaced by the views' colour in `_apply_background`
                 disable_scene_contraction=True,
                 camera_optimizer=CameraOptimizerConfig(mode="off"),
-                num_levels=settings.num_levels, log2_hashmap_size=settings.log2_hashmap_size, max_res=settings.max_res,
-                hidden_dim=settings.hidden_dim, num_nerf_samples_per_ray=settings.num_nerf_samples,
-                num_proposal_samples_per_ray=tuple(settings.proposal_samples), proposal_net_args_list=proposal_args,
+                num_levels=settings.num_levels,
+                log2_hashmap_size=settings.log2_hashmap_size,
+                max_res=settings.max_res,
+                hidden_dim=settings.hidden_dim,
+                num_nerf_samples_per_ray=settings.num_nerf_samples,
+                num_proposal_samples_per_ray=tuple(settings.proposal_samples),
+                proposal_net_args_list=proposal_args,
                 use_appearance_embedding=settings.appearance_embedding,
                 average_init_density=0.01,
                 proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
@@ -200,10 +238,19 @@ def _apply_background(pipeline, colour: list[float]) -> None:
 
 def _check_views(views_dir: Path) -> None:
     if not (Path(views_dir) / "transforms.json").is_file():
-        raise Dp360Error(f"{views_dir} has no transforms.json; generate views first (`dp360 views`), or point at a folder of images with nerfstudio cameras.")
+        raise Dp360Error(
+            f"{views_dir} has no transforms.json; generate views first (`dp360 views`), or point at a folder of images with nerfstudio cameras."
+        )
 
 
-def fit_field(views_dir: Path, out_dir: Path, settings: FitSettings, device: str = "cpu", progress: bool = True, final_dir: Path | None = None) -> dict[str, Any]:
+def fit_field(
+    views_dir: Path,
+    out_dir: Path,
+    settings: FitSettings,
+    device: str = "cpu",
+    progress: bool = True,
+    final_dir: Path | None = None,
+) -> dict[str, Any]:
     """Train the field on `views_dir` into `out_dir` (a fresh folder). Returns a summary.
 
     `final_dir`: where `out_dir` will be moved afterwards (a stage's staging folder), so that
@@ -242,7 +289,9 @@ def fit_field(views_dir: Path, out_dir: Path, settings: FitSettings, device: str
         "background": background,
         "config": f"{EXPERIMENT}/{METHOD}/{TIMESTAMP}/config.yml",
     }
-    (Path(out_dir) / FIT_FILE).write_text(json.dumps({"settings": settings.key_dict(), "views_dir": str(Path(views_dir).resolve()), **summary}, indent=2))
+    (Path(out_dir) / FIT_FILE).write_text(
+        json.dumps({"settings": settings.key_dict(), "views_dir": str(Path(views_dir).resolve()), **summary}, indent=2)
+    )
     return summary
 
 
@@ -282,7 +331,9 @@ def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = Non
     # weights_only, with the numpy scalars nerfstudio's trainer stores next to the tensors
     import numpy.core.multiarray as multiarray
 
-    numpy_types = [multiarray.scalar, np.dtype] + [type(np.dtype(kind)) for kind in (np.float64, np.float32, np.int64, np.int32, np.bool_)]
+    numpy_types = [multiarray.scalar, np.dtype] + [
+        type(np.dtype(kind)) for kind in (np.float64, np.float32, np.int64, np.int32, np.bool_)
+    ]
     with torch.serialization.safe_globals(numpy_types):
         state = torch.load(checkpoints[-1], map_location=device, weights_only=True)
     pipeline.load_pipeline(state["pipeline"], state["step"])

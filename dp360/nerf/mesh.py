@@ -14,6 +14,7 @@ import torch
 
 from ..errors import Dp360Error
 from ..imaging import atomic_path
+from ..outputs import check_file_target
 from .fit import LoadedField
 
 MESH_FORMATS = ("glb", "obj", "ply")
@@ -32,12 +33,12 @@ class MeshSettings:
         return asdict(self)
 
     def check(self) -> None:
-        if not 16 <= self.resolution <= 1024:
-            raise Dp360Error("--mesh-resolution must be between 16 and 1024.")
-        if self.faces < 100:
-            raise Dp360Error("--mesh-faces must be at least 100.")
-        if self.density is not None and self.density <= 0:
-            raise Dp360Error("--mesh-density must be positive.")
+        from ..stage import check_float, check_int
+
+        check_int("--mesh-resolution", self.resolution, 16, 1024)
+        check_int("--mesh-faces", self.faces, 100, 50_000_000)
+        if self.density is not None:
+            check_float("--mesh-density", self.density, 1e-6, 1e6)
 
 
 @torch.no_grad()
@@ -59,10 +60,14 @@ def field_colours(field: LoadedField, vertices: np.ndarray, normals: np.ndarray,
     colours = []
     for start in range(0, len(vertices), chunk):
         positions = torch.tensor(vertices[start : start + chunk], dtype=torch.float32, device=field.device)[:, None]
-        directions = -torch.nn.functional.normalize(torch.tensor(normals[start : start + chunk], dtype=torch.float32, device=field.device), dim=-1)[:, None]
+        directions = -torch.nn.functional.normalize(
+            torch.tensor(normals[start : start + chunk], dtype=torch.float32, device=field.device), dim=-1
+        )[:, None]
         zeros = torch.zeros(positions.shape[:-1] + (1,), device=field.device)
         samples = RaySamples(
-            frustums=Frustums(origins=positions, directions=directions, starts=zeros, ends=zeros, pixel_area=torch.ones_like(zeros)),
+            frustums=Frustums(
+                origins=positions, directions=directions, starts=zeros, ends=zeros, pixel_area=torch.ones_like(zeros)
+            ),
             camera_indices=torch.zeros(positions.shape[:-1] + (1,), dtype=torch.long, device=field.device),
         )
         colours.append(field.model.field(samples)[FieldHeadNames.RGB][:, 0].clamp(0, 1).float().cpu().numpy())
@@ -103,15 +108,18 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
         mesh.vertices = np.clip(mesh.vertices, -settings.box_half, settings.box_half)
     mesh.fix_normals()
     colours = field_colours(field, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals))
-    mesh.visual.vertex_colors = np.concatenate([(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1).astype(np.uint8)
+    mesh.visual.vertex_colors = np.concatenate(
+        [(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1
+    ).astype(np.uint8)
     mesh.metadata["iso_level"] = float(level)
     return mesh
 
 
-def write_mesh(mesh, out: Path, mesh_format: str) -> Path:
+def write_mesh(mesh, out: Path, mesh_format: str, overwrite: bool = False) -> Path:
+    """Write the mesh to `out` atomically; an existing file is refused unless `overwrite` (see dp360.outputs)."""
     if mesh_format not in MESH_FORMATS:
         raise Dp360Error(f"--format must be one of {', '.join(MESH_FORMATS)}, not {mesh_format!r}.")
-    out = Path(out)
+    out = check_file_target(out, overwrite)
     with atomic_path(out) as temporary:
         data = mesh.export(file_type=mesh_format)
         Path(temporary).write_bytes(data if isinstance(data, bytes) else data.encode())

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Dp360Error
-from .fit import FitSettings, fit_field, load_field
+from ..imaging import file_sha256
+from ..stage import Stage, StageContext
+from .fit import EXPERIMENT, FIT_FILE, METHOD, TIMESTAMP, FitSettings, fit_field, load_field
 from .mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
 from .render import TurntableSettings, render_turntable, write_frames
 
@@ -26,27 +28,118 @@ class FieldStageSettings:
         return self.fit if self.fit is not None else FitSettings.preset("gpu" if device.startswith("cuda") else "cpu")
 
     def check(self) -> None:
+        if self.fit is not None:
+            self.fit.check()
         self.turntable.check()
         self.mesh.check()
         unknown = [name for name in self.mesh_formats if name not in MESH_FORMATS]
         if unknown or not self.mesh_formats:
-            raise Dp360Error(f"Mesh formats must be among {', '.join(MESH_FORMATS)}; got {', '.join(self.mesh_formats) or 'none'}.")
+            raise Dp360Error(
+                f"Mesh formats must be among {', '.join(MESH_FORMATS)}; got {', '.join(self.mesh_formats) or 'none'}."
+            )
 
 
-def build_fit(views_dir: Path, folder: Path, final_dir: Path, settings: FitSettings, device: str, progress: bool) -> dict[str, Any]:
+def build_fit(
+    views_dir: Path, folder: Path, final_dir: Path, settings: FitSettings, device: str, progress: bool
+) -> dict[str, Any]:
     return fit_field(views_dir, folder, settings, device, progress, final_dir=final_dir)
 
 
-def build_render(run_dir: Path, folder: Path, settings: TurntableSettings, device: str, progress: bool) -> dict[str, Any]:
+def build_render(
+    run_dir: Path, folder: Path, settings: TurntableSettings, device: str, progress: bool
+) -> dict[str, Any]:
     loaded = load_field(run_dir / "nerf", device, run_dir / "views")
     frames, fps = render_turntable(loaded, settings, progress)
     write_frames(frames, folder / TURNTABLE_NAME, "mp4", settings.fps)
     return {"frames": len(frames), "resolution": settings.resolution, "render_fps": round(fps, 2)}
 
 
-def build_export(run_dir: Path, folder: Path, settings: MeshSettings, formats: tuple[str, ...], device: str) -> dict[str, Any]:
+def build_export(
+    run_dir: Path, folder: Path, settings: MeshSettings, formats: tuple[str, ...], device: str
+) -> dict[str, Any]:
     loaded = load_field(run_dir / "nerf", device, run_dir / "views")
     mesh = extract_mesh(loaded, settings)
     for mesh_format in formats:
         write_mesh(mesh, folder / f"{MESH_STEM}.{mesh_format}", mesh_format)
-    return {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "iso_level": round(mesh.metadata["iso_level"], 4), "bounds": [[round(float(x), 4) for x in row] for row in mesh.bounds], "formats": list(formats)}
+    return {
+        "faces": int(len(mesh.faces)),
+        "vertices": int(len(mesh.vertices)),
+        "iso_level": round(mesh.metadata["iso_level"], 4),
+        "bounds": [[round(float(x), 4) for x in row] for row in mesh.bounds],
+        "formats": list(formats),
+    }
+
+
+# -- the stages -----------------------------------------------------------------------------------
+
+
+def view_hashes(run_dir: Path) -> dict[str, str]:
+    """The files of `views/` the fit reads: the images and transforms.json (not the grid)."""
+    views = run_dir / "views"
+    return {
+        f"views/{path.name}": file_sha256(path)
+        for path in sorted(views.iterdir())
+        if path.suffix in (".png", ".json") and path.name != "grid.png"
+    }
+
+
+def field_hashes(run_dir: Path) -> dict[str, str]:
+    """The files `load_field` reads: the fit's record, its checkpoint, and the views' cameras.
+    A refitted field (fits differ) therefore redoes the turntable and the mesh."""
+    nerf = run_dir / "nerf"
+    files = [nerf / FIT_FILE, run_dir / "views" / "transforms.json"]
+    files += sorted((nerf / EXPERIMENT / METHOD / TIMESTAMP / "nerfstudio_models").glob("step-*.ckpt"))
+    return {path.relative_to(run_dir).as_posix(): file_sha256(path) for path in files if path.is_file()}
+
+
+def _fit_settings(context: StageContext) -> FitSettings:
+    return context.config.field.fit_for(context.device)
+
+
+FIT_STAGE = Stage(
+    name="fit",
+    folder="nerf",
+    description="radiance field fit (nerfstudio)",
+    settings=lambda context: _fit_settings(context).key_dict(),
+    inputs=lambda context: view_hashes(context.run_dir),
+    build=lambda context, folder: build_fit(
+        context.run_dir / "views",
+        folder,
+        context.run_dir / "nerf",
+        _fit_settings(context),
+        context.device,
+        context.progress,
+    ),
+    needs=("views",),
+)
+
+RENDER_STAGE = Stage(
+    name="render",
+    folder="export",
+    description="turntable video",
+    settings=lambda context: context.config.field.turntable.key_dict(),
+    inputs=lambda context: field_hashes(context.run_dir),
+    build=lambda context, folder: build_render(
+        context.run_dir, folder, context.config.field.turntable, context.device, context.progress
+    ),
+    needs=("fit",),
+    version=2,
+    shared_folder=True,
+)
+
+EXPORT_STAGE = Stage(
+    name="export",
+    folder="export",
+    description="mesh export",
+    settings=lambda context: {
+        **context.config.field.mesh.key_dict(),
+        "formats": list(context.config.field.mesh_formats),
+    },
+    inputs=lambda context: field_hashes(context.run_dir),
+    build=lambda context, folder: build_export(
+        context.run_dir, folder, context.config.field.mesh, context.config.field.mesh_formats, context.device
+    ),
+    needs=("fit",),
+    version=2,
+    shared_folder=True,
+)

@@ -48,16 +48,22 @@ def head_mesh(subdivisions: int = 6):
     base[:, 2] += 0.15 * np.tanh(centres[:, 1] / 0.1)
     shade = 0.35 + 0.65 * np.clip(mesh.face_normals @ LIGHT, 0, 1)
     colours = np.clip(base * shade[:, None], 0, 1)
-    mesh.visual.face_colors = np.concatenate([(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1).astype(np.uint8)
+    mesh.visual.face_colors = np.concatenate([(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1).astype(
+        np.uint8
+    )
     return mesh
 
 
-def render(mesh, cam2world: np.ndarray, size: int, intrinsics: np.ndarray | None = None, background=BACKGROUND) -> np.ndarray:
+def render(
+    mesh, cam2world: np.ndarray, size: int, intrinsics: np.ndarray | None = None, background=BACKGROUND
+) -> np.ndarray:
     """(size, size, 3) float image in [0, 1] of `mesh` seen by an OpenCV cam2world camera."""
     import torch
 
     intrinsics = cameras.normalized_intrinsics() if intrinsics is None else intrinsics
-    origins, directions = cameras.pixel_rays(torch.tensor(cam2world, dtype=torch.float64)[None], torch.tensor(intrinsics, dtype=torch.float64)[None], size)
+    origins, directions = cameras.pixel_rays(
+        torch.tensor(cam2world, dtype=torch.float64)[None], torch.tensor(intrinsics, dtype=torch.float64)[None], size
+    )
     origins, directions = origins[0].numpy(), directions[0].numpy()
     triangles = mesh.ray.intersects_first(origins, directions)
     image = np.tile(np.asarray(background, dtype=np.float64), (size * size, 1))

@@ -36,21 +36,58 @@ class SuperResolution(nn.Module):
     For the released 512 model (SuperresolutionHybrid8XDC): input 128, channels 256 and 128,
     conv clamp 256 when the blocks run in half precision."""
 
-    def __init__(self, channels: int, img_resolution: int, input_resolution: int, block_channels: tuple[int, int], w_dim: int, use_fp16: bool, antialias: bool, fused_modconv_default: Any = "inference_only"):
+    def __init__(
+        self,
+        channels: int,
+        img_resolution: int,
+        input_resolution: int,
+        block_channels: tuple[int, int],
+        w_dim: int,
+        use_fp16: bool,
+        antialias: bool,
+        fused_modconv_default: Any = "inference_only",
+    ):
         super().__init__()
         if img_resolution != input_resolution * 4:
             raise ValueError("super-resolution goes from input_resolution to 4 x input_resolution")
         self.input_resolution = input_resolution
         self.antialias = antialias
         clamp = 256 if use_fp16 else None
-        self.block0 = SynthesisBlock(channels, block_channels[0], w_dim, input_resolution * 2, 3, use_fp16=use_fp16, conv_clamp=clamp, fused_modconv_default=fused_modconv_default)
-        self.block1 = SynthesisBlock(block_channels[0], block_channels[1], w_dim, img_resolution, 3, use_fp16=use_fp16, conv_clamp=clamp, fused_modconv_default=fused_modconv_default)
+        self.block0 = SynthesisBlock(
+            channels,
+            block_channels[0],
+            w_dim,
+            input_resolution * 2,
+            3,
+            use_fp16=use_fp16,
+            conv_clamp=clamp,
+            fused_modconv_default=fused_modconv_default,
+        )
+        self.block1 = SynthesisBlock(
+            block_channels[0],
+            block_channels[1],
+            w_dim,
+            img_resolution,
+            3,
+            use_fp16=use_fp16,
+            conv_clamp=clamp,
+            fused_modconv_default=fused_modconv_default,
+        )
 
-    def forward(self, rgb: torch.Tensor, features: torch.Tensor, ws: torch.Tensor, noise_mode: str = "none", fused_modconv: bool | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        rgb: torch.Tensor,
+        features: torch.Tensor,
+        ws: torch.Tensor,
+        noise_mode: str = "none",
+        fused_modconv: bool | None = None,
+    ) -> torch.Tensor:
         ws = ws[:, -1:, :].repeat(1, 3, 1)
         if features.shape[-1] != self.input_resolution:
             size = (self.input_resolution, self.input_resolution)
-            features = F.interpolate(features, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
+            features = F.interpolate(
+                features, size=size, mode="bilinear", align_corners=False, antialias=self.antialias
+            )
             rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=self.antialias)
         x, rgb = self.block0(features, rgb, ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
         x, rgb = self.block1(x, rgb, ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
@@ -80,7 +117,7 @@ class PanoHeadConfig:
     SUPPORTED_ARCHITECTURE = "skip"
 
     @classmethod
-    def from_init_kwargs(cls, kwargs: dict[str, Any]) -> "PanoHeadConfig":
+    def from_init_kwargs(cls, kwargs: dict[str, Any]) -> PanoHeadConfig:
         """Validate and adopt the kwargs of `TriPlaneGenerator(...)` (as stored in the pickle)."""
         kwargs = copy.deepcopy(dict(kwargs))
         architecture = kwargs.pop("architecture", "skip")
@@ -93,7 +130,21 @@ class PanoHeadConfig:
         if rendering["superresolution_module"] not in (SR_MODULE_8XDC, SR_MODULE_TINY):
             raise ValueError(f"unsupported super-resolution module {rendering['superresolution_module']!r}")
         mapping = kwargs.pop("mapping_kwargs", {}) or {}
-        known = {"z_dim", "w_dim", "c_dim", "img_resolution", "img_channels", "channel_base", "channel_max", "num_fp16_res", "sr_num_fp16_res", "conv_clamp", "fused_modconv_default", "sr_kwargs", "neural_rendering_resolution"}
+        known = {
+            "z_dim",
+            "w_dim",
+            "c_dim",
+            "img_resolution",
+            "img_channels",
+            "channel_base",
+            "channel_max",
+            "num_fp16_res",
+            "sr_num_fp16_res",
+            "conv_clamp",
+            "fused_modconv_default",
+            "sr_kwargs",
+            "neural_rendering_resolution",
+        }
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown PanoHead generator arguments: {', '.join(unknown)}")
@@ -102,13 +153,21 @@ class PanoHeadConfig:
     def init_kwargs(self) -> dict[str, Any]:
         """The inverse of `from_init_kwargs` (what we store next to converted weights)."""
         return {
-            "z_dim": self.z_dim, "w_dim": self.w_dim, "c_dim": self.c_dim,
-            "img_resolution": self.img_resolution, "img_channels": self.img_channels,
-            "mapping_kwargs": {"num_layers": self.mapping_layers}, "architecture": "skip",
-            "channel_base": self.channel_base, "channel_max": self.channel_max,
-            "num_fp16_res": self.num_fp16_res, "sr_num_fp16_res": self.sr_num_fp16_res,
-            "conv_clamp": self.conv_clamp, "fused_modconv_default": self.fused_modconv_default,
-            "rendering_kwargs": copy.deepcopy(self.rendering), "sr_kwargs": copy.deepcopy(self.sr_kwargs),
+            "z_dim": self.z_dim,
+            "w_dim": self.w_dim,
+            "c_dim": self.c_dim,
+            "img_resolution": self.img_resolution,
+            "img_channels": self.img_channels,
+            "mapping_kwargs": {"num_layers": self.mapping_layers},
+            "architecture": "skip",
+            "channel_base": self.channel_base,
+            "channel_max": self.channel_max,
+            "num_fp16_res": self.num_fp16_res,
+            "sr_num_fp16_res": self.sr_num_fp16_res,
+            "conv_clamp": self.conv_clamp,
+            "fused_modconv_default": self.fused_modconv_default,
+            "rendering_kwargs": copy.deepcopy(self.rendering),
+            "sr_kwargs": copy.deepcopy(self.sr_kwargs),
             "neural_rendering_resolution": self.neural_rendering_resolution,
         }
 
@@ -116,8 +175,11 @@ class PanoHeadConfig:
         """Renderer settings; ray_start defaults to 2.35 as the DiffPortrait360 projector sets it."""
         r = self.rendering
         values = dict(
-            ray_start=2.35, ray_end=float(r.get("ray_end", 3.3)), box_warp=float(r.get("box_warp", 1.0)),
-            depth_resolution=int(r.get("depth_resolution", 48)), depth_resolution_importance=int(r.get("depth_resolution_importance", 48)),
+            ray_start=2.35,
+            ray_end=float(r.get("ray_end", 3.3)),
+            box_warp=float(r.get("box_warp", 1.0)),
+            depth_resolution=int(r.get("depth_resolution", 48)),
+            depth_resolution_importance=int(r.get("depth_resolution_importance", 48)),
             triplane_depth=int(r["triplane_depth"]),
         )
         values.update(overrides)
@@ -129,13 +191,23 @@ class PanoHeadGenerator(nn.Module):
         super().__init__()
         self.config = config
         r = config.rendering
-        synthesis_kwargs = dict(channel_base=config.channel_base, channel_max=config.channel_max, num_fp16_res=config.num_fp16_res, conv_clamp=config.conv_clamp, fused_modconv_default=config.fused_modconv_default)
+        synthesis_kwargs = dict(
+            channel_base=config.channel_base,
+            channel_max=config.channel_max,
+            num_fp16_res=config.num_fp16_res,
+            conv_clamp=config.conv_clamp,
+            fused_modconv_default=config.fused_modconv_default,
+        )
         # Registered first, as the training loop does: the label std of the training set.
         self.register_buffer("dataset_label_std", torch.zeros([config.c_dim]))
         self.backbone = StyleGAN2Backbone(
-            config.z_dim, config.c_dim, config.w_dim, img_resolution=int(r["triplane_size"]),
+            config.z_dim,
+            config.c_dim,
+            config.w_dim,
+            img_resolution=int(r["triplane_size"]),
             img_channels=FEATURE_CHANNELS * 3 * int(r["triplane_depth"]),
-            mapping_kwargs={"num_layers": config.mapping_layers}, **synthesis_kwargs,
+            mapping_kwargs={"num_layers": config.mapping_layers},
+            **synthesis_kwargs,
         )
         if r["superresolution_module"] == SR_MODULE_8XDC:
             if config.img_resolution != 512:
@@ -144,15 +216,37 @@ class PanoHeadGenerator(nn.Module):
         else:
             input_resolution = config.img_resolution // 4
             block_channels = tuple(config.sr_kwargs.get("block_channels", (16, 8)))
-        self.superresolution = SuperResolution(FEATURE_CHANNELS, config.img_resolution, input_resolution, block_channels, config.w_dim, use_fp16=config.sr_num_fp16_res > 0, antialias=bool(r.get("sr_antialias", True)), fused_modconv_default=config.sr_kwargs.get("fused_modconv_default", "inference_only"))
-        self.decoder = OSGDecoder(FEATURE_CHANNELS, FEATURE_CHANNELS, lr_multiplier=float(r.get("decoder_lr_mul", 1.0)), activation=r.get("decoder_activation", "sigmoid"))
+        self.superresolution = SuperResolution(
+            FEATURE_CHANNELS,
+            config.img_resolution,
+            input_resolution,
+            block_channels,
+            config.w_dim,
+            use_fp16=config.sr_num_fp16_res > 0,
+            antialias=bool(r.get("sr_antialias", True)),
+            fused_modconv_default=config.sr_kwargs.get("fused_modconv_default", "inference_only"),
+        )
+        self.decoder = OSGDecoder(
+            FEATURE_CHANNELS,
+            FEATURE_CHANNELS,
+            lr_multiplier=float(r.get("decoder_lr_mul", 1.0)),
+            activation=r.get("decoder_activation", "sigmoid"),
+        )
         self.torgb = ToRGBLayer(FEATURE_CHANNELS, 3, config.w_dim) if r.get("use_torgb_raw", False) else None
         if r.get("use_background", False):
             background_kwargs = dict(synthesis_kwargs, channel_base=config.channel_base // 2)
             self.bcg_synthesis = SynthesisNetwork(config.w_dim, input_resolution, FEATURE_CHANNELS, **background_kwargs)
         else:
             self.bcg_synthesis = None
-        self.t_mapping = MappingNetwork(config.z_dim, config.c_dim, 3, num_ws=1, num_layers=config.mapping_layers, last_activation="linear", lr_multiplier=1.0)
+        self.t_mapping = MappingNetwork(
+            config.z_dim,
+            config.c_dim,
+            3,
+            num_ws=1,
+            num_layers=config.mapping_layers,
+            last_activation="linear",
+            lr_multiplier=1.0,
+        )
         self.render_settings = config.render_settings()
 
     @property
@@ -164,7 +258,9 @@ class PanoHeadGenerator(nn.Module):
             c = torch.zeros_like(c)
         return c * float(self.config.rendering.get("c_scale", 0.0))
 
-    def mapping(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None) -> torch.Tensor:
+    def mapping(
+        self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None
+    ) -> torch.Tensor:
         return self.backbone.mapping(z, self._pose_condition(c), truncation_psi, truncation_cutoff)
 
     def camera_offset(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -186,7 +282,15 @@ class PanoHeadGenerator(nn.Module):
     def field(self, planes: torch.Tensor, settings: RenderSettings | None = None):
         return trigrid_field(planes, self.decoder, settings or self.render_settings)
 
-    def synthesis(self, ws: torch.Tensor, c: torch.Tensor, noise_mode: str = "const", neural_rendering_resolution: int | None = None, generator: torch.Generator | None = None, settings: RenderSettings | None = None) -> dict[str, torch.Tensor]:
+    def synthesis(
+        self,
+        ws: torch.Tensor,
+        c: torch.Tensor,
+        noise_mode: str = "const",
+        neural_rendering_resolution: int | None = None,
+        generator: torch.Generator | None = None,
+        settings: RenderSettings | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Render W+ codes at cameras c (N, 25). Returns image (N, 3, R, R) in [-1, 1],
         image_raw (N, 3, r, r), image_depth and image_mask (N, 1, r, r)."""
         settings = settings or self.render_settings
@@ -205,19 +309,37 @@ class PanoHeadGenerator(nn.Module):
             count = self.bcg_synthesis.num_ws
             background_ws = ws[:, :count]
             if background_ws.shape[1] < count:
-                background_ws = torch.cat([background_ws, background_ws[:, -1:].repeat(1, count - background_ws.shape[1], 1)], dim=1)
+                background_ws = torch.cat(
+                    [background_ws, background_ws[:, -1:].repeat(1, count - background_ws.shape[1], 1)], dim=1
+                )
             background = self.bcg_synthesis(background_ws, noise_mode=noise_mode)
-            background = F.interpolate(background, size=feature_image.shape[2:], mode="bilinear", align_corners=False, antialias=self.superresolution.antialias)
+            background = F.interpolate(
+                background,
+                size=feature_image.shape[2:],
+                mode="bilinear",
+                align_corners=False,
+                antialias=self.superresolution.antialias,
+            )
             feature_image = feature_image + (1 - opacity_image) * background
         if self.torgb is not None:
             raw = self.torgb(feature_image, ws[:, -1], fused=False).to(torch.float32)
         else:
             raw = feature_image[:, :3]
-        image = self.superresolution(raw, feature_image, ws, noise_mode=self.config.rendering.get("superresolution_noise_mode", "none"))
+        image = self.superresolution(
+            raw, feature_image, ws, noise_mode=self.config.rendering.get("superresolution_noise_mode", "none")
+        )
         mask = opacity_image * (1 + 2 * 0.001) - 0.001
         return {"image": image, "image_raw": raw, "image_depth": depth_image, "image_mask": mask}
 
-    def forward(self, z: torch.Tensor, c: torch.Tensor, truncation_psi: float = 1.0, truncation_cutoff: int | None = None, noise_mode: str = "const", generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        z: torch.Tensor,
+        c: torch.Tensor,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+        noise_mode: str = "const",
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         ws = self.mapping(z, c, truncation_psi, truncation_cutoff)
         c = self.apply_camera_offset(c, self.camera_offset(z, c))
         return self.synthesis(ws, c, noise_mode=noise_mode, generator=generator)
@@ -227,18 +349,42 @@ def released_config() -> PanoHeadConfig:
     """The configuration of `easy-khair-180-gpc0.8-trans10-025000.pkl` as far as train.py and
     the README command determine it (the pickle's own kwargs take precedence when loading)."""
     rendering = {
-        "image_resolution": 512, "disparity_space_sampling": False, "clamp_mode": "softplus",
-        "superresolution_module": SR_MODULE_8XDC, "c_gen_conditioning_zero": False, "gpc_reg_prob": 0.8,
-        "c_scale": 1.0, "superresolution_noise_mode": "none", "density_reg": 0.0, "density_reg_p_dist": 0.004,
-        "reg_type": "l1", "decoder_lr_mul": 1.0, "decoder_activation": "none", "use_torgb_raw": True,
-        "triplane_size": 256, "triplane_depth": 3, "trans_reg": 10.0, "use_background": True, "sr_antialias": True,
-        "depth_resolution": 48, "depth_resolution_importance": 48, "ray_start": 2.25, "ray_end": 3.3,
-        "box_warp": 1, "avg_camera_radius": 2.7, "avg_camera_pivot": [0, 0, 0.2],
+        "image_resolution": 512,
+        "disparity_space_sampling": False,
+        "clamp_mode": "softplus",
+        "superresolution_module": SR_MODULE_8XDC,
+        "c_gen_conditioning_zero": False,
+        "gpc_reg_prob": 0.8,
+        "c_scale": 1.0,
+        "superresolution_noise_mode": "none",
+        "density_reg": 0.0,
+        "density_reg_p_dist": 0.004,
+        "reg_type": "l1",
+        "decoder_lr_mul": 1.0,
+        "decoder_activation": "none",
+        "use_torgb_raw": True,
+        "triplane_size": 256,
+        "triplane_depth": 3,
+        "trans_reg": 10.0,
+        "use_background": True,
+        "sr_antialias": True,
+        "depth_resolution": 48,
+        "depth_resolution_importance": 48,
+        "ray_start": 2.25,
+        "ray_end": 3.3,
+        "box_warp": 1,
+        "avg_camera_radius": 2.7,
+        "avg_camera_pivot": [0, 0, 0.2],
     }
-    return PanoHeadConfig(rendering=rendering, sr_kwargs={"channel_base": 32768, "channel_max": 512, "fused_modconv_default": "inference_only"})
+    return PanoHeadConfig(
+        rendering=rendering,
+        sr_kwargs={"channel_base": 32768, "channel_max": 512, "fused_modconv_default": "inference_only"},
+    )
 
 
-def tiny_config(img_resolution: int = 64, triplane_size: int = 32, neural_rendering_resolution: int = 16) -> PanoHeadConfig:
+def tiny_config(
+    img_resolution: int = 64, triplane_size: int = 32, neural_rendering_resolution: int = 16
+) -> PanoHeadConfig:
     """A generator of the same structure small enough for CPU tests (a few MB)."""
     config = released_config()
     config.z_dim = config.w_dim = 32
@@ -247,7 +393,10 @@ def tiny_config(img_resolution: int = 64, triplane_size: int = 32, neural_render
     config.sr_num_fp16_res = 0
     config.neural_rendering_resolution = neural_rendering_resolution
     config.rendering.update(
-        superresolution_module=SR_MODULE_TINY, triplane_size=triplane_size, depth_resolution=12, depth_resolution_importance=12,
+        superresolution_module=SR_MODULE_TINY,
+        triplane_size=triplane_size,
+        depth_resolution=12,
+        depth_resolution_importance=12,
     )
     config.sr_kwargs = {"block_channels": [16, 8]}
     return config
@@ -260,5 +409,3 @@ def count_parameters(module: nn.Module) -> int:
 def describe(generator: PanoHeadGenerator) -> str:
     c = generator.config
     return f"PanoHead tri-grid generator: {count_parameters(generator) / 1e6:.1f} M parameters, {c.img_resolution} px, tri-grid {c.rendering['triplane_size']}^2 x 3 x 32 x {c.rendering['triplane_depth']}"
-
-

@@ -70,7 +70,9 @@ def noise_scale(step: int, total: int, w_std: float, settings: InversionSettings
 
 
 @torch.no_grad()
-def w_statistics(generator: PanoHeadGenerator, camera: torch.Tensor, samples: int, seed: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+def w_statistics(
+    generator: PanoHeadGenerator, camera: torch.Tensor, samples: int, seed: int
+) -> tuple[torch.Tensor, float, torch.Tensor]:
     """(w_avg (1, 1, w_dim), w_std, mean z (1, z_dim)) from `samples` latents at `camera`."""
     device = camera.device
     rng = torch.Generator(device="cpu").manual_seed(seed)
@@ -102,7 +104,9 @@ def invert(
 
     settings = settings or InversionSettings()
     if settings.lpips_weight and lpips is None:
-        raise Dp360Error("The inversion's perceptual loss needs LPIPS weights; load them with dp360.panohead.perceptual.load_lpips().")
+        raise Dp360Error(
+            "The inversion's perceptual loss needs LPIPS weights; load them with dp360.panohead.perceptual.load_lpips()."
+        )
     resolution = generator.config.img_resolution
     if target.shape[-2:] != (resolution, resolution):
         raise Dp360Error(f"The inversion target must be {resolution} x {resolution}, not {tuple(target.shape[-2:])}.")
@@ -126,7 +130,9 @@ def invert(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, settings.invert_steps, settings)
         scale = noise_scale(step, settings.invert_steps, w_std, settings)
-        ws = (w_opt + torch.randn(w_opt.shape, device=device, generator=noise_rng) * scale).expand(-1, generator.num_ws, -1)
+        ws = (w_opt + torch.randn(w_opt.shape, device=device, generator=noise_rng) * scale).expand(
+            -1, generator.num_ws, -1
+        )
         images = generator.synthesis(ws, fit_camera, noise_mode="const", generator=render_rng)["image"]
         loss = _loss(images, target, lpips, settings) + settings.w_regularization * (w_opt - w_avg).square().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -150,18 +156,26 @@ def invert(
 
 
 @torch.no_grad()
-def render_views(generator: PanoHeadGenerator, ws: torch.Tensor, labels: torch.Tensor, batch_size: int = 4, seed: int = 0) -> torch.Tensor:
+def render_views(
+    generator: PanoHeadGenerator, ws: torch.Tensor, labels: torch.Tensor, batch_size: int = 4, seed: int = 0
+) -> torch.Tensor:
     """Images (N, 3, R, R) in [-1, 1] of one W+ code at N cameras (const noise, seeded ray jitter)."""
     device = next(generator.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
     outputs = []
     for chunk in labels.to(device, torch.float32).split(batch_size):
-        outputs.append(generator.synthesis(ws.expand(chunk.shape[0], -1, -1), chunk, noise_mode="const", generator=rng)["image"].float().cpu())
+        outputs.append(
+            generator.synthesis(ws.expand(chunk.shape[0], -1, -1), chunk, noise_mode="const", generator=rng)["image"]
+            .float()
+            .cpu()
+        )
     return torch.cat(outputs)
 
 
 @torch.no_grad()
-def canonical_ws(generator: PanoHeadGenerator, frontal_camera: torch.Tensor, seed: int = 0, truncation_psi: float = 0.7) -> torch.Tensor:
+def canonical_ws(
+    generator: PanoHeadGenerator, frontal_camera: torch.Tensor, seed: int = 0, truncation_psi: float = 0.7
+) -> torch.Tensor:
     """W+ of a fixed-seed head, truncated towards the average (a plain, typical head): the
     subject of the camera-condition images."""
     device = next(generator.parameters()).device
@@ -169,7 +183,7 @@ def canonical_ws(generator: PanoHeadGenerator, frontal_camera: torch.Tensor, see
     return generator.mapping(z, frontal_camera.to(device, torch.float32), truncation_psi=truncation_psi)
 
 
-def to_uint8(images: torch.Tensor) -> "list":
+def to_uint8(images: torch.Tensor) -> list:
     """[-1, 1] (N, 3, H, W) -> list of (H, W, 3) uint8 arrays."""
     pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return list(pixels)

@@ -10,7 +10,7 @@ demodulation with epsilon 1e-8, and padding lists given as (x0, x1, y0, y1).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +131,9 @@ def modulated_conv2d(
     out_channels, in_channels, kernel_h, kernel_w = weight.shape
     if x.dtype == torch.float16 and demodulate:
         # Pre-normalise so that the products below cannot overflow in half precision.
-        weight = weight * (1 / math.sqrt(in_channels * kernel_h * kernel_w) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True))
+        weight = weight * (
+            1 / math.sqrt(in_channels * kernel_h * kernel_w) / weight.norm(float("inf"), dim=[1, 2, 3], keepdim=True)
+        )
         styles = styles / styles.norm(float("inf"), dim=1, keepdim=True)
     per_sample = weight.unsqueeze(0) * styles.reshape(batch, 1, in_channels, 1, 1)
     demod = (per_sample.square().sum(dim=[2, 3, 4]) + 1e-8).rsqrt() if demodulate else None

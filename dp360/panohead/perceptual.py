@@ -91,9 +91,15 @@ def load_lpips(device: str | torch.device = "cpu", backbone: str | Path | None =
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001
-        raise Dp360Error(f"{path} cannot be read as a VGG16 state dict ({type(error).__name__}); delete it and download it again.") from None
+        raise Dp360Error(
+            f"{path} cannot be read as a VGG16 state dict ({type(error).__name__}); delete it and download it again."
+        ) from None
     model = LPIPS()
-    features = {key[len("features."):]: value for key, value in state.items() if key.startswith("features.") and int(key.split(".")[1]) < SLICE_ENDS[-1]}
+    features = {
+        key[len("features.") :]: value
+        for key, value in state.items()
+        if key.startswith("features.") and int(key.split(".")[1]) < SLICE_ENDS[-1]
+    }
     try:
         model.features.load_state_dict(features, strict=True)
     except RuntimeError as error:

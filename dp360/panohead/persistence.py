@@ -142,7 +142,9 @@ def _copyreg_reconstructor(cls, base, state):
 class SafeUnpickler(pickle.Unpickler):
     def __init__(self, file):
         super().__init__(file)
-        self.allowed = {key: value for key, value in {**ALLOWED_GLOBALS, **_numpy_globals()}.items() if value is not None}
+        self.allowed = {
+            key: value for key, value in {**ALLOWED_GLOBALS, **_numpy_globals()}.items() if value is not None
+        }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) == PERSISTENT_RECONSTRUCT:
@@ -159,7 +161,9 @@ class SafeUnpickler(pickle.Unpickler):
         )
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError("The pickle uses persistent ids (a torch.save archive?), which this loader does not accept.")
+        raise UnsafePickleError(
+            "The pickle uses persistent ids (a torch.save archive?), which this loader does not accept."
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -182,7 +186,7 @@ def _plain(value: Any) -> Any:
 class PickledNetwork:
     class_name: str
     init_kwargs: dict[str, Any]
-    state_dict: "collections.OrderedDict[str, torch.Tensor]" = field(default_factory=collections.OrderedDict)
+    state_dict: collections.OrderedDict[str, torch.Tensor] = field(default_factory=collections.OrderedDict)
 
 
 def _module_state(node: Any) -> dict[str, Any]:
@@ -193,7 +197,9 @@ def _module_state(node: Any) -> dict[str, Any]:
     raise UnsafePickleError(f"Unexpected object in the module tree: {type(node).__name__}.")
 
 
-def collect_state_dict(node: Any, prefix: str = "", out: "collections.OrderedDict | None" = None) -> "collections.OrderedDict[str, torch.Tensor]":
+def collect_state_dict(
+    node: Any, prefix: str = "", out: collections.OrderedDict | None = None
+) -> collections.OrderedDict[str, torch.Tensor]:
     """Walk `_parameters`, persistent `_buffers` and `_modules` the way `state_dict()` does."""
     out = collections.OrderedDict() if out is None else out
     state = _module_state(node)
@@ -219,7 +225,9 @@ def read_network_pickle(path: str | Path, key: str = "G_ema") -> PickledNetwork:
         raise Dp360Error(f"{path} is not a readable PanoHead pickle ({type(error).__name__}: {error}).") from None
     data = data if isinstance(data, dict) else _plain(data)
     if key not in data:
-        raise Dp360Error(f"{path} has no '{key}' network (keys: {', '.join(map(str, data))}); is it a PanoHead training snapshot?")
+        raise Dp360Error(
+            f"{path} has no '{key}' network (keys: {', '.join(map(str, data))}); is it a PanoHead training snapshot?"
+        )
     record = data[key]
     if not isinstance(record, PersistentRecord):
         raise Dp360Error(f"'{key}' in {path} is not a persistent network record.")
@@ -297,9 +305,19 @@ def _module_tree_state(module: torch.nn.Module, init_kwargs: dict[str, Any] | No
     }
 
 
-def _persistent_tree(module: torch.nn.Module, class_name: str, init_kwargs: dict[str, Any] | None = None) -> _PersistentStandIn:
+def _persistent_tree(
+    module: torch.nn.Module, class_name: str, init_kwargs: dict[str, Any] | None = None
+) -> _PersistentStandIn:
     state = _module_tree_state(module, init_kwargs)
-    return _PersistentStandIn({"type": "class", "version": 6, "module_src": f"# source of {class_name}\n", "class_name": class_name, "state": state})
+    return _PersistentStandIn(
+        {
+            "type": "class",
+            "version": 6,
+            "module_src": f"# source of {class_name}\n",
+            "class_name": class_name,
+            "state": state,
+        }
+    )
 
 
 def write_network_pickle(path: str | Path, generator: torch.nn.Module, init_kwargs: dict[str, Any]) -> Path:
@@ -308,5 +326,9 @@ def write_network_pickle(path: str | Path, generator: torch.nn.Module, init_kwar
 
     tree = _persistent_tree(generator, "training.triplane.TriPlaneGenerator", init_kwargs)
     with atomic_path(Path(path)) as temporary, open(temporary, "wb") as handle:
-        pickle.dump({"G_ema": tree, "training_set_kwargs": {"resolution": init_kwargs.get("img_resolution")}}, handle, protocol=4)
+        pickle.dump(
+            {"G_ema": tree, "training_set_kwargs": {"resolution": init_kwargs.get("img_resolution")}},
+            handle,
+            protocol=4,
+        )
     return Path(path)

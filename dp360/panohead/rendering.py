@@ -9,8 +9,8 @@ averaged; densities pass through softplus(sigma - 1); samples outside the vertic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,14 @@ def sample_trigrid(planes: torch.Tensor, coordinates: torch.Tensor, box_warp: fl
 class OSGDecoder(nn.Module):
     """Averaged plane features -> (density, 32 features) through a 64-unit softplus MLP."""
 
-    def __init__(self, n_features: int, output_dim: int = 32, lr_multiplier: float = 1.0, activation: str = "none", hidden: int = 64):
+    def __init__(
+        self,
+        n_features: int,
+        output_dim: int = 32,
+        lr_multiplier: float = 1.0,
+        activation: str = "none",
+        hidden: int = 64,
+    ):
         super().__init__()
         self.activation = activation
         self.net = nn.Sequential(
@@ -73,7 +80,9 @@ def ray_march(colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tenso
     densities_mid = F.softplus((densities[:, :, :-1] + densities[:, :, 1:]) / 2 - 1)
     depths_mid = (depths[:, :, :-1] + depths[:, :, 1:]) / 2
     alpha = 1 - torch.exp(-densities_mid * deltas)
-    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], dim=-2), dim=-2)[:, :, :-1]
+    transmittance = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :, :1]), 1 - alpha + 1e-10], dim=-2), dim=-2)[
+        :, :, :-1
+    ]
     weights = alpha * transmittance
     composite = (weights * colors_mid).sum(dim=-2)
     total = weights.sum(dim=-2)
@@ -84,7 +93,13 @@ def ray_march(colors: torch.Tensor, densities: torch.Tensor, depths: torch.Tenso
     return composite, depth, weights
 
 
-def sample_pdf(bins: torch.Tensor, weights: torch.Tensor, count: int, deterministic: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_pdf(
+    bins: torch.Tensor,
+    weights: torch.Tensor,
+    count: int,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Inverse-CDF samples from the piecewise-constant density `weights` over the intervals
     between consecutive `bins` (rays x (K+1) edges, rays x K weights)."""
     weights = weights + 1e-5
@@ -125,14 +140,22 @@ def trigrid_field(planes: torch.Tensor, decoder: OSGDecoder, settings: RenderSet
     def field(points: torch.Tensor):
         color, sigma = decoder(sample_trigrid(planes, points, settings.box_warp, settings.triplane_depth))
         if settings.triplane_crop:
-            outside = (points[..., [0, 2]].abs() > settings.box_warp / 2 - settings.triplane_crop).any(dim=-1, keepdim=True)
+            outside = (points[..., [0, 2]].abs() > settings.box_warp / 2 - settings.triplane_crop).any(
+                dim=-1, keepdim=True
+            )
             sigma = torch.where(outside, torch.full_like(sigma, -1e3), sigma)
         return color, sigma
 
     return field
 
 
-def render_rays(field: Field, origins: torch.Tensor, directions: torch.Tensor, settings: RenderSettings, generator: torch.Generator | None = None):
+def render_rays(
+    field: Field,
+    origins: torch.Tensor,
+    directions: torch.Tensor,
+    settings: RenderSettings,
+    generator: torch.Generator | None = None,
+):
     """Stratified pass, then importance samples where the coarse weights are, then one march
     over all samples sorted by depth. origins/directions (N, R, 3).
 
@@ -143,7 +166,9 @@ def render_rays(field: Field, origins: torch.Tensor, directions: torch.Tensor, s
     depths = depths.reshape(1, 1, steps, 1).repeat(batch, rays, 1, 1)
     if not settings.deterministic:
         spacing = (settings.ray_end - settings.ray_start) / (steps - 1)
-        depths = depths + torch.rand(depths.shape, device=origins.device, dtype=origins.dtype, generator=generator) * spacing
+        depths = (
+            depths + torch.rand(depths.shape, device=origins.device, dtype=origins.dtype, generator=generator) * spacing
+        )
 
     def evaluate(sample_depths: torch.Tensor):
         count = sample_depths.shape[2]
@@ -163,7 +188,9 @@ def render_rays(field: Field, origins: torch.Tensor, directions: torch.Tensor, s
             interval_weights = on_samples[:, 1:-1] + 0.01  # S-2 intervals between midpoints
             flat_depths = depths.reshape(batch * rays, steps)
             midpoints = 0.5 * (flat_depths[:, :-1] + flat_depths[:, 1:])
-            fine = sample_pdf(midpoints, interval_weights, settings.depth_resolution_importance, settings.deterministic, generator)
+            fine = sample_pdf(
+                midpoints, interval_weights, settings.depth_resolution_importance, settings.deterministic, generator
+            )
             fine = fine.reshape(batch, rays, -1, 1)
         fine_colors, fine_densities = evaluate(fine)
         depths = torch.cat([depths, fine], dim=2)

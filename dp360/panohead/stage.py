@@ -22,10 +22,12 @@ from PIL import Image
 
 from .. import cameras
 from ..errors import Dp360Error
-from ..imaging import atomic_directory, save_image_atomic, write_json_atomic
+from ..imaging import atomic_directory, file_sha256, save_image_atomic, write_json_atomic
+from ..stage import Stage, StageContext, Unavailable, check_int
 from .inversion import InversionSettings, canonical_ws, invert, render_views, to_uint8
 
 CONDITION_FPS = 30
+MAX_INVERSION_STEPS = 10_000
 
 
 @dataclass
@@ -38,6 +40,10 @@ class NoiseSettings:
     def key_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self) -> None:
+        check_int("--invert-steps", self.invert_steps, 0, MAX_INVERSION_STEPS)
+        check_int("--pti-steps", self.pti_steps, 0, MAX_INVERSION_STEPS)
+
 
 def _frontal_label(device) -> torch.Tensor:
     return torch.from_numpy(cameras.orbit_labels(1)).to(device)
@@ -48,7 +54,9 @@ def load_target(crop_path: Path, resolution: int) -> torch.Tensor:
     image = Image.open(crop_path).convert("RGB")
     width, height = image.size
     side = min(width, height)
-    image = image.crop(((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side))
+    image = image.crop(
+        ((width - side) // 2, (height - side) // 2, (width - side) // 2 + side, (height - side) // 2 + side)
+    )
     image = image.resize((resolution, resolution), Image.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
     return pixels / 127.5 - 1
@@ -62,15 +70,21 @@ def read_label(dataset_json: Path) -> torch.Tensor:
     return torch.tensor([cameras.panohead_label(cam2world, intrinsics)], dtype=torch.float32)
 
 
-def build_noise(prepared_dir: Path, folder: Path, generator, lpips, settings: NoiseSettings, device: str, progress: bool = True) -> dict[str, Any]:
+def build_noise(
+    prepared_dir: Path, folder: Path, generator, lpips, settings: NoiseSettings, device: str, progress: bool = True
+) -> dict[str, Any]:
     """Fill `folder` (the noise stage's staging folder); returns a small summary."""
     generator = generator.to(device)
     target = load_target(prepared_dir / "crop.png", generator.config.img_resolution)
     label = read_label(prepared_dir / "dataset.json")
     inversion = InversionSettings(invert_steps=settings.invert_steps, pti_steps=settings.pti_steps, seed=settings.seed)
-    result = invert(generator, target, label, lpips, inversion, progress=progress, frontal_camera=_frontal_label(device))
+    result = invert(
+        generator, target, label, lpips, inversion, progress=progress, frontal_camera=_frontal_label(device)
+    )
     fitted = render_views(result.generator, result.ws, result.camera, seed=settings.seed)
-    frames = render_views(result.generator, result.ws, torch.from_numpy(cameras.orbit_labels(settings.views)), seed=settings.seed)
+    frames = render_views(
+        result.generator, result.ws, torch.from_numpy(cameras.orbit_labels(settings.views)), seed=settings.seed
+    )
     del result.generator
 
     frames_dir = folder / "frames"
@@ -87,11 +101,20 @@ def build_noise(prepared_dir: Path, folder: Path, generator, lpips, settings: No
     summary = {
         "frames": len(pixels),
         "resolution": generator.config.img_resolution,
-        "projection_loss": [round(result.projection_losses[0], 5), round(result.projection_losses[-1], 5)] if result.projection_losses else None,
+        "projection_loss": [round(result.projection_losses[0], 5), round(result.projection_losses[-1], 5)]
+        if result.projection_losses
+        else None,
         "pti_loss": [round(result.pti_losses[0], 5), round(result.pti_losses[-1], 5)] if result.pti_losses else None,
         "mean_abs_error": round(error, 5),
     }
-    write_json_atomic(folder / "inversion.json", {**summary, "settings": inversion.key_dict(), "camera_offset": (result.camera - label.to(result.camera.device)).flatten()[[3, 7, 11]].tolist()})
+    write_json_atomic(
+        folder / "inversion.json",
+        {
+            **summary,
+            "settings": inversion.key_dict(),
+            "camera_offset": (result.camera - label.to(result.camera.device)).flatten()[[3, 7, 11]].tolist(),
+        },
+    )
     return summary
 
 
@@ -114,11 +137,15 @@ class NoiseModels:
     lpips_backbone: Path
 
     @classmethod
-    def locate(cls, weights_dir: Path | None = None) -> "NoiseModels":
+    def locate(cls, weights_dir: Path | None = None) -> NoiseModels:
         from .perceptual import backbone_path
         from .store import panohead_dir
 
-        generator_dir = Path(weights_dir) / "panohead" if weights_dir is not None and (Path(weights_dir) / "panohead").is_dir() else panohead_dir()
+        generator_dir = (
+            Path(weights_dir) / "panohead"
+            if weights_dir is not None and (Path(weights_dir) / "panohead").is_dir()
+            else panohead_dir()
+        )
         return cls(generator_dir, backbone_path())
 
     def problem(self) -> str | None:
@@ -133,17 +160,21 @@ class NoiseModels:
         return None
 
     def hashes(self) -> dict[str, str]:
-        from ..imaging import file_sha256
         from .store import WEIGHTS_FILE
 
-        return {"panohead": file_sha256(Path(self.generator_dir) / WEIGHTS_FILE), "lpips_backbone": file_sha256(self.lpips_backbone)}
+        return {
+            "panohead": file_sha256(Path(self.generator_dir) / WEIGHTS_FILE),
+            "lpips_backbone": file_sha256(self.lpips_backbone),
+        }
 
     def generator(self, device: str):
         from .store import load_generator
 
         return load_generator(self.generator_dir, device=device)
 
-    def build(self, prepared_dir: Path, folder: Path, settings: NoiseSettings, device: str, progress: bool = True) -> dict[str, Any]:
+    def build(
+        self, prepared_dir: Path, folder: Path, settings: NoiseSettings, device: str, progress: bool = True
+    ) -> dict[str, Any]:
         from .perceptual import load_lpips
 
         lpips = load_lpips(device, self.lpips_backbone)
@@ -158,3 +189,40 @@ class NoiseModels:
         if not out_dir.is_dir():
             camera_condition_images(self.generator(device), view_count, out_dir, device)
         return out_dir
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def _check(context: StageContext) -> Unavailable | None:
+    if not context.config.views.use_3d_noise:
+        return Unavailable("skipped", "turned off with --no-3d-noise: views start from Gaussian noise")
+    problem = context.config.noise_models.problem()
+    if problem:
+        return Unavailable(
+            "not_available", problem, f"no 3D-aware noise, so the views will follow the cameras less well: {problem}"
+        )
+    return None
+
+
+def _inputs(context: StageContext) -> dict[str, str]:
+    prepared = context.run_dir / "prepared"
+    return {
+        "crop": file_sha256(prepared / "crop.png"),
+        "dataset": file_sha256(prepared / "dataset.json"),
+        **context.config.noise_models.hashes(),
+    }
+
+
+NOISE_STAGE = Stage(
+    name="noise",
+    folder="noise",
+    description="PanoHead inversion and 3D-aware noise frames",
+    settings=lambda context: context.config.noise.key_dict(),
+    inputs=_inputs,
+    build=lambda context, folder: context.config.noise_models.build(
+        context.run_dir / "prepared", folder, context.config.noise, context.device, progress=context.progress
+    ),
+    check=_check,
+    needs=("prepare",),
+)

@@ -37,14 +37,22 @@ def check_state_dict(generator: PanoHeadGenerator, state_dict: dict[str, torch.T
     expected = generator.state_dict()
     missing = [key for key in expected if key not in state_dict and key not in OPTIONAL_KEYS]
     unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}" for key in expected if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)]
+    mismatched = [
+        f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
+        for key in expected
+        if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)
+    ]
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
         if items:
             shown = ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise Dp360Error("The PanoHead weights do not match the network built from their own configuration (" + "; ".join(problems) + ").")
+        raise Dp360Error(
+            "The PanoHead weights do not match the network built from their own configuration ("
+            + "; ".join(problems)
+            + ")."
+        )
 
 
 def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -68,7 +76,12 @@ def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None 
 
     with atomic_directory(out_dir) as staging:
         save_file(state, str(staging / WEIGHTS_FILE))
-        payload = {"class_name": network.class_name, "init_kwargs": config.init_kwargs(), "source": pickle_path.name, "source_sha256": file_sha256(pickle_path)}
+        payload = {
+            "class_name": network.class_name,
+            "init_kwargs": config.init_kwargs(),
+            "source": pickle_path.name,
+            "source_sha256": file_sha256(pickle_path),
+        }
         (staging / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
     return out_dir
 
@@ -79,8 +92,20 @@ def save_generator(generator: PanoHeadGenerator, out_dir: str | Path, source: st
 
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
-        save_file({key: value.detach().float().contiguous().cpu() for key, value in generator.state_dict().items()}, str(staging / WEIGHTS_FILE))
-        (staging / CONFIG_FILE).write_text(json.dumps({"class_name": "training.triplane.TriPlaneGenerator", "init_kwargs": generator.config.init_kwargs(), "source": source}, indent=2))
+        save_file(
+            {key: value.detach().float().contiguous().cpu() for key, value in generator.state_dict().items()},
+            str(staging / WEIGHTS_FILE),
+        )
+        (staging / CONFIG_FILE).write_text(
+            json.dumps(
+                {
+                    "class_name": "training.triplane.TriPlaneGenerator",
+                    "init_kwargs": generator.config.init_kwargs(),
+                    "source": source,
+                },
+                indent=2,
+            )
+        )
     return out_dir
 
 

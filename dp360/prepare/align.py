@@ -79,7 +79,9 @@ def _blurred_padding(warped: np.ndarray, inside: np.ndarray, size: int) -> np.nd
     return np.clip(np.round(warped * (1.0 - weight) + blurred * weight), 0, 255).astype(np.uint8)
 
 
-def warp_crop(image: np.ndarray, transform: CropTransform, supersample: int = 2, blur_padding: bool = True) -> np.ndarray:
+def warp_crop(
+    image: np.ndarray, transform: CropTransform, supersample: int = 2, blur_padding: bool = True
+) -> np.ndarray:
     """Resample `image` (H, W) or (H, W, C) uint8 into the crop, reflecting where the crop leaves
     the image; rendered at `supersample`x and area-averaged down for clean edges."""
     size = transform.size
@@ -90,7 +92,11 @@ def warp_crop(image: np.ndarray, transform: CropTransform, supersample: int = 2,
     scale_in_per_out = 1.0 / (np.sqrt(abs(np.linalg.det(matrix[:, :2]))) * supersample)
     if scale_in_per_out > 2.0:
         shrink = 1.0 / scale_in_per_out
-        source = cv2.resize(image, (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink))), interpolation=cv2.INTER_AREA)
+        source = cv2.resize(
+            image,
+            (max(1, round(image.shape[1] * shrink)), max(1, round(image.shape[0] * shrink))),
+            interpolation=cv2.INTER_AREA,
+        )
         matrix[:, :2] = matrix[:, :2] / shrink
     big = size * supersample
     matrix_big = matrix * supersample

@@ -48,7 +48,7 @@ class FaceDetection:
     def area(self) -> float:
         return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
 
-    def scaled(self, factor: float) -> "FaceDetection":
+    def scaled(self, factor: float) -> FaceDetection:
         return FaceDetection(
             box=self.box * factor,
             score=self.score,
@@ -82,7 +82,9 @@ def _detect_downscaled(rgb: np.ndarray, run) -> list[FaceDetection]:
         detections = run(rgb)
     else:
         factor = DETECTION_MAX_SIDE / longest
-        small = cv2.resize(rgb, (round(rgb.shape[1] * factor), round(rgb.shape[0] * factor)), interpolation=cv2.INTER_AREA)
+        small = cv2.resize(
+            rgb, (round(rgb.shape[1] * factor), round(rgb.shape[0] * factor)), interpolation=cv2.INTER_AREA
+        )
         detections = [d.scaled(1.0 / factor) for d in run(small)]
     return sorted(detections, key=lambda d: d.area, reverse=True)
 
@@ -154,7 +156,9 @@ def dlib_landmark_model_path() -> Path:
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
     if not path.is_file():
-        raise DetectorUnavailableError(f"dlib's landmark model is missing at {path}; reinstall 'face-recognition-models'.")
+        raise DetectorUnavailableError(
+            f"dlib's landmark model is missing at {path}; reinstall 'face-recognition-models'."
+        )
     return path
 
 
@@ -189,9 +193,7 @@ class DlibDetector:
                     continue
                 shape = self._predictor(image, rectangle)
                 points = np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
-                five = np.stack(
-                    [points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]]
-                )
+                five = np.stack([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
                 box = np.array([rectangle.left(), rectangle.top(), rectangle.right(), rectangle.bottom()], dtype=float)
                 detections.append(
                     FaceDetection(box=box, score=float(score), landmarks5=_order_landmarks5(five), landmarks68=points)

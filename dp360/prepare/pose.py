@@ -41,7 +41,12 @@ class HeadPose:
     tvec: np.ndarray | None = None
 
     def as_dict(self) -> dict:
-        return {"yaw_deg": round(self.yaw, 3), "elevation_deg": round(self.elevation, 3), "roll_deg": round(self.roll, 3), "source": self.source}
+        return {
+            "yaw_deg": round(self.yaw, 3),
+            "elevation_deg": round(self.elevation, 3),
+            "roll_deg": round(self.roll, 3),
+            "source": self.source,
+        }
 
 
 def crop_camera_matrix(size: int) -> np.ndarray:

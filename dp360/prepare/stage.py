@@ -13,8 +13,9 @@ import cv2
 import numpy as np
 
 from .. import cameras
-from ..errors import DetectorUnavailableError, NoFaceError
+from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
 from ..imaging import LoadedImage, save_image_atomic, write_json_atomic
+from ..stage import Stage, StageContext, check_float, check_int
 from .align import CROP_SIZE, CropTransform, center_square, panohead_crop_transform, warp_crop
 from .detectors import FaceDetection, make_detector
 from .pose import HeadPose, pose_axes_in_crop, pose_from_angles, pose_from_landmarks
@@ -22,6 +23,9 @@ from .pose import HeadPose, pose_axes_in_crop, pose_from_angles, pose_from_landm
 log = logging.getLogger(__name__)
 
 CROP_NAME = "crop.png"
+DETECTORS = ("auto", "retinaface", "dlib")
+# Orbit cameras look at the origin with y up: at +-90 degrees elevation the view is undefined.
+PITCH_LIMIT = 89.0
 OVERLAY_MAX_SIDE = 1024
 
 
@@ -39,6 +43,16 @@ class PrepareSettings:
     def key_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def check(self) -> None:
+        if self.detector not in DETECTORS:
+            raise Dp360Error(f"--detector must be one of {', '.join(DETECTORS)}, not {self.detector!r}.")
+        if self.yaw is not None:
+            check_float("--yaw", self.yaw, -180.0, 180.0)
+        if self.pitch is not None:
+            check_float("--pitch", self.pitch, -PITCH_LIMIT, PITCH_LIMIT)
+        if self.face_index is not None:
+            check_int("--face-index", self.face_index, 0, 1000)
+
 
 @dataclass
 class PrepareResult:
@@ -50,7 +64,9 @@ class PrepareResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _pick_face(detections: list[FaceDetection], settings: PrepareSettings, image_name: str, notes: list[str]) -> FaceDetection:
+def _pick_face(
+    detections: list[FaceDetection], settings: PrepareSettings, image_name: str, notes: list[str]
+) -> FaceDetection:
     if settings.face_index is not None:
         if not 0 <= settings.face_index < len(detections):
             raise NoFaceError(
@@ -97,7 +113,9 @@ def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes:
                     landmarks68=None if in_crop.landmarks68 is None else transform.invert(in_crop.landmarks68),
                 )
             elif needs_pose:
-                notes.append("--no-crop: no face was detected, so a frontal camera is assumed (set --yaw/--pitch if not)")
+                notes.append(
+                    "--no-crop: no face was detected, so a frontal camera is assumed (set --yaw/--pitch if not)"
+                )
     else:
         found = detector.detect(image.rgb)
         face_count = len(found)
@@ -128,18 +146,29 @@ def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes:
     return crop, mask, transform, detection, (detector.name if detector else None), face_count, pose, estimated
 
 
-def _draw_overlay(image: LoadedImage, transform: CropTransform, detection: FaceDetection | None, pose: HeadPose, estimated: HeadPose, detector: str | None) -> np.ndarray:
+def _draw_overlay(
+    image: LoadedImage,
+    transform: CropTransform,
+    detection: FaceDetection | None,
+    pose: HeadPose,
+    estimated: HeadPose,
+    detector: str | None,
+) -> np.ndarray:
     canvas = image.rgb.copy()
     longest = max(canvas.shape[:2])
     factor = min(1.0, OVERLAY_MAX_SIDE / longest)
     if factor < 1.0:
-        canvas = cv2.resize(canvas, (round(canvas.shape[1] * factor), round(canvas.shape[0] * factor)), interpolation=cv2.INTER_AREA)
+        canvas = cv2.resize(
+            canvas, (round(canvas.shape[1] * factor), round(canvas.shape[0] * factor)), interpolation=cv2.INTER_AREA
+        )
     thickness = max(1, round(max(canvas.shape[:2]) / 300))
 
     def pt(xy):
         return tuple(int(round(v * factor)) for v in xy)
 
-    cv2.polylines(canvas, [np.round(transform.corners * factor).astype(np.int32)], True, (255, 210, 0), thickness, cv2.LINE_AA)
+    cv2.polylines(
+        canvas, [np.round(transform.corners * factor).astype(np.int32)], True, (255, 210, 0), thickness, cv2.LINE_AA
+    )
     if detection is not None:
         cv2.rectangle(canvas, pt(detection.box[:2]), pt(detection.box[2:]), (0, 220, 0), thickness, cv2.LINE_AA)
         if detection.landmarks68 is not None:
@@ -160,7 +189,9 @@ def _draw_overlay(image: LoadedImage, transform: CropTransform, detection: FaceD
     return canvas
 
 
-def prepare_portrait(image: LoadedImage, out_dir: Path, settings: PrepareSettings, device: str = "cpu") -> PrepareResult:
+def prepare_portrait(
+    image: LoadedImage, out_dir: Path, settings: PrepareSettings, device: str = "cpu"
+) -> PrepareResult:
     """Run the prepare stage on a loaded image and write its files into `out_dir`."""
     out_dir = Path(out_dir)
     notes: list[str] = []
@@ -191,4 +222,26 @@ def prepare_portrait(image: LoadedImage, out_dir: Path, settings: PrepareSetting
         )
     write_json_atomic(out_dir / "face.json", face)
     save_image_atomic(out_dir / "overlay.png", _draw_overlay(image, transform, detection, pose, estimated, detector))
-    return PrepareResult(crop=crop, pose=pose, detection=detection, detector=detector, face_count=face_count, notes=notes)
+    return PrepareResult(
+        crop=crop, pose=pose, detection=detection, detector=detector, face_count=face_count, notes=notes
+    )
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def _build(context: StageContext, folder: Path) -> dict[str, Any]:
+    result = prepare_portrait(context.image, folder, context.config.prepare, device=context.device)
+    for note in result.notes:
+        context.note(note)
+    return {"detector": result.detector, "face_count": result.face_count, "pose": result.pose.as_dict()}
+
+
+PREPARE_STAGE = Stage(
+    name="prepare",
+    folder="prepared",
+    description="detect the face, crop like PanoHead, estimate the camera",
+    settings=lambda context: context.config.prepare.key_dict(),
+    inputs=lambda context: {"input": context.image.sha256},
+    build=_build,
+)

@@ -60,7 +60,10 @@ def write_tiny_bundles(folder: str | Path, view_count: int = 32) -> dict[str, Pa
     paths: dict[str, Path] = {}
     for kind, names, seed in (("main", MAIN_COMPONENTS, 0), ("back", BACK_COMPONENTS, 1)):
         components = tiny_components(names, seed)
-        checkpoint = to_official_layout({name: (component_config(TINY, name), module.state_dict()) for name, module in components.items()}, schedule=torch.zeros(1000))
+        checkpoint = to_official_layout(
+            {name: (component_config(TINY, name), module.state_dict()) for name, module in components.items()},
+            schedule=torch.zeros(1000),
+        )
         torch.save(checkpoint, folder / f"{kind}.th")
         paths[kind] = convert_to_bundle(folder / f"{kind}.th", folder / f"{kind}-bundle", kind, family="tiny")
     cameras = folder / "cameras"

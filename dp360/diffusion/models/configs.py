@@ -53,7 +53,15 @@ def _unet(channels, down, up, cross, heads, groups, sample):
 
 
 def _controlnet(unet: dict[str, Any], embedding) -> dict[str, Any]:
-    keep = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim", "norm_num_groups")
+    keep = (
+        "in_channels",
+        "down_block_types",
+        "block_out_channels",
+        "layers_per_block",
+        "cross_attention_dim",
+        "attention_head_dim",
+        "norm_num_groups",
+    )
     return {**{k: unet[k] for k in keep}, "conditioning_channels": 3, "conditioning_embedding_out_channels": embedding}
 
 
@@ -93,7 +101,13 @@ FULL = ModelFamily(
         projection_dim=768,
         hidden_act="quick_gelu",
     ),
-    temporal=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, num_attention_heads=8, norm_num_groups=32, max_seq_length=24),
+    temporal=dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        num_attention_heads=8,
+        norm_num_groups=32,
+        max_seq_length=24,
+    ),
     image_size=512,
 )
 
@@ -125,7 +139,9 @@ TINY = ModelFamily(
         projection_dim=32,
         hidden_act="quick_gelu",
     ),
-    temporal=dict(block_out_channels=(32, 64), layers_per_block=2, num_attention_heads=4, norm_num_groups=8, max_seq_length=24),
+    temporal=dict(
+        block_out_channels=(32, 64), layers_per_block=2, num_attention_heads=4, norm_num_groups=8, max_seq_length=24
+    ),
     image_size=64,
 )
 

@@ -11,14 +11,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cameras
-from .errors import Dp360Error
-from .imaging import save_image_atomic, write_json_atomic
-from .video import write_mp4
+from .. import cameras
+from ..errors import Dp360Error
+from ..imaging import file_sha256, save_image_atomic, write_json_atomic
+from ..stage import Stage, StageContext, Unavailable, check_float, check_int, check_seed
+from ..video import write_mp4
 
 log = logging.getLogger(__name__)
 
 BACK_CAMERA_32 = 18
+# Bounds of the settings, stated in --help. The view-consistency modules see windows of 8
+# consecutive views, so 8 is the fewest; above 128 views a run takes hours for no gain.
+MIN_VIEWS, MAX_VIEWS = 8, 128
+MAX_STEPS = 1000  # the DDPM schedule's length
+MAX_GUIDANCE = 30.0
 
 
 @dataclass
@@ -35,6 +41,15 @@ class ViewSettings:
 
     def key_dict(self) -> dict:
         return {**asdict(self), "back_camera_index": self.back_index()}
+
+    def check(self) -> None:
+        check_int("--views", self.views, MIN_VIEWS, MAX_VIEWS)
+        check_int("--steps", self.steps, 1, MAX_STEPS)
+        check_float("--guidance", self.guidance, 1.0, MAX_GUIDANCE)
+        check_float("--eta", self.eta, 0.0, 1.0)
+        check_seed(self.seed)
+        if self.back_camera_index is not None:
+            check_int("--back-camera", self.back_camera_index, 0, self.views - 1)
 
     def back_index(self) -> int:
         if self.back_camera_index is not None:
@@ -64,12 +79,21 @@ def grid_image(images: list[Image.Image], columns: int = 8) -> np.ndarray:
     return canvas
 
 
-def generate_back_view(pipeline, front: Image.Image, camera_images: list[Image.Image], settings: ViewSettings) -> Image.Image:
+def generate_back_view(
+    pipeline, front: Image.Image, camera_images: list[Image.Image], settings: ViewSettings
+) -> Image.Image:
     index = settings.back_index()
     if not 0 <= index < len(camera_images):
         raise Dp360Error(f"--back-camera {index} is not one of the {len(camera_images)} camera images.")
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    return pipeline(front, camera_images[index], num_inference_steps=settings.steps, guidance_scale=settings.guidance, eta=settings.eta, generator=generator).images[0]
+    return pipeline(
+        front,
+        camera_images[index],
+        num_inference_steps=settings.steps,
+        guidance_scale=settings.guidance,
+        eta=settings.eta,
+        generator=generator,
+    ).images[0]
 
 
 def generate_views(
@@ -102,9 +126,16 @@ def generate_views(
     write_mp4(out_dir / "orbit.mp4", [np.asarray(image) for image in images], fps=10)
     size = images[0].size[0]
     orbit = cameras.dp360_orbit(len(images))
-    views = [cameras.ViewCamera(name, cam2world, cameras.normalized_intrinsics()) for name, cam2world in zip(names, orbit)]
+    views = [
+        cameras.ViewCamera(name, cam2world, cameras.normalized_intrinsics()) for name, cam2world in zip(names, orbit)
+    ]
     write_json_atomic(out_dir / "transforms.json", cameras.to_nerfstudio_transforms(views, size, size))
-    return {"views": len(images), "chunks": output.chunks, "size": size, "3d_noise": noise_frames is not None and settings.use_3d_noise}
+    return {
+        "views": len(images),
+        "chunks": output.chunks,
+        "size": size,
+        "3d_noise": noise_frames is not None and settings.use_3d_noise,
+    }
 
 
 @dataclass
@@ -118,22 +149,36 @@ class ViewModels:
     offload: bool = False
 
     @classmethod
-    def default(cls, view_count: int = 32) -> "ViewModels":
-        from . import weights
+    def default(cls, view_count: int = 32) -> ViewModels:
+        from .. import weights
 
-        return cls(weights.bundle_path("main"), weights.bundle_path("back"), weights.cache_dir() / "sphere32" if view_count == 32 else weights.cache_dir() / f"cameras{view_count}")
+        return cls(
+            weights.bundle_path("main"),
+            weights.bundle_path("back"),
+            weights.cache_dir() / "sphere32" if view_count == 32 else weights.cache_dir() / f"cameras{view_count}",
+        )
 
     @classmethod
-    def locate(cls, view_count: int = 32, dtype: str | None = None, weights_dir: Path | None = None, camera_dir: Path | None = None, offload: bool = False) -> "ViewModels":
+    def locate(
+        cls,
+        view_count: int = 32,
+        dtype: str | None = None,
+        weights_dir: Path | None = None,
+        camera_dir: Path | None = None,
+        offload: bool = False,
+    ) -> ViewModels:
         """Bundles from `weights_dir` (default: the dp360 cache), preferring the precision that
         matches `dtype` and falling back to the other one; cameras from `camera_dir` if given."""
-        from . import weights
+        from .. import weights
 
         root = Path(weights_dir) if weights_dir is not None else weights.bundles_dir()
         order = ("fp16", "fp32") if dtype in ("fp16", "bf16") else ("fp32", "fp16")
 
         def bundle(kind: str) -> Path:
-            return next((root / f"{kind}-{precision}" for precision in order if (root / f"{kind}-{precision}").is_dir()), root / f"{kind}-fp32")
+            return next(
+                (root / f"{kind}-{precision}" for precision in order if (root / f"{kind}-{precision}").is_dir()),
+                root / f"{kind}-fp32",
+            )
 
         models = cls.default(view_count)
         models.main_bundle, models.back_bundle = bundle("main"), bundle("back")
@@ -157,7 +202,6 @@ class ViewModels:
         return None
 
     def hashes(self) -> dict[str, str]:
-        from .imaging import file_sha256
         from .models.bundle import BUNDLE_FILE
 
         result = {
@@ -169,9 +213,8 @@ class ViewModels:
         return result
 
     def build_views(self, run_dir: Path, folder: Path, settings: ViewSettings, device: str, dtype: str) -> dict:
+        from ..runtime import torch_dtype as to_torch_dtype
         from .models.bundle import load_bundle
-
-        from .runtime import torch_dtype as to_torch_dtype
 
         torch_dtype = to_torch_dtype(dtype)
         front = Image.open(run_dir / "prepared" / "crop.png").convert("RGB")
@@ -194,3 +237,53 @@ class ViewModels:
         if noise_frames is None:
             summary["note"] = "no 3D-aware noise (the PanoHead stage is not available): Gaussian start"
         return summary
+
+
+# -- the stage ------------------------------------------------------------------------------------
+
+
+def _resolve(context: StageContext) -> None:
+    """No official camera images for this view count: render PanoHead's canonical head."""
+    from ..panohead.store import panohead_problem
+
+    models, noise_models = context.config.view_models, context.config.noise_models
+    if not Path(models.camera_dir).is_dir() and panohead_problem(noise_models.generator_dir) is None:
+        models.camera_dir = noise_models.camera_images(context.config.views.views, context.device)
+
+
+def _check(context: StageContext) -> Unavailable | None:
+    problem = context.config.view_models.problem()
+    return Unavailable("not_available", problem) if problem else None
+
+
+def _noise_frames(context: StageContext) -> Path | None:
+    """The PanoHead frames the views start from, when the noise stage produced them."""
+    if context.config.views.use_3d_noise and context.done("noise"):
+        return context.run_dir / "noise" / "frames"
+    return None
+
+
+def _inputs(context: StageContext) -> dict[str, str]:
+    frames = _noise_frames(context)
+    noise = {f"noise/{path.name}": file_sha256(path) for path in sorted(frames.glob("*.png"))} if frames else {}
+    crop = file_sha256(context.run_dir / "prepared" / "crop.png")
+    return {"crop": crop, **context.config.view_models.hashes(), **noise}
+
+
+def _build(context: StageContext, folder: Path) -> dict:
+    models = context.config.view_models
+    models.noise_dir = _noise_frames(context)
+    return models.build_views(context.run_dir, folder, context.config.views, context.device, context.dtype)
+
+
+VIEWS_STAGE = Stage(
+    name="views",
+    folder="views",
+    description="back view (model F), then the consistent 360-degree views (DiffPortrait360)",
+    settings=lambda context: {**context.config.views.key_dict(), "dtype": context.dtype},
+    inputs=_inputs,
+    build=_build,
+    check=_check,
+    resolve=_resolve,
+    needs=("prepare",),
+)

@@ -22,7 +22,9 @@ from torch import nn
 
 
 class TemporalModule(nn.Module):
-    def __init__(self, channels: int, num_attention_heads: int = 8, norm_num_groups: int = 32, max_seq_length: int = 24):
+    def __init__(
+        self, channels: int, num_attention_heads: int = 8, norm_num_groups: int = 32, max_seq_length: int = 24
+    ):
         super().__init__()
         self.norm = nn.GroupNorm(norm_num_groups, channels, eps=1e-6, affine=True)
         self.proj_in = nn.Linear(channels, channels)
@@ -55,7 +57,11 @@ class TemporalModule(nn.Module):
         hidden = hidden.permute(0, 2, 3, 1).reshape(batch_frames, height * width, channels)
         hidden = self.proj_in(hidden)
         # (groups * frames, HW, C) -> (groups * HW, frames, C): attend over the frame axis.
-        hidden = hidden.view(groups, frames, height * width, channels).transpose(1, 2).reshape(groups * height * width, frames, channels)
+        hidden = (
+            hidden.view(groups, frames, height * width, channels)
+            .transpose(1, 2)
+            .reshape(groups * height * width, frames, channels)
+        )
         for block in self.transformer_blocks:
             hidden = block(hidden)
         hidden = self.proj_out(hidden)
@@ -141,6 +147,9 @@ def attach_temporal_modules(unet: nn.Module, temporal: TemporalModules, frames: 
 
         return hook
 
-    handles = [site.register_forward_hook(hook_for(m)) for site, m in zip(down_sites + up_sites, list(temporal.down) + list(temporal.up))]
+    handles = [
+        site.register_forward_hook(hook_for(m))
+        for site, m in zip(down_sites + up_sites, list(temporal.down) + list(temporal.up))
+    ]
     state.handles = handles
     return state

@@ -18,12 +18,13 @@ Official prefixes (ARCHITECTURE.md 2.8):
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
-from ..errors import Dp360Error
+from ...errors import Dp360Error
 
 COMPONENT_PREFIXES = {
     "unet": "model.diffusion_model.",
@@ -52,7 +53,9 @@ SCHEDULE_BUFFERS = (
 # Source keys that are accounted for without being copied (recomputed or obsolete buffers).
 _IGNORED_SOURCE = (
     re.compile(r"^cond_stage_model\.transformer\.text_model\.embeddings\.position_ids$"),
-    re.compile(r"^model\.diffusion_model\.(input|output)_blocks_motion_module\.\d+\.0\.temporal_transformer\.transformer_blocks\.0\.attention_blocks\.[01]\.pos_encoder\.pe$"),
+    re.compile(
+        r"^model\.diffusion_model\.(input|output)_blocks_motion_module\.\d+\.0\.temporal_transformer\.transformer_blocks\.0\.attention_blocks\.[01]\.pos_encoder\.pe$"
+    ),
 )
 # Target entries that no official key fills, by design: the reference network's output head
 # (never evaluated for its value) and buffers computed at construction.
@@ -62,7 +65,14 @@ _UNFILLED_BY_DESIGN = {
     "text_encoder": (re.compile(r"position_ids$"),),
 }
 
-_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
 
 
 def _unet_name(key: str, config: Mapping[str, Any]) -> str:
@@ -113,7 +123,13 @@ def _unet_name(key: str, config: Mapping[str, Any]) -> str:
     raise KeyError(key)
 
 
-_MM_INNER = (("attn1.", "attention_blocks.0."), ("attn2.", "attention_blocks.1."), ("norm1.", "norms.0."), ("norm2.", "norms.1."), ("norm3.", "ff_norm."))
+_MM_INNER = (
+    ("attn1.", "attention_blocks.0."),
+    ("attn2.", "attention_blocks.1."),
+    ("norm1.", "norms.0."),
+    ("norm2.", "norms.1."),
+    ("norm3.", "ff_norm."),
+)
 
 
 def _temporal_name(key: str, config: Mapping[str, Any]) -> str:

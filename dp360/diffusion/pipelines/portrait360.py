@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import PIL.Image
@@ -67,7 +67,10 @@ def plan_chunks(view_count: int, frames: int = FRAMES_PER_CHUNK) -> tuple[list[l
 
 class _DDIMSampling:
     def _check_sampling(self, num_inference_steps: int, guidance_scale: float, eta: float) -> None:
-        check(isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= 1000, f"num_inference_steps must be an integer in 1..1000, got {num_inference_steps!r}")
+        check(
+            isinstance(num_inference_steps, int) and 1 <= num_inference_steps <= 1000,
+            f"num_inference_steps must be an integer in 1..1000, got {num_inference_steps!r}",
+        )
         check(guidance_scale >= 1.0, f"guidance_scale must be at least 1 (1 turns guidance off), got {guidance_scale}")
         check(0.0 <= eta <= 1.0, f"eta must be in [0, 1], got {eta}")
 
@@ -102,7 +105,14 @@ class BackViewPipeline(DiffusionPipeline, ReferencePipelineMixin, _DDIMSampling)
         scheduler: DDIMScheduler,
     ):
         super().__init__()
-        self.register_modules(vae=vae, text_encoder=text_encoder, unet=unet, reference_unet=reference_unet, controlnet=controlnet, scheduler=scheduler)
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            unet=unet,
+            reference_unet=reference_unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+        )
         self._install_reference_attention()
 
     def check_inputs(self, front_image, camera_image, num_inference_steps, guidance_scale, eta) -> None:
@@ -135,7 +145,9 @@ class BackViewPipeline(DiffusionPipeline, ReferencePipelineMixin, _DDIMSampling)
             latents = self.scheduler.step(noise, timestep, latents, eta=eta, generator=generator).prev_sample
         images = self.decode_latents(latents)
         self.maybe_free_model_hooks()
-        return ViewsOutput(images=to_pil(images) if output_type == "pil" else images.cpu().float().numpy(), chunks=[[0]])
+        return ViewsOutput(
+            images=to_pil(images) if output_type == "pil" else images.cpu().float().numpy(), chunks=[[0]]
+        )
 
 
 class Portrait360Pipeline(DiffusionPipeline, ReferencePipelineMixin, _DDIMSampling):
@@ -155,18 +167,34 @@ class Portrait360Pipeline(DiffusionPipeline, ReferencePipelineMixin, _DDIMSampli
     ):
         super().__init__()
         self.register_modules(
-            vae=vae, text_encoder=text_encoder, unet=unet, reference_unet=reference_unet, controlnet=controlnet, temporal=temporal, scheduler=scheduler
+            vae=vae,
+            text_encoder=text_encoder,
+            unet=unet,
+            reference_unet=reference_unet,
+            controlnet=controlnet,
+            temporal=temporal,
+            scheduler=scheduler,
         )
         self._install_reference_attention()
-        self._temporal_state = getattr(unet, "_dp360_temporal_state", None) or attach_temporal_modules(unet, temporal, FRAMES_PER_CHUNK)
+        self._temporal_state = getattr(unet, "_dp360_temporal_state", None) or attach_temporal_modules(
+            unet, temporal, FRAMES_PER_CHUNK
+        )
         unet._dp360_temporal_state = self._temporal_state
 
-    def check_inputs(self, front_image, back_image, camera_images, noise_frames, num_inference_steps, guidance_scale, eta) -> None:
+    def check_inputs(
+        self, front_image, back_image, camera_images, noise_frames, num_inference_steps, guidance_scale, eta
+    ) -> None:
         check(front_image is not None, "front_image is required")
         check(back_image is not None, "back_image is required (generate it with BackViewPipeline)")
-        check(camera_images is not None and len(camera_images) >= FRAMES_PER_CHUNK, f"camera_images must hold at least {FRAMES_PER_CHUNK} camera-condition images, one per view")
+        check(
+            camera_images is not None and len(camera_images) >= FRAMES_PER_CHUNK,
+            f"camera_images must hold at least {FRAMES_PER_CHUNK} camera-condition images, one per view",
+        )
         if noise_frames is not None:
-            check(len(noise_frames) == len(camera_images), f"noise_frames must hold one frame per view: {len(noise_frames)} frames for {len(camera_images)} views")
+            check(
+                len(noise_frames) == len(camera_images),
+                f"noise_frames must hold one frame per view: {len(noise_frames)} frames for {len(camera_images)} views",
+            )
         self._check_sampling(num_inference_steps, guidance_scale, eta)
 
     @torch.no_grad()
@@ -185,34 +213,58 @@ class Portrait360Pipeline(DiffusionPipeline, ReferencePipelineMixin, _DDIMSampli
     ) -> ViewsOutput:
         """`share_reference_pass=False` reproduces the reference's work pattern (the reference
         network at batch 8 for every chunk and step); the result is the same."""
-        self.check_inputs(front_image, back_image, camera_images, noise_frames, num_inference_steps, guidance_scale, eta)
+        self.check_inputs(
+            front_image, back_image, camera_images, noise_frames, num_inference_steps, guidance_scale, eta
+        )
         if noise_frames is None:
-            log.warning("No 3D-aware noise frames: starting from Gaussian noise, so the views follow the cameras less faithfully.")
+            log.warning(
+                "No 3D-aware noise frames: starting from Gaussian noise, so the views follow the cameras less faithfully."
+            )
         device = self._execution_device
         size = self.image_size
         view_count = len(camera_images)
         chunks, source = plan_chunks(view_count)
         prompt = self.encode_empty_prompt(device)
-        references = self.encode_images(torch.cat([to_tensor(front_image, size, "front_image"), to_tensor(back_image, size, "back_image")]), generator)
+        references = self.encode_images(
+            torch.cat([to_tensor(front_image, size, "front_image"), to_tensor(back_image, size, "back_image")]),
+            generator,
+        )
         cameras = images_to_batch(camera_images, size, "camera_images").to(device)
-        init = None if noise_frames is None else self.encode_images(images_to_batch(noise_frames, size, "noise_frames"), generator)
-        latents = [self.prepare_latents(len(chunk), generator, None if init is None else init[chunk]) for chunk in chunks]
+        init = (
+            None
+            if noise_frames is None
+            else self.encode_images(images_to_batch(noise_frames, size, "noise_frames"), generator)
+        )
+        latents = [
+            self.prepare_latents(len(chunk), generator, None if init is None else init[chunk]) for chunk in chunks
+        ]
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._reference_reader.share_projection = share_reference_pass
         with self.progress_bar(total=num_inference_steps * len(chunks)) as progress:
             for timestep in self.scheduler.timesteps:
                 if share_reference_pass:
-                    banks = ReferenceBanks([self.reference_bank(references[i : i + 1], timestep, prompt) for i in range(2)])
+                    banks = ReferenceBanks(
+                        [self.reference_bank(references[i : i + 1], timestep, prompt) for i in range(2)]
+                    )
                 for index, chunk in enumerate(chunks):
                     if not share_reference_pass:
                         repeated = [references[i : i + 1].expand(len(chunk), -1, -1, -1) for i in range(2)]
-                        banks = ReferenceBanks([self.reference_bank(latent, timestep, prompt.expand(len(chunk), -1, -1)) for latent in repeated])
+                        banks = ReferenceBanks(
+                            [
+                                self.reference_bank(latent, timestep, prompt.expand(len(chunk), -1, -1))
+                                for latent in repeated
+                            ]
+                        )
                     noise = self.guided_noise(latents[index], timestep, prompt, banks, cameras[chunk], guidance_scale)
-                    latents[index] = self.scheduler.step(noise, timestep, latents[index], eta=eta, generator=generator).prev_sample
+                    latents[index] = self.scheduler.step(
+                        noise, timestep, latents[index], eta=eta, generator=generator
+                    ).prev_sample
                     progress.update()
         self._reference_reader.share_projection = True
         final = torch.stack([latents[chunk_index][position] for chunk_index, position in source])
         images = self.decode_latents(final)
         self.maybe_free_model_hooks()
-        return ViewsOutput(images=to_pil(images) if output_type == "pil" else images.cpu().float().numpy(), chunks=chunks)
+        return ViewsOutput(
+            images=to_pil(images) if output_type == "pil" else images.cpu().float().numpy(), chunks=chunks
+        )

@@ -66,7 +66,15 @@ class ReferenceWriteProcessor:
     def __init__(self, name: str, state: ReferenceState):
         self.name, self.state = name, state
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         if self.state.recording is not None:
             self.state.recording[self.name] = hidden_states
         return plain_self_attention(attn, hidden_states)
@@ -78,7 +86,15 @@ class ReferenceReadProcessor:
     def __init__(self, name: str, state: ReferenceState):
         self.name, self.state = name, state
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        **kwargs,
+    ):
         banks = self.state.reading
         if not banks:
             return plain_self_attention(attn, hidden_states)

@@ -3,13 +3,14 @@ prompt, VAE encoding, reference banks, one guided denoising step, decoding."""
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import numpy as np
 import PIL.Image
 import torch
 
-from ..errors import Dp360Error
+from ...errors import Dp360Error
 from ..models.configs import CLIP_BOS, CLIP_EOS, CLIP_LENGTH
 from ..models.reference_attention import ReferenceBanks, install_reference_reader, install_reference_writer
 
@@ -32,14 +33,25 @@ def to_tensor(image: ImageInput, size: int, name: str) -> torch.Tensor:
     Pillow's default `resize`."""
     if isinstance(image, torch.Tensor):
         tensor = image if image.ndim == 4 else image[None]
-        check(tensor.shape[0] == 1 and tensor.shape[1] == 3, f"{name} must be a (3, H, W) tensor in [-1, 1], got {tuple(image.shape)}")
+        check(
+            tensor.shape[0] == 1 and tensor.shape[1] == 3,
+            f"{name} must be a (3, H, W) tensor in [-1, 1], got {tuple(image.shape)}",
+        )
         if tensor.shape[-2:] != (size, size):
-            tensor = torch.nn.functional.interpolate(tensor.float(), size=(size, size), mode="bicubic", align_corners=False)
+            tensor = torch.nn.functional.interpolate(
+                tensor.float(), size=(size, size), mode="bicubic", align_corners=False
+            )
         return tensor.float().clamp(-1, 1)
     if isinstance(image, np.ndarray):
-        check(image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, f"{name} must be an (H, W, 3) uint8 array, got {image.dtype} {image.shape}")
+        check(
+            image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3,
+            f"{name} must be an (H, W, 3) uint8 array, got {image.dtype} {image.shape}",
+        )
         image = PIL.Image.fromarray(image)
-    check(isinstance(image, PIL.Image.Image), f"{name} must be a PIL image, an (H, W, 3) uint8 array or a tensor, got {type(image).__name__}")
+    check(
+        isinstance(image, PIL.Image.Image),
+        f"{name} must be a PIL image, an (H, W, 3) uint8 array or a tensor, got {type(image).__name__}",
+    )
     image = image.convert("RGB")
     if image.size != (size, size):
         image = image.resize((size, size), PIL.Image.BICUBIC)
@@ -59,9 +71,13 @@ class ReferencePipelineMixin:
 
     def _install_reference_attention(self) -> None:
         # Reuse the states when the same models were wired by an earlier pipeline.
-        self._reference_writer = getattr(self.reference_unet, "_dp360_reference_state", None) or install_reference_writer(self.reference_unet)
+        self._reference_writer = getattr(
+            self.reference_unet, "_dp360_reference_state", None
+        ) or install_reference_writer(self.reference_unet)
         self.reference_unet._dp360_reference_state = self._reference_writer
-        self._reference_reader = getattr(self.unet, "_dp360_reference_state", None) or install_reference_reader(self.unet)
+        self._reference_reader = getattr(self.unet, "_dp360_reference_state", None) or install_reference_reader(
+            self.unet
+        )
         self.unet._dp360_reference_state = self._reference_reader
 
     @property
@@ -101,12 +117,18 @@ class ReferencePipelineMixin:
         self._vae_slicing = False
 
     @torch.no_grad()
-    def reference_bank(self, reference_latent: torch.Tensor, timestep: torch.Tensor, prompt: torch.Tensor) -> dict[str, torch.Tensor]:
+    def reference_bank(
+        self, reference_latent: torch.Tensor, timestep: torch.Tensor, prompt: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Run the reference network once on one clean reference latent and return its bank."""
         bank: dict[str, torch.Tensor] = {}
         self._reference_writer.recording = bank
         try:
-            self.reference_unet(reference_latent.to(self.reference_unet.dtype), timestep, encoder_hidden_states=prompt.to(self.reference_unet.dtype))
+            self.reference_unet(
+                reference_latent.to(self.reference_unet.dtype),
+                timestep,
+                encoder_hidden_states=prompt.to(self.reference_unet.dtype),
+            )
         finally:
             self._reference_writer.recording = None
         return bank
@@ -154,4 +176,3 @@ class ReferencePipelineMixin:
 
 def images_to_batch(images: Sequence[ImageInput], size: int, name: str) -> torch.Tensor:
     return torch.cat([to_tensor(image, size, f"{name}[{index}]") for index, image in enumerate(images)])
-

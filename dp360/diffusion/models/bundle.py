@@ -1,0 +1,270 @@
+"""Official checkpoint file -> a bundle folder of diffusers components in safetensors -> pipelines.
+
+Bundle layout: `<dir>/{unet,reference_unet,controlnet,vae,text_encoder[,temporal]}/` (each the
+component's own `save_pretrained` folder), `<dir>/scheduler/`, and `<dir>/dp360_bundle.json`
+({"kind": "main" | "back", "family": "sd15" | "tiny", "source": ..., "dtype": ...}).
+
+Conversion builds the components on the meta device and assigns the checkpoint's tensors, so a
+2.7 B-parameter checkpoint is never held twice; the few entries no checkpoint carries (sinusoidal
+position tables, CLIP position ids, the reference network's unused output head) are computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ...errors import Dp360Error
+from ...imaging import atomic_directory
+from ...safety import (
+    check_bounds,
+    check_output_folder,
+    load_tensors,
+    one_line,
+    read_json_object,
+    safetensors_header,
+    shape_problems,
+)
+from .components import BACK_COMPONENTS, MAIN_COMPONENTS, build_components, component_config
+from .configs import FAMILIES, ModelFamily
+from .convert import convert_official
+
+BUNDLE_FILE = "dp360_bundle.json"
+KIND_COMPONENTS = {"main": MAIN_COMPONENTS, "back": BACK_COMPONENTS}
+SCHEDULER_DIR, SCHEDULER_FILE = "scheduler", "scheduler_config.json"
+WEIGHT_FILES = {"text_encoder": "model.safetensors"}  # the others: diffusion_pytorch_model.safetensors
+
+# Bounds on every component config.json (diffusers and transformers keys), checked before a module
+# is built; comfortably above SD1.5 and its CLIP ViT-L text encoder (values in comments).
+COMPONENT_BOUNDS = {
+    # module counts: a hostile value here makes construction hang
+    "layers_per_block": (1, 16),  # 2
+    "transformer_layers_per_block": (1, 16),  # 1
+    "num_hidden_layers": (1, 64),  # 12
+    "block_out_channels": (1, 8192),  # 320..1280, at most MAX_LIST_ITEMS blocks
+    "conditioning_embedding_out_channels": (1, 8192),  # 16..256
+    # widths and sizes
+    "in_channels": (1, 8192),  # 4
+    "out_channels": (1, 8192),  # 4
+    "latent_channels": (1, 8192),  # 4
+    "conditioning_channels": (1, 8192),  # 3
+    "cross_attention_dim": (1, 8192),  # 768
+    "hidden_size": (1, 8192),  # 768
+    "intermediate_size": (1, 32768),  # 3072
+    "projection_dim": (1, 8192),  # 768
+    "encoder_hid_dim": (1, 8192),  # null
+    "time_embedding_dim": (1, 8192),  # null
+    "time_cond_proj_dim": (1, 8192),  # null
+    "projection_class_embeddings_input_dim": (1, 8192),  # null
+    "addition_time_embed_dim": (1, 8192),  # null
+    "num_class_embeds": (1, 100_000),  # null
+    "norm_num_groups": (1, 8192),  # 32
+    "attention_head_dim": (1, 8192),  # 8 (diffusers' legacy name for the head count)
+    "num_attention_heads": (1, 256),  # 8, 12
+    "addition_embed_type_num_heads": (1, 256),  # 64
+    "conv_in_kernel": (1, 15),  # 3
+    "conv_out_kernel": (1, 15),  # 3
+    "sample_size": (1, 2048),  # 64 (UNet latents), 512 (VAE)
+    "max_seq_length": (1, 1024),  # 24 temporal positions
+    "max_position_embeddings": (1, 4096),  # 77
+    "vocab_size": (1, 262_144),  # 49408
+    "num_train_timesteps": (1, 10_000),  # 1000 (a table of this many betas is allocated)
+}
+
+
+def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """A `.th` state dict, read without executing pickled code (memory-mapped when possible)."""
+    path = Path(path)
+    if not path.is_file():
+        raise Dp360Error(f"Checkpoint '{path}' does not exist; download it with `dp360 weights download`.")
+    advice = "re-download the official file with `dp360 weights download`"
+    state = load_tensors(path, advice)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise Dp360Error(f"Checkpoint '{path}' holds a {type(state).__name__}, not a state dict; {advice}.")
+    # Only tensors can fill a component; other entries (a step counter) are not weights.
+    return {key: value for key, value in state.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
+
+
+def _materialize_computed(module: torch.nn.Module) -> None:
+    """Fill what is still on the meta device after loading: values computed, never trained."""
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+
+    for module_name, child in module.named_modules():
+        for buffers, attribute in ((child._parameters, "parameter"), (child._buffers, "buffer")):
+            for name, tensor in list(buffers.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if isinstance(child, SinusoidalPositionalEmbedding) and name == "pe":
+                    value = SinusoidalPositionalEmbedding(tensor.shape[-1], tensor.shape[1]).pe
+                elif name == "position_ids":
+                    value = torch.arange(tensor.shape[-1]).expand(tensor.shape).clone()
+                elif module_name.startswith("conv_norm_out") or module_name.startswith("conv_out"):
+                    # The reference network's output head: evaluated but its result is never used.
+                    value = (
+                        torch.ones(tensor.shape)
+                        if (name == "weight" and module_name.startswith("conv_norm_out"))
+                        else torch.zeros(tensor.shape)
+                    )
+                else:
+                    raise Dp360Error(f"{attribute} {module_name}.{name} was not filled by the checkpoint")
+                buffers[name] = torch.nn.Parameter(value, requires_grad=False) if attribute == "parameter" else value
+
+
+def _bundle_refusal(folder: Path, kind: str) -> str | None:
+    """None when `folder` is a dp360 bundle of `kind` (which a conversion may replace), else what
+    it holds instead. Only dp360's own entries may be there: anything else is the user's."""
+    not_ours = f"already holds files that are not a dp360 {kind} bundle"
+    entries = {entry.name: entry for entry in folder.iterdir()}
+    if BUNDLE_FILE not in entries or not set(entries) <= {BUNDLE_FILE, SCHEDULER_DIR, *MAIN_COMPONENTS}:
+        return not_ours
+    for name, entry in entries.items():
+        if name == BUNDLE_FILE:
+            continue
+        if not entry.is_dir() or any(
+            not item.is_file() or item.suffix not in (".json", ".safetensors") for item in entry.iterdir()
+        ):
+            return not_ours
+    try:
+        found = read_json_object(entries[BUNDLE_FILE], "").get("kind")
+    except Dp360Error:
+        return not_ours
+    if found != kind:
+        return f"holds a dp360 {found} bundle, not a {kind} one" if found in KIND_COMPONENTS else not_ours
+    return None
+
+
+def convert_to_bundle(
+    checkpoint_path: str | Path,
+    out_dir: str | Path,
+    kind: str,
+    family: ModelFamily | str = "sd15",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Convert an official checkpoint (`main`: model_state-340000.th, `back`: back_head-230000.th)
+    into a bundle folder; nothing is left at `out_dir` if any step fails. `out_dir` may be new, empty
+    or a bundle of the same kind (replaced atomically), never a folder holding anything else."""
+    from diffusers import DDIMScheduler
+
+    if kind not in KIND_COMPONENTS:
+        raise Dp360Error(f"Unknown bundle kind '{kind}'; use main or back.")
+    if isinstance(family, str):
+        if family not in FAMILIES:
+            raise Dp360Error(f"Unknown model family '{family}'; use {' or '.join(FAMILIES)}.")
+        family = FAMILIES[family]
+    names = KIND_COMPONENTS[kind]
+    if not Path(checkpoint_path).is_file():
+        raise Dp360Error(f"Checkpoint '{checkpoint_path}' does not exist; download it with `dp360 weights download`.")
+
+    def check_out() -> Path:
+        return check_output_folder(out_dir, [checkpoint_path], lambda folder: _bundle_refusal(folder, kind))
+
+    out = check_out()  # before the checkpoint is read: conversion takes minutes at full size
+    checkpoint = load_official_checkpoint(checkpoint_path)
+    with torch.device("meta"):
+        components = build_components(family, names)
+    targets = {
+        name: (component_config(family, name), {k: v.shape for k, v in module.state_dict().items()})
+        for name, module in components.items()
+    }
+    report = convert_official(checkpoint, targets)
+    with atomic_directory(out) as staging:
+        for name, module in components.items():
+            module.load_state_dict(report.state_dicts[name], strict=False, assign=True)
+            _materialize_computed(module)
+            module.to(dtype).save_pretrained(staging / name, safe_serialization=True)
+        DDIMScheduler(**family.scheduler).save_pretrained(staging / SCHEDULER_DIR)
+        manifest = {
+            "kind": kind,
+            "family": family.name,
+            "source": str(checkpoint_path),
+            "dtype": str(dtype).removeprefix("torch."),
+            "ignored_keys": len(report.ignored),
+        }
+        (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        check_out()  # again: the user may have put files there while we converted
+    return Path(out_dir)
+
+
+def _component_classes() -> dict[str, type]:
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from .temporal import TemporalModules
+
+    return {
+        "unet": UNet2DConditionModel,
+        "reference_unet": UNet2DConditionModel,
+        "controlnet": ControlNetModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+        "temporal": TemporalModules,
+    }
+
+
+def _check_component(folder: Path, name: str, advice: str) -> None:
+    """Validate a component folder before the libraries load it: its config is a bounded JSON
+    object, and its weights file holds exactly the tensors of the module that config builds (so
+    loading neither hangs, nor allocates more than the file holds, nor fills anything at random)."""
+    config_path = folder / "config.json"
+    config = read_json_object(config_path, advice)
+    check_bounds(config, COMPONENT_BOUNDS, f"'{config_path}'", advice)
+    cls = _component_classes()[name]
+    try:
+        with torch.device("meta"):
+            if name == "text_encoder":
+                from transformers import CLIPTextConfig
+
+                module = cls(CLIPTextConfig.from_dict(config))
+            else:
+                module = cls.from_config(config)
+    except Exception as error:  # noqa: BLE001 - any refusal by the library means an unusable config
+        raise Dp360Error(
+            f"'{config_path}' is not a valid {cls.__name__} configuration ({type(error).__name__}: {one_line(error)}); {advice}."
+        ) from None
+    weights_path = folder / WEIGHT_FILES.get(name, "diffusion_pytorch_model.safetensors")
+    found = {key: shape for key, (shape, _) in safetensors_header(weights_path, advice).items()}
+    problems = shape_problems({key: value.shape for key, value in module.state_dict().items()}, found)
+    if problems:
+        raise Dp360Error(f"'{weights_path}' does not match its config.json ({problems}); {advice}.")
+
+
+def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A `BackViewPipeline` or `Portrait360Pipeline` from a bundle folder."""
+    from diffusers import DDIMScheduler
+
+    from ..pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline
+
+    bundle_dir = Path(bundle_dir)
+    manifest_path = bundle_dir / BUNDLE_FILE
+    if not manifest_path.is_file():
+        raise Dp360Error(
+            f"'{bundle_dir}' is not a converted dp360 bundle (no {BUNDLE_FILE}); run `dp360 weights convert`."
+        )
+    kind = read_json_object(manifest_path, "convert the checkpoint again with `dp360 weights convert`").get("kind")
+    if kind not in KIND_COMPONENTS:
+        raise Dp360Error(
+            f"'{manifest_path}' names an unknown bundle kind {one_line(repr(kind), 40)} (expected main or back); "
+            "convert the checkpoint again with `dp360 weights convert`."
+        )
+    advice = f"convert the checkpoint again with `dp360 weights convert {kind}`"
+    for name in KIND_COMPONENTS[kind]:
+        _check_component(bundle_dir / name, name, advice)
+    scheduler_path = bundle_dir / SCHEDULER_DIR / SCHEDULER_FILE
+    check_bounds(read_json_object(scheduler_path, advice), COMPONENT_BOUNDS, f"'{scheduler_path}'", advice)
+    classes = _component_classes()
+    kwargs = {"use_safetensors": True} if dtype is None else {"use_safetensors": True, "torch_dtype": dtype}
+    try:
+        components = {
+            name: classes[name].from_pretrained(bundle_dir / name, **kwargs).eval() for name in KIND_COMPONENTS[kind]
+        }
+        scheduler = DDIMScheduler.from_pretrained(bundle_dir / SCHEDULER_DIR)
+    except Exception as error:  # noqa: BLE001 - a loader boundary: what slipped past the checks above
+        raise Dp360Error(
+            f"The bundle '{bundle_dir}' cannot be loaded ({type(error).__name__}: {one_line(error)}); {advice}."
+        ) from None
+    pipeline_class = Portrait360Pipeline if kind == "main" else BackViewPipeline
+    return pipeline_class(scheduler=scheduler, **components).to(device)

@@ -1,0 +1,78 @@
+"""Who may replace what: every single-file or frames-folder output of dp360 is checked here first.
+
+The rule is that a command replaces only what it created. A file output may replace an existing
+file of one of dp360's own output kinds, and only when asked to (`overwrite`); a frames folder
+may replace a folder that holds nothing but dp360 frames, again only when asked to. Folders
+holding anything else (a user's photos, a run folder) and files of other kinds are never
+replaced. The checks raise `Dp360Error` with one sentence naming the path and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import Dp360Error
+
+# Suffixes of the files dp360 writes as single outputs (turntables and meshes).
+OWN_FILE_SUFFIXES = (".mp4", ".gif", ".glb", ".obj", ".ply")
+# The names `write_frames` gives to frames; a folder holding only these is a frames folder.
+FRAME_NAME = re.compile(r"\d{4}\.png")
+
+
+def _check_ancestors(path: Path) -> None:
+    """The nearest existing ancestor must be a folder (it is where missing parents get created)."""
+    for ancestor in path.parents:
+        if os.path.lexists(ancestor):
+            if not ancestor.is_dir():
+                raise Dp360Error(
+                    f"Cannot write '{path}' because '{ancestor}' is a file, not a folder; choose another --out."
+                )
+            return
+
+
+def check_file_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to write a single output file at `path` where that would destroy something."""
+    path = Path(path)
+    _check_ancestors(path)
+    if path.is_dir():
+        raise Dp360Error(f"'{path}' is an existing folder, which dp360 never replaces; pass a file name as --out.")
+    if os.path.lexists(path):
+        if path.suffix.lower() not in OWN_FILE_SUFFIXES:
+            raise Dp360Error(
+                f"'{path}' already exists and is not a {', '.join(OWN_FILE_SUFFIXES)} file dp360 could have written; "
+                "choose another --out."
+            )
+        if not overwrite:
+            raise Dp360Error(f"'{path}' already exists; pass --overwrite to replace it, or choose another --out.")
+    return path
+
+
+def check_frames_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse to write a frames folder at `path` unless it is new, empty, or holds only dp360 frames."""
+    path = Path(path)
+    _check_ancestors(path)
+    if not os.path.lexists(path):
+        return path
+    if not path.is_dir():
+        raise Dp360Error(
+            f"'{path}' is a file, not a folder; frames go into a new or empty folder, so choose another --out."
+        )
+    try:
+        names = sorted(entry.name for entry in os.scandir(path))
+    except OSError as error:
+        raise Dp360Error(f"Cannot list '{path}' ({error.strerror}); choose another --out.") from None
+    if "run.json" in names:
+        raise Dp360Error(f"'{path}' is a dp360 run folder, which frames never replace; choose another --out.")
+    foreign = [name for name in names if not (FRAME_NAME.fullmatch(name) and (path / name).is_file())]
+    if foreign:
+        raise Dp360Error(
+            f"'{path}' holds files dp360 did not write (such as '{foreign[0]}'); "
+            "frames go only into a new or empty folder, so choose another --out."
+        )
+    if names and not overwrite:
+        raise Dp360Error(
+            f"'{path}' already holds dp360 frames; pass --overwrite to replace them, or choose another --out."
+        )
+    return path

@@ -1,0 +1,212 @@
+"""Reading weight and config files dp360 did not write in this process, and replacing folders.
+
+Every reader here turns a damaged or hostile file into one `Dp360Error` sentence that names the
+file: configs are read with a size cap and their sizes bounded *before* a module is built (a
+config asking for 10^9 layers would otherwise hang construction), safetensors headers are
+validated without reading the data, and pickles go through `torch.load(weights_only=True)` only.
+`check_output_folder` guards the folders that converters replace as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import zipfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import Dp360Error
+
+# Real configs are a few kB; anything this large is not one (and would be slow to parse).
+MAX_CONFIG_BYTES = 1 << 20
+# Lists of per-block values (block_out_channels, ...): SD1.5 has 4 blocks.
+MAX_LIST_ITEMS = 8
+
+Bounds = Mapping[str, tuple[float, float]]
+
+
+class ConfigError(Dp360Error, ValueError):
+    """A configuration value is missing, of the wrong type or out of dp360's bounds."""
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """The first line of a library's error text, shortened, for use inside our own sentence."""
+    lines = str(text).strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _shown(value: Any) -> str:
+    return one_line(repr(value), 60)
+
+
+def read_json_object(path: str | Path, advice: str) -> dict[str, Any]:
+    """The JSON object in `path`; anything else (missing, huge, not JSON, a list) is an error."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise ConfigError(f"'{path}' is missing; {advice}.")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"'{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB, so it is not a config file; {advice}."
+            )
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as error:
+        raise ConfigError(f"'{path}' cannot be read ({error.strerror or type(error).__name__}); {advice}.") from None
+    except (ValueError, RecursionError):  # undecodable, not JSON, or nested beyond the parser's depth
+        raise ConfigError(f"'{path}' is not valid JSON; {advice}.") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{path}' holds a JSON {type(value).__name__}, not an object; {advice}.")
+    return value
+
+
+def _items(value: Any) -> list[Any] | None:
+    """A scalar as [value], a list of scalars or of short lists flattened; None when too long."""
+    if not isinstance(value, (list, tuple)):
+        return [value]
+    if len(value) > MAX_LIST_ITEMS:
+        return None
+    flat = []
+    for item in value:
+        if isinstance(item, (list, tuple)):  # per-block lists of per-layer values
+            if len(item) > MAX_LIST_ITEMS:
+                return None
+            flat.extend(item)
+        else:
+            flat.append(item)
+    return flat
+
+
+def check_bounds(config: Mapping[str, Any], bounds: Bounds, source: str, advice: str) -> None:
+    """Refuse values of `config` outside `bounds` (key -> (low, high); int bounds demand whole
+    numbers, float bounds any finite number). Absent or null keys are left to the defaults."""
+    for key, (low, high) in bounds.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        items = _items(value)
+        if items is None:
+            raise ConfigError(
+                f"{source} sets {key} to a list of {len(value)} items, more than dp360's limit of {MAX_LIST_ITEMS}; {advice}."
+            )
+        whole = isinstance(low, int) and isinstance(high, int)
+        for item in items:
+            ok = (
+                not isinstance(item, bool)
+                and isinstance(item, int if whole else (int, float))
+                and math.isfinite(item)
+                and low <= item <= high
+            )
+            if not ok:
+                kind = "a whole number" if whole else "a number"
+                raise ConfigError(
+                    f"{source} sets {key} to {_shown(value)}, but dp360 accepts {kind} from {low} to {high} there; {advice}."
+                )
+
+
+def safetensors_header(path: str | Path, advice: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, dtype) of a safetensors file, validated (offsets, sizes, header length)
+    by the safetensors library without reading the tensors."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise Dp360Error(f"'{path}' is missing; {advice}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {
+                name: (tuple(handle.get_slice(name).get_shape()), handle.get_slice(name).get_dtype())
+                for name in handle.keys()
+            }
+    except Exception as error:  # noqa: BLE001 - SafetensorError and OSError alike mean an unusable file
+        reason = one_line(error).removeprefix("Error while deserializing header: ")
+        raise Dp360Error(
+            f"'{path}' is not a valid safetensors file ({reason or type(error).__name__}); {advice}."
+        ) from None
+
+
+def shape_problems(
+    expected: Mapping[str, Sequence[int]], found: Mapping[str, Sequence[int]], optional: Iterable[str] = ()
+) -> str | None:
+    """'missing: ...; unexpected: ...; wrong shape: ...' (a few of each), or None when they match."""
+    optional = set(optional)
+    missing = [key for key in expected if key not in found and key not in optional]
+    unexpected = [key for key in found if key not in expected]
+    mismatched = [
+        f"{key} {tuple(found[key])} != {tuple(expected[key])}"
+        for key in expected
+        if key in found and tuple(found[key]) != tuple(expected[key])
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+        if items:
+            shown = ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    return "; ".join(problems) or None
+
+
+def load_tensors(path: str | Path, advice: str, safe_globals: Sequence[Any] = ()) -> Any:
+    """`torch.load(weights_only=True)` (memory-mapped when the file is a zip archive), with our
+    own sentence instead of torch's, which invites retrying with weights_only=False."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise Dp360Error(f"'{path}' is missing; {advice}.")
+    try:
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError:
+        raise Dp360Error(
+            f"'{path}' contains pickled code or objects that are not plain tensors (or is damaged), "
+            f"so dp360 refuses to load it; {advice}."
+        ) from None
+    except Exception as error:  # noqa: BLE001 - includes RecursionError and MemoryError; never KeyboardInterrupt
+        raise Dp360Error(
+            f"'{path}' is not a readable PyTorch weights file ({type(error).__name__}: it is truncated, damaged "
+            f"or in another format); {advice}."
+        ) from None
+
+
+def check_output_folder(
+    out_dir: str | Path, sources: Iterable[str | Path], refusal: Callable[[Path], str | None]
+) -> Path:
+    """The resolved `out_dir` if a converter may replace it as a whole: a new path, an empty folder,
+    or a folder that `refusal` recognises as dp360's own output of the same kind (it returns None
+    for those and otherwise says what the folder is). Never a file, a folder holding one of
+    `sources`, or the current folder unless it is such an output. Call it before the slow work."""
+    given = Path(out_dir).expanduser()
+    out = given.resolve()
+    shown = str(out) if given.name in ("", ".", "..") else str(given)
+
+    def refuse(reason: str) -> Dp360Error:
+        return Dp360Error(f"'{shown}' {reason}; choose a new or empty folder.")
+
+    for source in sources:
+        source = Path(source).expanduser()
+        for candidate in {source.absolute(), source.resolve()}:
+            if candidate == out:
+                raise refuse("is the checkpoint being converted")
+            if out in candidate.parents:
+                raise refuse(
+                    f"holds the checkpoint being converted ('{source}'), which replacing the folder would delete"
+                )
+    if not out.exists():
+        parent = next(parent for parent in out.parents if parent.exists())
+        if not parent.is_dir():
+            raise refuse(f"cannot be created because '{parent}' is a file")
+        return out
+    if not out.is_dir():
+        raise refuse("is a file, not a folder")
+    try:
+        empty = next(out.iterdir(), None) is None
+        reason = None if empty else refusal(out)
+    except OSError as error:
+        raise refuse(f"cannot be read ({error.strerror or type(error).__name__})") from None
+    if reason:
+        raise refuse(reason)
+    if empty and (out == Path.cwd() or out in Path.cwd().parents):
+        raise refuse("is the current folder, which dp360 will not replace")
+    return out

@@ -1,0 +1,109 @@
+"""The one interface every stage of a run implements, and the settings checks they share.
+
+A `Stage` is declared by the package that owns it (prepare/, panohead/, diffusion/, nerf/) and
+says everything the runner (`dp360.run`) needs: its name and folder, its settings key, the
+hashes of the files it reads, whether it can run, and how to build its folder. The runner only
+loops over the list of stages; adding a stage touches its own module and that list.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import Dp360Error
+
+if TYPE_CHECKING:
+    from .diffusion.stage import ViewModels, ViewSettings
+    from .imaging import LoadedImage
+    from .nerf.stage import FieldStageSettings
+    from .panohead.stage import NoiseModels, NoiseSettings
+    from .prepare import PrepareSettings
+
+# The seed feeds torch, numpy and Python's random: numpy's generator takes 32-bit seeds.
+SEED_MAX = 2**32 - 1
+
+
+@dataclass
+class RunConfig:
+    """Everything the stages of one run are configured with (settings and model locations)."""
+
+    prepare: PrepareSettings
+    noise: NoiseSettings
+    views: ViewSettings
+    field: FieldStageSettings
+    view_models: ViewModels
+    noise_models: NoiseModels
+
+
+@dataclass
+class StageContext:
+    """What a stage sees of its run: the folder, the input, the device and the configuration."""
+
+    run_dir: Path
+    image: LoadedImage
+    device: str
+    dtype: str
+    progress: bool
+    config: RunConfig
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json's stage records
+    note: Callable[[str], None] = lambda message: None
+
+    def done(self, name: str) -> bool:
+        return self.records.get(name, {}).get("status") == "done"
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """Why a stage does not run: `skipped` (turned off) or `not_available` (missing weights)."""
+
+    status: str
+    reason: str
+    note: str | None = None  # shown to the user; None: the reason is in run.json only
+
+
+def _always(context: StageContext) -> Unavailable | None:
+    return None
+
+
+def _nothing(context: StageContext) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    folder: str  # relative to the run folder
+    description: str
+    settings: Callable[[StageContext], dict[str, Any]]  # the settings that enter its key
+    inputs: Callable[[StageContext], dict[str, str]]  # sha256 of every file it reads
+    build: Callable[[StageContext, Path], dict[str, Any]]  # fills a staging folder, returns a summary
+    check: Callable[[StageContext], Unavailable | None] = _always
+    resolve: Callable[[StageContext], None] = _nothing  # finds or makes what `check` looks for
+    needs: tuple[str, ...] = ()  # stages whose results it reads
+    version: int = 1  # bump when the stage's code changes what it writes
+    shared_folder: bool = False  # several stages write into the folder: replace only own files
+
+
+# -- settings checks: one sentence naming the option and its range --------------------------------
+
+
+def check_int(option: str, value: Any, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise Dp360Error(f"{option} must be a whole number from {low} to {high}, not {value!r}.")
+
+
+def check_float(option: str, value: Any, low: float, high: float) -> None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or not low <= number <= high:
+        raise Dp360Error(f"{option} must be a finite number from {low:g} to {high:g}, not {value!r}.")
+
+
+def check_seed(seed: Any) -> None:
+    check_int("--seed", seed, 0, SEED_MAX)
