@@ -57,8 +57,21 @@ def filesystem_error(error: BaseException) -> Dp360Error | None:
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno in _FILESYSTEM_ADVICE:
-            where = f" '{error.filename}'" if error.filename else ""
-            reason = (error.strerror or os.strerror(error.errno)).rstrip(".").lower()
-            return Dp360Error(f"Cannot write or read{where}: {reason}; {_FILESYSTEM_ADVICE[error.errno]}.")
+            return Dp360Error(
+                f"Cannot write to {_where(error.filename)}: {os.strerror(error.errno).lower()}; "
+                f"{_FILESYSTEM_ADVICE[error.errno]}."
+            )
         error = error.__cause__ or error.__context__
     return None
+
+
+def _where(filename) -> str:
+    """The path to name in a message: a temporary's folder rather than its random name."""
+    from pathlib import Path
+
+    if not filename:
+        return "the output"
+    path = Path(str(filename))
+    from .imaging import is_dp360_temporary
+
+    return f"'{path.parent}'" if is_dp360_temporary(path.name) else f"'{path}'"

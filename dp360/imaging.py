@@ -263,6 +263,10 @@ def atomic_path(destination: str | os.PathLike) -> Iterator[Path]:
         yield temporary_path
         _follow_umask(temporary_path)
         os.replace(temporary_path, destination)
+    except OSError as error:
+        if error.filename is None:  # writers (Pillow, json) rarely say which file failed
+            error.filename = str(destination)
+        raise
     finally:
         if temporary_path.exists():
             temporary_path.unlink()

@@ -41,7 +41,7 @@ def check_file_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     if os.path.lexists(path):
         if path.suffix.lower() not in OWN_FILE_SUFFIXES:
             raise Dp360Error(
-                f"'{path}' already exists and is not a {', '.join(OWN_FILE_SUFFIXES)} file dp360 could have written; "
+                f"'{path}' already exists and is not of a kind dp360 writes ({', '.join(OWN_FILE_SUFFIXES)}); "
                 "choose another --out."
             )
         if not overwrite:
@@ -53,6 +53,8 @@ def check_frames_target(path: str | os.PathLike, overwrite: bool = False) -> Pat
     """Refuse to write a frames folder at `path` unless it is new, empty, or holds only dp360 frames."""
     path = Path(path)
     _check_ancestors(path)
+    if path.name in ("", ".."):  # ".", "..", "/": folders the swap cannot rename
+        raise Dp360Error(f"'{path}' cannot be replaced as a whole; name a new folder as --out.")
     if not os.path.lexists(path):
         return path
     if not path.is_dir():

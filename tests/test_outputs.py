@@ -104,6 +104,13 @@ def test_frames_never_replace_anything_else(tmp_path, intruder):
     assert _tree(tmp_path) == before
 
 
+def test_frames_never_replace_the_current_folder_or_its_parent(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path / "empty")
+    for target in (Path("."), Path(".."), Path("/")):
+        assert "new folder" in _refused(check_frames_target, target, overwrite=True)
+
+
 def test_frames_never_replace_a_file(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     assert "is a file" in _refused(check_frames_target, tmp_path / "notes.txt", overwrite=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -128,6 +129,22 @@ def no_download_metrics() -> Iterator[None]:
         yield
     finally:
         lpip_module.LearnedPerceptualImagePatchSimilarity = original
+
+
+@contextlib.contextmanager
+def deterministic_on(device: str) -> Iterator[None]:
+    """On a CPU, the same seed gives the same field bit for bit: the scatter-adds of the hash
+    grids' backward pass otherwise sum in a thread-dependent order. CUDA fits stay
+    non-deterministic (tiny-cuda-nn and nerfacc have no deterministic kernels)."""
+    if device != "cpu":
+        yield
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def nerfacto_head_config(views_dir: Path, output_dir: Path, settings: FitSettings, device: str):
@@ -260,20 +277,23 @@ def fit_field(
     _check_views(views_dir)
     config = METHODS[METHOD](Path(views_dir).resolve(), Path(out_dir), settings, device)
     background = resolve_background(views_dir, settings.background)
+    # nerfstudio draws from all three generators (weights, pixel sampling, image caching).
+    random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
-    with no_download_metrics(), nerfstudio_quietly():
-        trainer = config.setup(local_rank=0, world_size=1)
-        trainer.setup()
-        config.save_config()
-    _apply_background(trainer.pipeline, background)
-    start = time.perf_counter()
-    losses = []
-    trainer.pipeline.train()
-    for step in tqdm(range(settings.iterations), desc="radiance field", disable=not progress, leave=False):
-        loss, _, _ = trainer.train_iteration(step)
-        losses.append(loss.item())
-    fit_seconds = time.perf_counter() - start
+    with deterministic_on(device):
+        with no_download_metrics(), nerfstudio_quietly():
+            trainer = config.setup(local_rank=0, world_size=1)
+            trainer.setup()
+            config.save_config()
+        _apply_background(trainer.pipeline, background)
+        start = time.perf_counter()
+        losses = []
+        trainer.pipeline.train()
+        for step in tqdm(range(settings.iterations), desc="radiance field", disable=not progress, leave=False):
+            loss, _, _ = trainer.train_iteration(step)
+            losses.append(loss.item())
+        fit_seconds = time.perf_counter() - start
     with nerfstudio_quietly():
         trainer.save_checkpoint(max(settings.iterations - 1, 0))
     if final_dir is not None:
@@ -308,35 +328,111 @@ class LoadedField:
         return self.pipeline.model
 
 
-def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = None) -> LoadedField:
-    """The fitted field of a run's `nerf/` folder, ready to render (eval mode)."""
-    nerf_dir = Path(nerf_dir)
-    meta_path = nerf_dir / FIT_FILE
-    if not meta_path.is_file():
-        raise Dp360Error(f"{nerf_dir} holds no fitted field ({FIT_FILE} is missing); run `dp360 reconstruct` first.")
-    meta = json.loads(meta_path.read_text())
-    settings_dict = dict(meta["settings"])
-    settings_dict["proposal_samples"] = tuple(settings_dict["proposal_samples"])
-    settings = FitSettings(**settings_dict)
-    views = Path(views_dir) if views_dir is not None else nerf_dir.parent / "views"
-    if not (views / "transforms.json").is_file():
-        views = Path(meta["views_dir"])
-    _check_views(views)
-    config = METHODS[METHOD](views.resolve(), nerf_dir, settings, device)
-    checkpoints = sorted((nerf_dir / EXPERIMENT / METHOD / TIMESTAMP / "nerfstudio_models").glob("step-*.ckpt"))
-    if not checkpoints:
-        raise Dp360Error(f"{nerf_dir} has no nerfstudio checkpoint; rerun the fit stage (`dp360 reconstruct --force`).")
-    with no_download_metrics(), nerfstudio_quietly():
-        pipeline = config.pipeline.setup(device=device, test_mode="inference")
-    # weights_only, with the numpy scalars nerfstudio's trainer stores next to the tensors
+# A run's fit.json, bounded before nerfstudio builds anything from it (a hostile value would
+# otherwise allocate a huge hash grid or ray batch); the GPU preset's values in comments.
+FIT_BOUNDS = {
+    "iterations": (0, 10_000_000),  # 3000
+    "rays_per_batch": (1, 1 << 20),  # 4096
+    "num_levels": (1, 64),  # 16
+    "log2_hashmap_size": (1, 26),  # 19
+    "max_res": (1, 1 << 16),  # 2048
+    "hidden_dim": (1, 1024),  # 64
+    "num_nerf_samples": (1, 4096),  # 48
+    "proposal_samples": (1, 4096),  # (256, 96)
+    "near": (0.0, 1e4),  # 1.6
+    "far": (0.0, 1e4),  # 3.8
+    "scene_half_size": (1e-6, 1e4),  # 1.0
+    "seed": (-(2**63), 2**64 - 1),  # 42
+}
+REFIT = "rerun the fit stage with `dp360 reconstruct --force`"
+
+
+def _read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
+    """fit.json as (record, settings), every value checked for type and bounds."""
+    from ..safety import check_bounds, read_json_object
+
+    meta = read_json_object(meta_path, REFIT)
+    settings = meta.get("settings")
+    names = {item.name for item in dataclasses.fields(FitSettings)}
+    colour = meta.get("background")
+    if not isinstance(settings, dict) or not set(settings) <= names:
+        problem = "its settings are not an object of fit settings"
+    elif not isinstance(colour, list) or len(colour) != 3:
+        problem = "its background is not a list of three colour values"
+    elif settings.get("background", "auto") not in ("auto", "white", "black"):
+        problem = "its background setting is not auto, white or black"
+    elif not isinstance(settings.get("appearance_embedding", False), bool):
+        problem = "its appearance_embedding setting is not true or false"
+    elif not (isinstance(samples := settings.get("proposal_samples", [0, 0]), list) and len(samples) == 2):
+        problem = "its proposal_samples setting is not two sample counts"
+    elif not isinstance(meta.get("views_dir", ""), str):
+        problem = "its views_dir is not a path"
+    else:
+        problem = None
+    if problem:
+        raise Dp360Error(f"'{meta_path}' is not a fit record dp360 can use ({problem}); {REFIT}.")
+    check_bounds(settings, FIT_BOUNDS, f"'{meta_path}'", REFIT, nullable=())
+    check_bounds({"background": colour}, {"background": (0.0, 1.0)}, f"'{meta_path}'", REFIT, nullable=())
+    settings = dict(settings)
+    if "proposal_samples" in settings:
+        settings["proposal_samples"] = tuple(settings["proposal_samples"])
+    return meta, FitSettings(**settings)
+
+
+def _read_fit_checkpoint(path: Path) -> dict[str, Any]:
+    """A nerfstudio checkpoint read with weights_only (plus the numpy scalars nerfstudio's trainer
+    stores next to the tensors), checked to hold pipeline weights and a step."""
     import numpy.core.multiarray as multiarray
+
+    from ..safety import load_tensors
 
     numpy_types = [multiarray.scalar, np.dtype] + [
         type(np.dtype(kind)) for kind in (np.float64, np.float32, np.int64, np.int32, np.bool_)
     ]
-    with torch.serialization.safe_globals(numpy_types):
-        state = torch.load(checkpoints[-1], map_location=device, weights_only=True)
-    pipeline.load_pipeline(state["pipeline"], state["step"])
+    state = load_tensors(path, REFIT, safe_globals=numpy_types)
+    pipeline = state.get("pipeline") if isinstance(state, dict) else None
+    step = state.get("step") if isinstance(state, dict) else None
+    if (
+        not isinstance(pipeline, dict)
+        or not all(isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in pipeline.items())
+        or isinstance(step, bool)
+        or not isinstance(step, int)
+    ):
+        raise Dp360Error(f"'{path}' is not a nerfstudio checkpoint (no pipeline weights and step); {REFIT}.")
+    return state
+
+
+def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = None) -> LoadedField:
+    """The fitted field of a run's `nerf/` folder, ready to render (eval mode). Its files are
+    checked before nerfstudio builds anything, and the weights must fill the model exactly."""
+    from ..safety import one_line
+
+    nerf_dir = Path(nerf_dir)
+    meta_path = nerf_dir / FIT_FILE
+    if not meta_path.is_file():
+        raise Dp360Error(f"{nerf_dir} holds no fitted field ({FIT_FILE} is missing); run `dp360 reconstruct` first.")
+    meta, settings = _read_fit_record(meta_path)
+    checkpoints = sorted((nerf_dir / EXPERIMENT / METHOD / TIMESTAMP / "nerfstudio_models").glob("step-*.ckpt"))
+    if not checkpoints:
+        raise Dp360Error(f"{nerf_dir} has no nerfstudio checkpoint; rerun the fit stage (`dp360 reconstruct --force`).")
+    state = _read_fit_checkpoint(checkpoints[-1])
+    views = Path(views_dir) if views_dir is not None else nerf_dir.parent / "views"
+    if not (views / "transforms.json").is_file() and meta.get("views_dir"):
+        views = Path(meta["views_dir"])
+    _check_views(views)
+    config = METHODS[METHOD](views.resolve(), nerf_dir, settings, device)
+    with no_download_metrics(), nerfstudio_quietly():
+        pipeline = config.pipeline.setup(device=device, test_mode="inference")
+    try:
+        # nerfstudio's load_pipeline, but strict: its default quietly keeps random weights for
+        # whatever the checkpoint lacks.
+        pipeline.model.update_to_step(state["step"])
+        pipeline.load_state_dict(
+            {key.removeprefix("module."): value for key, value in state["pipeline"].items()}, strict=True
+        )
+    except RuntimeError as error:
+        details = " ".join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
+        raise Dp360Error(f"'{checkpoints[-1]}' does not fit this run's field ({one_line(details)}); {REFIT}.") from None
     pipeline.eval()
     _apply_background(pipeline, meta["background"])
     return LoadedField(pipeline, settings, meta["background"], device, meta)
