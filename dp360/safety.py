@@ -79,13 +79,16 @@ def _items(value: Any) -> list[Any] | None:
     return flat
 
 
-def check_bounds(config: Mapping[str, Any], bounds: Bounds, source: str, advice: str) -> None:
+def check_bounds(
+    config: Mapping[str, Any], bounds: Bounds, source: str, advice: str, nullable: Iterable[str] | None = None
+) -> None:
     """Refuse values of `config` outside `bounds` (key -> (low, high); int bounds demand whole
-    numbers, float bounds any finite number). Absent or null keys are left to the defaults."""
+    numbers, float bounds any finite number). Absent keys are left to the defaults; null is
+    accepted for the keys in `nullable` (all of them when None: diffusers' "off")."""
     for key, (low, high) in bounds.items():
-        value = config.get(key)
-        if value is None:
+        if key not in config or (config[key] is None and (nullable is None or key in nullable)):
             continue
+        value = config[key]
         items = _items(value)
         if items is None:
             raise ConfigError(
@@ -155,19 +158,21 @@ def load_tensors(path: str | Path, advice: str, safe_globals: Sequence[Any] = ()
     path = Path(path)
     if not path.is_file():
         raise Dp360Error(f"'{path}' is missing; {advice}.")
+    damaged = f"'{path}' cannot be read as PyTorch weights (it is truncated, damaged or in another format); {advice}."
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError:
-        raise Dp360Error(
-            f"'{path}' contains pickled code or objects that are not plain tensors (or is damaged), "
-            f"so dp360 refuses to load it; {advice}."
-        ) from None
-    except Exception as error:  # noqa: BLE001 - includes RecursionError and MemoryError; never KeyboardInterrupt
-        raise Dp360Error(
-            f"'{path}' is not a readable PyTorch weights file ({type(error).__name__}: it is truncated, damaged "
-            f"or in another format); {advice}."
-        ) from None
+    except pickle.UnpicklingError as error:
+        # torch refuses both a forbidden global (code, non-tensor objects) and plain garbage with
+        # this error; its text (which we never show: it advises weights_only=False) tells which.
+        what = (
+            "contains pickled code or objects that are not plain tensors"
+            if "global" in str(error).lower()
+            else "is damaged or contains pickled data that is not plain tensors"
+        )
+        raise Dp360Error(f"'{path}' {what}, so dp360 refuses to load it; {advice}.") from None
+    except Exception:  # noqa: BLE001 - includes RecursionError and MemoryError; never KeyboardInterrupt
+        raise Dp360Error(damaged) from None
 
 
 def check_output_folder(

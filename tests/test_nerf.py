@@ -87,6 +87,31 @@ def test_mesh_is_one_head_inside_the_box_in_the_camera_frame(fitted, tmp_path):
     assert mesh.visual.vertex_colors.shape[0] == len(mesh.vertices)
 
 
+def test_render_and_export_keys_follow_the_checkpoint(fitted, tmp_path):
+    """The turntable and mesh stages hash the files `load_field` reads, so a changed field
+    redoes them even when the fit's settings are unchanged."""
+    import shutil
+
+    from dp360.nerf.stage import field_hashes
+
+    views, nerf, _ = fitted
+    run_dir = tmp_path / "run"
+    shutil.copytree(views, run_dir / "views")
+    shutil.copytree(nerf, run_dir / "nerf")
+    before = field_hashes(run_dir)
+    assert {"nerf/fit.json", "views/transforms.json"} <= set(before)
+    assert any(name.endswith(".ckpt") for name in before)
+    (checkpoint,) = (run_dir / "nerf").rglob("step-*.ckpt")
+    fit_record = json.loads((run_dir / "nerf" / "fit.json").read_text())
+    (run_dir / "nerf" / "fit.json").write_text(json.dumps({**fit_record, "fit_seconds": 1e6}))
+    assert field_hashes(run_dir) == before  # timings do not shape the field
+    checkpoint.write_bytes(checkpoint.read_bytes() + b"\0")
+    after = field_hashes(run_dir)
+    assert after != before and {k for k in after if after[k] != before[k]} == {
+        checkpoint.relative_to(run_dir).as_posix()
+    }
+
+
 def test_bad_turntable_and_mesh_settings_are_refused():
     from dp360.errors import Dp360Error
 
@@ -204,6 +229,19 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     runs = {name: stage["last_run"] for name, stage in json.loads(stdout)["stages"].items()}
     assert runs["render"] == "ran" and runs["export"] == "reused" and runs["fit"] == "reused"
     assert (out / "export" / "head.glb").is_file() and len(read_mp4(out / "export" / "turntable.mp4")[1]) == 6
+
+    # A deleted checkpoint is refitted; a seeded fit on a CPU reproduces it bit for bit, so the
+    # turntable and the mesh, whose keys hash the checkpoint, still match it and are kept.
+    checkpoints = out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "nerfstudio_models"
+    (checkpoint,) = checkpoints.glob("step-*.ckpt")
+    original = checkpoint.read_bytes()
+    checkpoint.unlink()
+    code, stdout, stderr = _reconstruct(cli, out, astronaut_path, tiny_weights, "--frames", "6")
+    assert code == 0, stderr
+    runs = {name: stage["last_run"] for name, stage in json.loads(stdout)["stages"].items()}
+    assert runs["fit"] == "ran" and runs["views"] == "reused"
+    assert checkpoint.read_bytes() == original
+    assert runs["render"] == "reused" and runs["export"] == "reused"
 
     # render and export commands on the finished run
     code, _, stderr = cli(

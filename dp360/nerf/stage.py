@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,12 +86,25 @@ def view_hashes(run_dir: Path) -> dict[str, str]:
 
 
 def field_hashes(run_dir: Path) -> dict[str, str]:
-    """The files `load_field` reads: the fit's record, its checkpoint, and the views' cameras.
-    A refitted field (fits differ) therefore redoes the turntable and the mesh."""
+    """What `load_field` reads: the fit's settings and background, its checkpoint, and the views'
+    cameras. A refitted field that differs therefore redoes the turntable and the mesh; one that
+    is bit-identical (a seeded CPU fit) keeps them."""
     nerf = run_dir / "nerf"
-    files = [nerf / FIT_FILE, run_dir / "views" / "transforms.json"]
+    hashes = {"nerf/" + FIT_FILE: _fit_record_hash(nerf / FIT_FILE)}
+    files = [run_dir / "views" / "transforms.json"]
     files += sorted((nerf / EXPERIMENT / METHOD / TIMESTAMP / "nerfstudio_models").glob("step-*.ckpt"))
-    return {path.relative_to(run_dir).as_posix(): file_sha256(path) for path in files if path.is_file()}
+    hashes.update({path.relative_to(run_dir).as_posix(): file_sha256(path) for path in files if path.is_file()})
+    return hashes
+
+
+def _fit_record_hash(path: Path) -> str:
+    """The hash of the fields of fit.json that shape the loaded field (not its timings)."""
+    try:
+        record = json.loads(path.read_text())
+        shaping = {key: record.get(key) for key in ("method", "settings", "background")}
+    except (OSError, ValueError, AttributeError):
+        return file_sha256(path) if path.is_file() else "missing"
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
 def _fit_settings(context: StageContext) -> FitSettings:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cameras import pixel_rays
+from ..safety import ConfigError, check_bounds, one_line
 from .layers import MappingNetwork, StyleGAN2Backbone, SynthesisBlock, SynthesisNetwork, ToRGBLayer
 from .rendering import OSGDecoder, RenderSettings, render_rays, trigrid_field
 
@@ -94,6 +95,40 @@ class SuperResolution(nn.Module):
         return rgb
 
 
+# Bounds on the recorded constructor arguments, checked before anything is built; comfortably
+# above the released generator's values (in comments).
+CONFIG_BOUNDS = {
+    "z_dim": (1, 4096),  # 512
+    "w_dim": (1, 4096),  # 512
+    "c_dim": (1, 1024),  # 25
+    "img_resolution": (16, 2048),  # 512
+    "img_channels": (1, 16),  # 3
+    "channel_base": (1, 1 << 20),  # 32768
+    "channel_max": (1, 4096),  # 512
+    "num_fp16_res": (0, 16),  # 0
+    "sr_num_fp16_res": (0, 16),  # 4
+    "conv_clamp": (0.0, 1e9),  # null
+    "neural_rendering_resolution": (1, 2048),  # 64
+}
+MAPPING_BOUNDS = {"num_layers": (1, 64)}  # 2
+RENDERING_BOUNDS = {
+    "triplane_size": (4, 2048),  # 256
+    "triplane_depth": (1, 64),  # 3
+    "depth_resolution": (1, 1024),  # 48
+    "depth_resolution_importance": (0, 1024),  # 48
+    "ray_start": (0.0, 1e3),  # 2.25
+    "ray_end": (0.0, 1e3),  # 3.3
+    "box_warp": (1e-6, 1e3),  # 1
+    "c_scale": (-1e3, 1e3),  # 1.0
+    "decoder_lr_mul": (0.0, 1e3),  # 1.0
+}
+SR_BOUNDS = {"block_channels": (1, 4096), "channel_base": (1, 1 << 20), "channel_max": (1, 4096)}
+
+
+def _prefixed(bounds: dict[str, tuple[float, float]], prefix: str) -> dict[str, tuple[float, float]]:
+    return {prefix + key: value for key, value in bounds.items()}
+
+
 @dataclass
 class PanoHeadConfig:
     """The generator's construction arguments, as PanoHead's train.py records them."""
@@ -117,38 +152,75 @@ class PanoHeadConfig:
     SUPPORTED_ARCHITECTURE = "skip"
 
     @classmethod
-    def from_init_kwargs(cls, kwargs: dict[str, Any]) -> PanoHeadConfig:
-        """Validate and adopt the kwargs of `TriPlaneGenerator(...)` (as stored in the pickle)."""
-        kwargs = copy.deepcopy(dict(kwargs))
+    def from_init_kwargs(
+        cls,
+        kwargs: dict[str, Any],
+        source: str = "The PanoHead configuration",
+        advice: str = "it is not a PanoHead generator dp360 supports",
+    ) -> PanoHeadConfig:
+        """Validate and adopt the kwargs of `TriPlaneGenerator(...)` (as stored in the pickle).
+        Raises `ConfigError` (a `ValueError` and a `Dp360Error`) naming `source` and saying `advice`."""
+
+        def fail(problem: str) -> ConfigError:
+            return ConfigError(f"{source} {problem}; {advice}.")
+
+        def mapping_of(value: Any, name: str) -> dict[str, Any]:
+            if not isinstance(value, dict):
+                raise fail(f"has {name} of type {type(value).__name__}, not a dict")
+            return value
+
+        try:
+            kwargs = copy.deepcopy(mapping_of(kwargs, "init_kwargs"))
+        except RecursionError:
+            raise fail("has init_kwargs nested too deeply to be constructor arguments") from None
         architecture = kwargs.pop("architecture", "skip")
         if architecture != cls.SUPPORTED_ARCHITECTURE:
-            raise ValueError(f"only the 'skip' synthesis architecture is supported, not {architecture!r}")
-        rendering = dict(kwargs.pop("rendering_kwargs"))
+            raise fail(
+                f"asks for the {one_line(repr(architecture), 40)} synthesis architecture; only 'skip' is supported"
+            )
+        if "rendering_kwargs" not in kwargs:
+            raise fail("lacks rendering_kwargs")
+        rendering = mapping_of(kwargs.pop("rendering_kwargs"), "rendering_kwargs")
         for key in ("triplane_size", "triplane_depth", "superresolution_module"):
             if key not in rendering:
-                raise ValueError(f"rendering_kwargs lack {key!r}")
+                raise fail(f"lacks rendering_kwargs[{key!r}]")
         if rendering["superresolution_module"] not in (SR_MODULE_8XDC, SR_MODULE_TINY):
-            raise ValueError(f"unsupported super-resolution module {rendering['superresolution_module']!r}")
-        mapping = kwargs.pop("mapping_kwargs", {}) or {}
-        known = {
-            "z_dim",
-            "w_dim",
-            "c_dim",
-            "img_resolution",
-            "img_channels",
-            "channel_base",
-            "channel_max",
-            "num_fp16_res",
-            "sr_num_fp16_res",
-            "conv_clamp",
-            "fused_modconv_default",
-            "sr_kwargs",
-            "neural_rendering_resolution",
-        }
-        unknown = sorted(set(kwargs) - known)
+            raise fail(
+                f"asks for the unsupported super-resolution module {one_line(repr(rendering['superresolution_module']), 80)}"
+            )
+        mapping = mapping_of(kwargs.pop("mapping_kwargs", None) or {}, "mapping_kwargs")
+        sr_kwargs = mapping_of(kwargs.get("sr_kwargs") or {}, "sr_kwargs")
+        unknown = sorted(map(str, set(kwargs) - set(CONFIG_BOUNDS) - {"fused_modconv_default", "sr_kwargs"}))
         if unknown:
-            raise ValueError(f"unknown PanoHead generator arguments: {', '.join(unknown)}")
-        return cls(mapping_layers=int(mapping.get("num_layers", 8)), rendering=rendering, **kwargs)
+            raise fail(f"includes unknown arguments: {one_line(', '.join(unknown), 80)}")
+        # Bounds before anything is built: 10^9 mapping layers would hang construction.
+        for bounds, values, prefix in (
+            (CONFIG_BOUNDS, kwargs, ""),
+            (MAPPING_BOUNDS, mapping, "mapping_kwargs."),
+            (RENDERING_BOUNDS, rendering, "rendering_kwargs."),
+            (SR_BOUNDS, sr_kwargs, "sr_kwargs."),
+        ):
+            check_bounds(
+                {f"{prefix}{key}": value for key, value in values.items()},
+                _prefixed(bounds, prefix),
+                source,
+                advice,
+                nullable=("conv_clamp",),
+            )
+        for name, value in (
+            ("img_resolution", kwargs.get("img_resolution", 512)),
+            ("rendering_kwargs.triplane_size", rendering["triplane_size"]),
+        ):
+            if value & (value - 1):
+                raise fail(f"sets {name} to {value}, which is not a power of two as StyleGAN2 needs")
+        block_channels = sr_kwargs.get("block_channels", (16, 8))
+        if (
+            not isinstance(block_channels, (list, tuple))
+            or len(block_channels) != 2
+            or not all(isinstance(count, int) for count in block_channels)
+        ):
+            raise fail("sets sr_kwargs.block_channels to other than two channel counts")
+        return cls(mapping_layers=mapping.get("num_layers", 8), rendering=rendering, **kwargs)
 
     def init_kwargs(self) -> dict[str, Any]:
         """The inverse of `from_init_kwargs` (what we store next to converted weights)."""

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import Dp360Error
+from ..safety import load_tensors, one_line
 
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILE
@@ -88,22 +89,20 @@ def load_lpips(device: str | torch.device = "cpu", backbone: str | Path | None =
             f"The perceptual-loss backbone (torchvision VGG16, 528 MB) is not at {path}; run "
             f"`dp360 weights download perceptual` (or put {VGG16_FILE} from {VGG16_URL} there)."
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001
-        raise Dp360Error(
-            f"{path} cannot be read as a VGG16 state dict ({type(error).__name__}); delete it and download it again."
-        ) from None
+    advice = "delete it and run `dp360 weights download perceptual`"
+    state = load_tensors(path, advice)
     model = LPIPS()
-    features = {
-        key[len("features.") :]: value
-        for key, value in state.items()
-        if key.startswith("features.") and int(key.split(".")[1]) < SLICE_ENDS[-1]
-    }
     try:
+        features = {
+            key[len("features.") :]: value
+            for key, value in state.items()
+            if key.startswith("features.") and int(key.split(".")[1]) < SLICE_ENDS[-1]
+        }
         model.features.load_state_dict(features, strict=True)
-    except RuntimeError as error:
-        raise Dp360Error(f"{path} is not a torchvision VGG16 state dict ({str(error).splitlines()[0]}).") from None
+    except Exception as error:  # noqa: BLE001 - not a dict, odd keys, wrong shapes: not the VGG16 file
+        raise Dp360Error(
+            f"'{path}' is not a torchvision VGG16 state dict ({type(error).__name__}: {one_line(error, 120)}); {advice}."
+        ) from None
     heads = torch.load(lpips_heads_path(), map_location="cpu", weights_only=True)
     for index, head in enumerate(model.heads):
         head.weight.data.copy_(heads[f"lin{index}.model.1.weight"])

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..errors import Dp360Error
+from ..safety import one_line
 
 PERSISTENT_RECONSTRUCT = ("torch_utils.persistence", "_reconstruct_persistent_obj")
 # Modules whose classes are replaced by inert records (never imported, never instantiated).
@@ -33,19 +34,24 @@ RECORDED_MODULE_PREFIXES = ("training.", "torch_utils.", "dnnlib.", "torch.nn.mo
 
 
 class UnsafePickleError(Dp360Error):
-    """The pickle asks for something the restricted loader does not allow."""
+    """The pickle asks for something the restricted loader does not allow. Raised inside the
+    unpickler with what the pickle does ("refers to posix.system, ..."); `read_network_pickle`
+    re-raises it as a sentence naming the file."""
 
 
 def _load_storage_from_bytes(data: bytes):
     # torch pickles storages as bytes of a nested torch.save; read them the safe way too.
-    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:  # torch's text would advise weights_only=False
+        raise UnsafePickleError("holds a tensor storage with pickled code or objects that are not tensors") from None
 
 
 def _rebuild_from_type_v2(function, new_type, args, state):
     # Tensor subclasses (nn.Parameter) rebuilt by torch.load; only the allowed rebuild
     # functions can reach here, and only plain tensor types are accepted.
     if new_type not in (torch.Tensor, torch.nn.Parameter):
-        raise UnsafePickleError(f"The pickle rebuilds a tensor as {new_type!r}, which dp360 does not load.")
+        raise UnsafePickleError(f"rebuilds a tensor as {new_type!r}, which dp360 does not load")
     tensor = function(*args)
     return tensor if new_type is torch.Tensor else torch.nn.Parameter(tensor, requires_grad=tensor.requires_grad)
 
@@ -122,7 +128,7 @@ def _recorded_class(path: str) -> type:
 
 def _reconstruct_record(meta: dict[str, Any]) -> PersistentRecord:
     if not isinstance(meta, dict) or meta.get("type") != "class":
-        raise UnsafePickleError("The pickle holds a persistent object dp360 does not understand (not a class record).")
+        raise UnsafePickleError("holds a persistent object dp360 does not understand (not a class record)")
     state = meta.get("state") or {}
     return PersistentRecord(
         class_name=str(meta.get("class_name")),
@@ -136,7 +142,7 @@ def _reconstruct_record(meta: dict[str, Any]) -> PersistentRecord:
 def _copyreg_reconstructor(cls, base, state):
     if isinstance(cls, type) and issubclass(cls, RecordedObject):
         return cls()
-    raise UnsafePickleError(f"The pickle reconstructs an object of {cls!r}, which dp360 does not load.")
+    raise UnsafePickleError(f"reconstructs an object of {cls!r}, which dp360 does not load")
 
 
 class SafeUnpickler(pickle.Unpickler):
@@ -155,15 +161,10 @@ class SafeUnpickler(pickle.Unpickler):
             return self.allowed[(module, name)]
         if module.startswith(RECORDED_MODULE_PREFIXES) and name[:1].isupper():
             return _recorded_class(f"{module}.{name}")
-        raise UnsafePickleError(
-            f"The pickle refers to {module}.{name}, which the safe PanoHead loader does not allow; "
-            "it is not the released PanoHead file, or it has been tampered with."
-        )
+        raise UnsafePickleError(f"refers to {module}.{name}, which the safe PanoHead loader does not allow")
 
     def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(
-            "The pickle uses persistent ids (a torch.save archive?), which this loader does not accept."
-        )
+        raise UnsafePickleError("uses persistent ids (a torch.save archive?), which this loader does not accept")
 
 
 def _plain(value: Any) -> Any:
@@ -194,7 +195,7 @@ def _module_state(node: Any) -> dict[str, Any]:
         return node.state
     if isinstance(node, RecordedObject) and isinstance(node.state, dict):
         return node.state
-    raise UnsafePickleError(f"Unexpected object in the module tree: {type(node).__name__}.")
+    raise UnsafePickleError(f"holds an unexpected {type(node).__name__} in its module tree")
 
 
 def collect_state_dict(
@@ -218,20 +219,33 @@ def collect_state_dict(
 
 def read_network_pickle(path: str | Path, key: str = "G_ema") -> PickledNetwork:
     """The class name, constructor kwargs and state dict of `key` in a PanoHead pickle."""
+    advice = "download the released file again with `dp360 weights download panohead`"
     try:
         with open(path, "rb") as handle:
             data = SafeUnpickler(handle).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as error:
-        raise Dp360Error(f"{path} is not a readable PanoHead pickle ({type(error).__name__}: {error}).") from None
-    data = data if isinstance(data, dict) else _plain(data)
-    if key not in data:
+        data = data if isinstance(data, dict) else _plain(data)
+        if not isinstance(data, dict) or key not in data:
+            keys = ", ".join(map(str, list(data)[:8])) if isinstance(data, dict) else type(data).__name__
+            raise Dp360Error(
+                f"'{path}' has no '{key}' network (it holds {one_line(keys, 80)}); is it a PanoHead training snapshot?"
+            )
+        record = data[key]
+        if not isinstance(record, PersistentRecord):
+            raise Dp360Error(f"'{key}' in '{path}' is not a persistent network record; {advice}.")
+        state_dict = collect_state_dict(record)
+    except UnsafePickleError as error:
+        raise UnsafePickleError(
+            f"'{path}' {error}, so it is not the released PanoHead file or it has been tampered with; {advice}."
+        ) from None
+    except Dp360Error:
+        raise
+    except Exception as error:  # noqa: BLE001 - includes RecursionError (nesting too deep) and MemoryError
         raise Dp360Error(
-            f"{path} has no '{key}' network (keys: {', '.join(map(str, data))}); is it a PanoHead training snapshot?"
-        )
-    record = data[key]
-    if not isinstance(record, PersistentRecord):
-        raise Dp360Error(f"'{key}' in {path} is not a persistent network record.")
-    state_dict = collect_state_dict(record)
+            f"'{path}' is not a readable PanoHead pickle ({type(error).__name__}: {one_line(error, 120)}); {advice}."
+        ) from None
+    strays = [name for name, value in state_dict.items() if not isinstance(value, torch.Tensor)]
+    if strays:
+        raise Dp360Error(f"'{path}' holds non-tensor weights ({one_line(', '.join(strays[:4]), 120)}); {advice}.")
     return PickledNetwork(record.class_name, record.init_kwargs, state_dict)
 
 

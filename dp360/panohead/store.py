@@ -15,6 +15,7 @@ import torch
 
 from ..errors import Dp360Error
 from ..imaging import atomic_directory, file_sha256
+from ..safety import check_output_folder, one_line, read_json_object, safetensors_header, shape_problems
 from .generator import PanoHeadConfig, PanoHeadGenerator
 from .persistence import read_network_pickle
 
@@ -31,50 +32,75 @@ def panohead_dir() -> Path:
     return bundles_dir() / "panohead"
 
 
-def check_state_dict(generator: PanoHeadGenerator, state_dict: dict[str, torch.Tensor]) -> None:
+# The released generator holds 55 M values; a configuration asking for far more is not PanoHead
+# (and its tensors, stride tricks in a pickle included, would be materialised at that size).
+MAX_GENERATOR_VALUES = 500_000_000
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+
+
+def check_state_dict(
+    generator: PanoHeadGenerator, state_dict: dict[str, torch.Tensor], source: str = "The PanoHead weights"
+) -> None:
     """Raise with the offenders unless every parameter and buffer is filled by a tensor of the
     right shape and nothing is left over."""
-    expected = generator.state_dict()
-    missing = [key for key in expected if key not in state_dict and key not in OPTIONAL_KEYS]
-    unexpected = [key for key in state_dict if key not in expected]
-    mismatched = [
-        f"{key} {tuple(state_dict[key].shape)} != {tuple(expected[key].shape)}"
-        for key in expected
-        if key in state_dict and tuple(state_dict[key].shape) != tuple(expected[key].shape)
-    ]
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
-        if items:
-            shown = ", ".join(items[:8]) + (f" and {len(items) - 8} more" if len(items) > 8 else "")
-            problems.append(f"{label}: {shown}")
+    expected = {key: value.shape for key, value in generator.state_dict().items()}
+    problems = shape_problems(expected, {key: value.shape for key, value in state_dict.items()}, OPTIONAL_KEYS)
     if problems:
+        raise Dp360Error(f"{source} does not match the network built from its own configuration ({problems}).")
+
+
+def _build_on_meta(config: PanoHeadConfig, source: str, advice: str) -> PanoHeadGenerator:
+    try:
+        with torch.device("meta"):
+            generator = PanoHeadGenerator(config)
+    except Exception as error:  # noqa: BLE001 - the bounded config still asks for something unbuildable
         raise Dp360Error(
-            "The PanoHead weights do not match the network built from their own configuration ("
-            + "; ".join(problems)
-            + ")."
+            f"{source} describes a generator dp360 cannot build ({type(error).__name__}: {one_line(error)}); {advice}."
+        ) from None
+    values = sum(tensor.numel() for tensor in generator.state_dict().values())
+    if values > MAX_GENERATOR_VALUES:
+        raise Dp360Error(
+            f"{source} describes a generator of {values / 1e6:.0f} M values, more than dp360's limit of "
+            f"{MAX_GENERATOR_VALUES / 1e6:.0f} M; {advice}."
         )
+    return generator
+
+
+def _panohead_refusal(folder: Path) -> str | None:
+    """None when `folder` is a converted generator (which a conversion may replace), else why not."""
+    if {entry.name for entry in folder.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE} and (folder / WEIGHTS_FILE).is_file():
+        try:
+            if "init_kwargs" in read_json_object(folder / CONFIG_FILE, ""):
+                return None
+        except Dp360Error:
+            pass
+    return "already holds files that are not a converted dp360 PanoHead generator"
 
 
 def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Read the released pickle safely and write the converted folder (atomically)."""
+    """Read the released pickle safely and write the converted folder (atomically). `out_dir` may
+    be new, empty or a converted generator (replaced), never a folder holding anything else."""
     pickle_path = Path(pickle_path)
     if not pickle_path.is_file():
         raise Dp360Error(f"PanoHead pickle '{pickle_path}' does not exist; run `dp360 weights download panohead`.")
     out_dir = Path(out_dir) if out_dir is not None else panohead_dir()
+
+    def check_out() -> Path:
+        return check_output_folder(out_dir, [pickle_path], _panohead_refusal)
+
+    out = check_out()
     network = read_network_pickle(pickle_path)
-    try:
-        config = PanoHeadConfig.from_init_kwargs(network.init_kwargs)
-    except (ValueError, KeyError, TypeError) as error:
-        raise Dp360Error(f"The PanoHead pickle's generator arguments are not supported: {error}.") from None
-    with torch.device("meta"):
-        generator = PanoHeadGenerator(config)
-    check_state_dict(generator, network.state_dict)
+    source = f"The pickle '{pickle_path}'"
+    advice = "download the released file again with `dp360 weights download panohead`"
+    config = PanoHeadConfig.from_init_kwargs(network.init_kwargs, source, advice)
+    generator = _build_on_meta(config, source, advice)
+    check_state_dict(generator, network.state_dict, source)
     state = {key: tensor.detach().to(torch.float32).contiguous() for key, tensor in network.state_dict.items()}
     for key in OPTIONAL_KEYS:
         state.setdefault(key, torch.zeros(generator.state_dict()[key].shape))
     from safetensors.torch import save_file
 
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(out) as staging:
         save_file(state, str(staging / WEIGHTS_FILE))
         payload = {
             "class_name": network.class_name,
@@ -83,6 +109,7 @@ def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None 
             "source_sha256": file_sha256(pickle_path),
         }
         (staging / CONFIG_FILE).write_text(json.dumps(payload, indent=2))
+        check_out()  # again: the user may have put files there while we converted
     return out_dir
 
 
@@ -109,33 +136,61 @@ def save_generator(generator: PanoHeadGenerator, out_dir: str | Path, source: st
     return out_dir
 
 
+def _checked_folder(folder: Path, advice: str) -> PanoHeadGenerator:
+    """The generator (on the meta device) that the converted folder describes, after checking its
+    config and that the weights file's header matches it, without reading the tensors."""
+    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    payload = read_json_object(config_path, advice)
+    if "init_kwargs" not in payload:
+        raise Dp360Error(f"'{config_path}' has no init_kwargs; {advice}.")
+    init_kwargs = payload["init_kwargs"]
+    config = PanoHeadConfig.from_init_kwargs(init_kwargs, f"'{config_path}'", advice)
+    generator = _build_on_meta(config, f"'{config_path}'", advice)
+    header = safetensors_header(weights_path, advice)
+    odd = sorted({dtype for _, dtype in header.values()} - set(FLOAT_DTYPES))
+    if odd:
+        raise Dp360Error(f"'{weights_path}' holds {', '.join(odd)} tensors, not floating-point weights; {advice}.")
+    expected = {key: value.shape for key, value in generator.state_dict().items()}
+    problems = shape_problems(expected, {key: shape for key, (shape, _) in header.items()}, OPTIONAL_KEYS)
+    if problems:
+        raise Dp360Error(f"'{weights_path}' does not match '{config_path}' ({problems}); {advice}.")
+    return generator
+
+
+def _missing_message(folder: Path) -> str:
+    return (
+        f"The converted PanoHead generator is not at {folder}; run `dp360 weights download panohead` and "
+        "`dp360 weights convert panohead` (300 MB, non-commercial licence), or pass --no-3d-noise."
+    )
+
+
 def load_generator(folder: str | Path | None = None, device: str | torch.device = "cpu") -> PanoHeadGenerator:
     """The converted generator, in eval mode, float32 (StyleGAN ops run in fp32 with optional
     fp16 super-resolution blocks on CUDA, as released)."""
     from safetensors.torch import load_file
 
     folder = Path(folder) if folder is not None else panohead_dir()
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_path.is_file() or not weights_path.is_file():
-        raise Dp360Error(
-            f"The converted PanoHead generator is not at {folder}; run `dp360 weights download panohead` "
-            "and `dp360 weights convert panohead` (300 MB, non-commercial licence), or pass --no-3d-noise."
-        )
-    payload = json.loads(config_path.read_text())
-    config = PanoHeadConfig.from_init_kwargs(payload["init_kwargs"])
-    with torch.device("meta"):
-        generator = PanoHeadGenerator(config)
-    state = load_file(str(weights_path), device=str(device))
-    check_state_dict(generator, state)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise Dp360Error(_missing_message(folder))
+    advice = "convert the PanoHead pickle again with `dp360 weights convert panohead`"
+    generator = _checked_folder(folder, advice)
+    try:
+        state = {key: value.float() for key, value in load_file(str(folder / WEIGHTS_FILE), device=str(device)).items()}
+    except Exception as error:  # noqa: BLE001 - the file changed or broke after its header was checked
+        raise Dp360Error(f"'{folder / WEIGHTS_FILE}' cannot be read ({one_line(error)}); {advice}.") from None
+    for key in OPTIONAL_KEYS:
+        state.setdefault(key, torch.zeros(generator.state_dict()[key].shape, device=device))
     generator.load_state_dict(state, strict=True, assign=True)
     return generator.to(device).eval().requires_grad_(False)
 
 
 def panohead_problem(folder: str | Path | None = None) -> str | None:
+    """Why the converted generator cannot be used (missing, or a damaged file), or None."""
     folder = Path(folder) if folder is not None else panohead_dir()
-    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-        return None
-    return (
-        f"The converted PanoHead generator is not at {folder}; run `dp360 weights download panohead` and "
-        "`dp360 weights convert panohead`, or pass --no-3d-noise."
-    )
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        return _missing_message(folder)
+    try:
+        _checked_folder(folder, "convert the PanoHead pickle again with `dp360 weights convert panohead`")
+    except Dp360Error as error:
+        return str(error)
+    return None

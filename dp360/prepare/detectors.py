@@ -22,7 +22,8 @@ from typing import Protocol
 import numpy as np
 
 from .. import weights
-from ..errors import DetectorUnavailableError
+from ..errors import DetectorUnavailableError, Dp360Error
+from ..safety import load_tensors, one_line
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,11 @@ def _detect_downscaled(rgb: np.ndarray, run) -> list[FaceDetection]:
     return sorted(detections, key=lambda d: d.area, reverse=True)
 
 
+class RetinaFaceWeightsError(Dp360Error, RuntimeError):
+    """A RetinaFace weights file that does not fit the network (a RuntimeError too, as torch's
+    strict loading raised before)."""
+
+
 class RetinaFaceDetector:
     """facexlib RetinaFace; loads weights with `torch.load(weights_only=True)`, never downloads
     unless asked to (`allow_download`)."""
@@ -103,17 +109,27 @@ class RetinaFaceDetector:
         allow_download: bool = True,
         confidence: float = 0.8,
     ):
-        import torch
         from facexlib.detection.retinaface import RetinaFace
 
         self.note: str | None = None
         self.confidence = confidence
         path = weights.retinaface_weights(network, weights_dir=weights_dir, allow_download=allow_download)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {key.removeprefix("module."): value for key, value in state.items()}
+        # A broken file is the user's to fix, not a reason for `auto` to fall back to dlib silently:
+        # these are plain Dp360Errors, not DetectorUnavailableError.
+        advice = f"replace it with {path.name} from {weights.FACEXLIB_RELEASE_URL}, or use --detector dlib"
+        state = load_tensors(path, advice)
         with _quiet_torchvision_warnings():
             model = RetinaFace(network_name=network, half=False, device=device)
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict({key.removeprefix("module."): value for key, value in state.items()}, strict=True)
+        except Exception as error:  # noqa: BLE001 - not a dict, odd keys, wrong shapes: not RetinaFace weights
+            # torch's strict-loading text lists the offending keys after its first line
+            details = (
+                " ".join(line.strip() for line in str(error).splitlines()[1:]) or f"{type(error).__name__}: {error}"
+            )
+            raise RetinaFaceWeightsError(
+                f"'{path}' does not hold RetinaFace {network} weights ({one_line(details)}); {advice}."
+            ) from None
         self.model = model.eval().to(device)
 
     def detect(self, rgb: np.ndarray) -> list[FaceDetection]:

@@ -29,7 +29,7 @@ from ...safety import (
 )
 from .components import BACK_COMPONENTS, MAIN_COMPONENTS, build_components, component_config
 from .configs import FAMILIES, ModelFamily
-from .convert import convert_official
+from .convert import ConversionError, convert_official
 
 BUNDLE_FILE = "dp360_bundle.json"
 KIND_COMPONENTS = {"main": MAIN_COMPONENTS, "back": BACK_COMPONENTS}
@@ -170,7 +170,10 @@ def convert_to_bundle(
         name: (component_config(family, name), {k: v.shape for k, v in module.state_dict().items()})
         for name, module in components.items()
     }
-    report = convert_official(checkpoint, targets)
+    try:
+        report = convert_official(checkpoint, targets)
+    except ConversionError as error:  # its sentence says "The checkpoint"; name the file
+        raise ConversionError(str(error).replace("The checkpoint", f"The checkpoint '{checkpoint_path}'", 1)) from None
     with atomic_directory(out) as staging:
         for name, module in components.items():
             module.load_state_dict(report.state_dicts[name], strict=False, assign=True)
