@@ -247,7 +247,8 @@ GuidanceOption = Annotated[
 ]
 EtaOption = Annotated[float, typer.Option(help="DDIM eta, 0 to 1.")]
 ViewsOption = Annotated[
-    int, typer.Option("--views", help="Number of views around the head, 8 to 128 (32 uses the official sphere32 images).")
+    int,
+    typer.Option("--views", help="Number of views around the head, 8 to 128 (32 uses the official sphere32 images)."),
 ]
 BackCameraOption = Annotated[
     Optional[int],

@@ -254,7 +254,9 @@ class Run:
         # Everything below runs under the lock: no other run changes the folder meanwhile.
         self._started_empty = not self.manifest_path.is_file() and self._ours_only()
         if self.lock.previous_pid is not None:
-            self._note(f"took over the lock of an earlier run (pid {self.lock.previous_pid}) that ended without releasing it")
+            self._note(
+                f"took over the lock of an earlier run (pid {self.lock.previous_pid}) that ended without releasing it"
+            )
         for removed in remove_stale_temporaries(out):
             log.info("removed %s, left by an interrupted run", removed)
         previous: dict[str, Any] = {}
@@ -380,7 +382,12 @@ class Run:
             raise
         seconds = time.perf_counter() - clock
         record.update(
-            status="done", last_run="ran", finished_at=_now(), seconds=round(seconds, 3), outputs=outputs, summary=summary
+            status="done",
+            last_run="ran",
+            finished_at=_now(),
+            seconds=round(seconds, 3),
+            outputs=outputs,
+            summary=summary,
         )
         self._completed_any = True
         self._save()
@@ -529,9 +536,7 @@ def run_pipeline(
         for stage in selected:
             blocked = next((name for name in stage.needs if not context.done(name)), None)
             verdict = (
-                Unavailable("not_available", f"the '{blocked}' stage has not produced its results")
-                if blocked
-                else None
+                Unavailable("not_available", f"the '{blocked}' stage has not produced its results") if blocked else None
             )
             if verdict is None:
                 stage.resolve(context)
