@@ -4,13 +4,16 @@ The rule is that a command replaces only what it created. A file output may repl
 file of one of dp360's own output kinds, and only when asked to (`overwrite`); a frames folder
 may replace a folder that holds nothing but dp360 frames, again only when asked to. Folders
 holding anything else (a user's photos, a run folder) and files of other kinds are never
-replaced. The checks raise `Dp360Error` with one sentence naming the path and what to do.
+replaced. A converted weights folder may replace only a new or empty folder or dp360's own
+bundle of the same kind, never the folder holding its source (`check_output_folder`). The checks
+raise `Dp360Error` with one sentence naming the path and what to do.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from .errors import Dp360Error
@@ -78,3 +81,45 @@ def check_frames_target(path: str | os.PathLike, overwrite: bool = False) -> Pat
             f"'{path}' already holds dp360 frames; pass --overwrite to replace them, or choose another --out."
         )
     return path
+
+
+def check_output_folder(
+    out_dir: str | Path, sources: Iterable[str | Path], refusal: Callable[[Path], str | None]
+) -> Path:
+    """The resolved `out_dir` if a converter may replace it as a whole: a new path, an empty folder,
+    or a folder that `refusal` recognises as dp360's own output of the same kind (it returns None
+    for those and otherwise says what the folder is). Never a file, a folder holding one of
+    `sources`, or the current folder unless it is such an output. Call it before the slow work."""
+    given = Path(out_dir).expanduser()
+    out = given.resolve()
+    shown = str(out) if given.name in ("", ".", "..") else str(given)
+
+    def refuse(reason: str) -> Dp360Error:
+        return Dp360Error(f"'{shown}' {reason}; choose a new or empty folder.")
+
+    for source in sources:
+        source = Path(source).expanduser()
+        for candidate in {source.absolute(), source.resolve()}:
+            if candidate == out:
+                raise refuse("is the checkpoint being converted")
+            if out in candidate.parents:
+                raise refuse(
+                    f"holds the checkpoint being converted ('{source}'), which replacing the folder would delete"
+                )
+    if not out.exists():
+        parent = next(parent for parent in out.parents if parent.exists())
+        if not parent.is_dir():
+            raise refuse(f"cannot be created because '{parent}' is a file")
+        return out
+    if not out.is_dir():
+        raise refuse("is a file, not a folder")
+    try:
+        empty = next(out.iterdir(), None) is None
+        reason = None if empty else refusal(out)
+    except OSError as error:
+        raise refuse(f"cannot be read ({error.strerror or type(error).__name__})") from None
+    if reason:
+        raise refuse(reason)
+    if empty and (out == Path.cwd() or out in Path.cwd().parents):
+        raise refuse("is the current folder, which dp360 will not replace")
+    return out

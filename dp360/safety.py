@@ -1,10 +1,9 @@
-"""Reading weight and config files dp360 did not write in this process, and replacing folders.
+"""Reading weight and config files that dp360 did not write in this process.
 
 Every reader here turns a damaged or hostile file into one `Dp360Error` sentence that names the
 file: configs are read with a size cap and their sizes bounded *before* a module is built (a
 config asking for 10^9 layers would otherwise hang construction), safetensors headers are
 validated without reading the data, and pickles go through `torch.load(weights_only=True)` only.
-`check_output_folder` guards the folders that converters replace as a whole.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import json
 import math
 import pickle
 import zipfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -173,45 +172,3 @@ def load_tensors(path: str | Path, advice: str, safe_globals: Sequence[Any] = ()
         raise Dp360Error(f"'{path}' {what}, so dp360 refuses to load it; {advice}.") from None
     except Exception:  # noqa: BLE001 - includes RecursionError and MemoryError; never KeyboardInterrupt
         raise Dp360Error(damaged) from None
-
-
-def check_output_folder(
-    out_dir: str | Path, sources: Iterable[str | Path], refusal: Callable[[Path], str | None]
-) -> Path:
-    """The resolved `out_dir` if a converter may replace it as a whole: a new path, an empty folder,
-    or a folder that `refusal` recognises as dp360's own output of the same kind (it returns None
-    for those and otherwise says what the folder is). Never a file, a folder holding one of
-    `sources`, or the current folder unless it is such an output. Call it before the slow work."""
-    given = Path(out_dir).expanduser()
-    out = given.resolve()
-    shown = str(out) if given.name in ("", ".", "..") else str(given)
-
-    def refuse(reason: str) -> Dp360Error:
-        return Dp360Error(f"'{shown}' {reason}; choose a new or empty folder.")
-
-    for source in sources:
-        source = Path(source).expanduser()
-        for candidate in {source.absolute(), source.resolve()}:
-            if candidate == out:
-                raise refuse("is the checkpoint being converted")
-            if out in candidate.parents:
-                raise refuse(
-                    f"holds the checkpoint being converted ('{source}'), which replacing the folder would delete"
-                )
-    if not out.exists():
-        parent = next(parent for parent in out.parents if parent.exists())
-        if not parent.is_dir():
-            raise refuse(f"cannot be created because '{parent}' is a file")
-        return out
-    if not out.is_dir():
-        raise refuse("is a file, not a folder")
-    try:
-        empty = next(out.iterdir(), None) is None
-        reason = None if empty else refusal(out)
-    except OSError as error:
-        raise refuse(f"cannot be read ({error.strerror or type(error).__name__})") from None
-    if reason:
-        raise refuse(reason)
-    if empty and (out == Path.cwd() or out in Path.cwd().parents):
-        raise refuse("is the current folder, which dp360 will not replace")
-    return out

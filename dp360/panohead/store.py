@@ -15,7 +15,8 @@ import torch
 
 from ..errors import Dp360Error
 from ..imaging import atomic_directory, file_sha256
-from ..safety import check_output_folder, one_line, read_json_object, safetensors_header, shape_problems
+from ..outputs import check_output_folder
+from ..safety import one_line, read_json_object, safetensors_header, shape_problems
 from .generator import PanoHeadConfig, PanoHeadGenerator
 from .persistence import read_network_pickle
 

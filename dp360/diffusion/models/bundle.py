@@ -18,9 +18,9 @@ import torch
 
 from ...errors import Dp360Error
 from ...imaging import atomic_directory
+from ...outputs import check_output_folder
 from ...safety import (
     check_bounds,
-    check_output_folder,
     load_tensors,
     one_line,
     read_json_object,
