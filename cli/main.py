@@ -82,7 +82,8 @@ PitchOption = Annotated[
     ),
 ]
 FaceIndexOption = Annotated[
-    Optional[int], typer.Option(help="Which face to use when there are several (0 = largest).", show_default=False)
+    Optional[int],
+    typer.Option(help="Which face to use when there are several (0 = largest), 0 to 1000.", show_default=False),
 ]
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DTypeOption = Annotated[DType, typer.Option(help="Compute precision (auto: fp16 on CUDA, fp32 elsewhere).")]
@@ -253,7 +254,7 @@ ViewsOption = Annotated[
 BackCameraOption = Annotated[
     Optional[int],
     typer.Option(
-        help="Camera image used for the back view (default: 18 of 32 as the final release, 202.5 degrees; an earlier release used 16).",
+        help="Camera image used for the back view, 0 to views-1 (default: 18 of 32 as the final release, 202.5 degrees; an earlier release used 16).",
         show_default=False,
     ),
 ]
@@ -276,18 +277,26 @@ CamerasOption = Annotated[
 OffloadOption = Annotated[
     bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")
 ]
-InvertStepsOption = Annotated[int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps (3D-aware noise).")]
+InvertStepsOption = Annotated[
+    int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps (3D-aware noise), 0 to 10000.")
+]
 PtiStepsOption = Annotated[
-    int, typer.Option("--pti-steps", help="PanoHead generator fine-tuning (PTI) steps after the inversion.")
+    int, typer.Option("--pti-steps", help="PanoHead generator fine-tuning (PTI) steps after the inversion, 0 to 10000.")
 ]
-FramesOption = Annotated[int, typer.Option("--frames", help="Turntable frames in one turn.")]
-FpsOption = Annotated[int, typer.Option("--fps", help="Turntable frames per second.")]
-ResolutionOption = Annotated[int, typer.Option("--resolution", help="Turntable frame size in pixels (square).")]
+FramesOption = Annotated[int, typer.Option("--frames", help="Turntable frames in one turn, 1 to 10000.")]
+FpsOption = Annotated[int, typer.Option("--fps", help="Turntable frames per second, 1 to 240.")]
+ResolutionOption = Annotated[
+    int, typer.Option("--resolution", help="Turntable frame size in pixels (square), even, 16 to 4096.")
+]
 ElevationOption = Annotated[
-    float, typer.Option("--elevation", help="Turntable camera elevation in degrees above eye level.")
+    float, typer.Option("--elevation", help="Turntable camera elevation in degrees above eye level, -89 to 89.")
 ]
-MeshResolutionOption = Annotated[int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis.")]
-MeshFacesOption = Annotated[int, typer.Option("--mesh-faces", help="Decimate the mesh to at most this many faces.")]
+MeshResolutionOption = Annotated[
+    int, typer.Option("--mesh-resolution", help="Marching-cubes grid per axis, 16 to 1024.")
+]
+MeshFacesOption = Annotated[
+    int, typer.Option("--mesh-faces", help="Decimate the mesh to at most this many faces (at least 100).")
+]
 
 
 @app.command()
@@ -332,7 +341,9 @@ def reconstruct(
     fit_iterations: Annotated[
         Optional[int],
         typer.Option(
-            "--fit-iterations", help="Radiance-field training iterations (default: the preset's).", show_default=False
+            "--fit-iterations",
+            help="Radiance-field training iterations, 1 to 1000000 (default: the preset's).",
+            show_default=False,
         ),
     ] = None,
     frames: FramesOption = 120,
@@ -560,7 +571,7 @@ def render(
     fps: FpsOption = 30,
     resolution: ResolutionOption = 512,
     radius: Annotated[
-        float, typer.Option("--radius", help="Camera distance from the head's centre (the views use 2.7).")
+        float, typer.Option("--radius", help="Camera distance from the head's centre, 0.6 to 100 (the views use 2.7).")
     ] = 2.7,
     overwrite: Annotated[
         bool,
@@ -759,16 +770,11 @@ def weights_verify(
     import torch
 
     if kind == "panohead":
-        from dp360.panohead.generator import PanoHeadConfig, PanoHeadGenerator
-        from dp360.panohead.persistence import read_network_pickle
-        from dp360.panohead.store import check_state_dict
+        from dp360.panohead.store import check_panohead_pickle
 
         with user_errors():
             path = _official_checkpoint(kind, checkpoint, cache_dir)
-            network = read_network_pickle(path)
-            with torch.device("meta"):
-                generator = PanoHeadGenerator(PanoHeadConfig.from_init_kwargs(network.init_kwargs))
-            check_state_dict(generator, network.state_dict)
+            network, _ = check_panohead_pickle(path)
             err_console.print(
                 f"[green]✓[/] {path}: {len(network.state_dict)} tensors of {network.class_name} fill dp360's PanoHead generator exactly (read without running pickled code)"
             )
@@ -778,8 +784,11 @@ def weights_verify(
     from dp360.diffusion.models.components import build_components, component_config
     from dp360.diffusion.models.configs import FAMILIES
     from dp360.diffusion.models.convert import convert_official
+    from dp360.errors import Dp360Error
 
     with user_errors():
+        if family not in FAMILIES:
+            raise Dp360Error(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}.")
         path = _official_checkpoint(kind, checkpoint, cache_dir)
         state = load_official_checkpoint(path)
         chosen = FAMILIES[family]

@@ -435,3 +435,53 @@ def test_bad_render_settings_are_refused_before_loading(cli, tmp_path, options, 
 
 def test_bad_mesh_density_is_refused(cli, tmp_path):
     _assert_user_error(*cli("export", tmp_path / "missing-run", "--mesh-density", "nan"), "--mesh-density")
+
+
+HELP_RANGES = [
+    ("views", "--views", "8 to 128"),
+    ("views", "--steps", "1 to 1000"),
+    ("views", "--guidance", "1 to 30"),
+    ("views", "--eta", "0 to 1"),
+    ("views", "--seed", "0 to 4294967295"),
+    ("views", "--invert-steps", "0 to 10000"),
+    ("prepare", "--yaw", "-180 to 180"),
+    ("prepare", "--pitch", "-89 to 89"),
+    ("prepare", "--max-pixels", "1e6 to 1e9"),
+    ("reconstruct", "--fit-iterations", "1 to 1000000"),
+    ("reconstruct", "--frames", "1 to 10000"),
+    ("render", "--radius", "0.6 to 100"),
+]
+
+
+@pytest.mark.parametrize(("command", "option", "text"), HELP_RANGES, ids=lambda v: v)
+def test_help_states_the_ranges(command, option, text):
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    line = next(line for line in result.stdout.splitlines() if f"{option} " in line)
+    assert text in line, line
+
+
+def test_an_interrupted_batch_says_what_finished_and_how_to_resume(cli, tmp_path, monkeypatch, astronaut_path):
+    """Ctrl-C during the second of three portraits: exit 130, the finished one named, and the
+    command to resume."""
+    import shutil
+
+    images = [shutil.copy(astronaut_path, tmp_path / f"{name}.png") for name in ("first", "second", "third")]
+    calls = []
+
+    def fake_reconstruct(image, target, *args, **kwargs):
+        calls.append(Path(image).stem)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return run_module.RunSummary(Path(target), "done", {}, {})
+
+    monkeypatch.setattr(run_module, "reconstruct", fake_reconstruct)
+    code, _, stderr = cli("reconstruct", *images, "--out", tmp_path / "out", *DLIB)
+    assert code == 130 and calls == ["first", "second"]
+    text = " ".join(stderr.split())
+    assert "interrupted during" in text and "second.png" in text
+    assert "1 of 3 portraits had finished" in text and str(tmp_path / "out" / "first") in text
+    assert "1 not started" in text and "rerun the same command" in text

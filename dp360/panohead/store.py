@@ -18,7 +18,7 @@ from ..imaging import atomic_directory, file_sha256
 from ..outputs import check_output_folder
 from ..safety import one_line, read_json_object, safetensors_header, shape_problems
 from .generator import PanoHeadConfig, PanoHeadGenerator
-from .persistence import read_network_pickle
+from .persistence import PickledNetwork, read_network_pickle
 
 WEIGHTS_FILE = "generator.safetensors"
 CONFIG_FILE = "panohead.json"
@@ -78,6 +78,18 @@ def _panohead_refusal(folder: Path) -> str | None:
     return "already holds files that are not a converted dp360 PanoHead generator"
 
 
+def check_panohead_pickle(pickle_path: str | Path) -> tuple[PickledNetwork, PanoHeadGenerator]:
+    """Read the released pickle without running its code, and check that its tensors fill the
+    generator its own (bounded) configuration describes, built on the meta device."""
+    network = read_network_pickle(pickle_path)
+    source = f"The pickle '{pickle_path}'"
+    advice = "download the released file again with `dp360 weights download panohead`"
+    config = PanoHeadConfig.from_init_kwargs(network.init_kwargs, source, advice)
+    generator = _build_on_meta(config, source, advice)
+    check_state_dict(generator, network.state_dict, source)
+    return network, generator
+
+
 def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None = None) -> Path:
     """Read the released pickle safely and write the converted folder (atomically). `out_dir` may
     be new, empty or a converted generator (replaced), never a folder holding anything else."""
@@ -90,12 +102,7 @@ def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None 
         return check_output_folder(out_dir, [pickle_path], _panohead_refusal)
 
     out = check_out()
-    network = read_network_pickle(pickle_path)
-    source = f"The pickle '{pickle_path}'"
-    advice = "download the released file again with `dp360 weights download panohead`"
-    config = PanoHeadConfig.from_init_kwargs(network.init_kwargs, source, advice)
-    generator = _build_on_meta(config, source, advice)
-    check_state_dict(generator, network.state_dict, source)
+    network, generator = check_panohead_pickle(pickle_path)
     state = {key: tensor.detach().to(torch.float32).contiguous() for key, tensor in network.state_dict.items()}
     for key in OPTIONAL_KEYS:
         state.setdefault(key, torch.zeros(generator.state_dict()[key].shape))
@@ -105,7 +112,7 @@ def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None 
         save_file(state, str(staging / WEIGHTS_FILE))
         payload = {
             "class_name": network.class_name,
-            "init_kwargs": config.init_kwargs(),
+            "init_kwargs": generator.config.init_kwargs(),
             "source": pickle_path.name,
             "source_sha256": file_sha256(pickle_path),
         }
