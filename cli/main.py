@@ -643,6 +643,7 @@ def export(
     from dp360.nerf.fit import load_field
     from dp360.nerf.mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
     from dp360.outputs import check_file_target
+    from dp360.run import RunLock
     from dp360.runtime import resolve_device
 
     with user_errors():
@@ -654,12 +655,19 @@ def export(
             state = "is not a folder" if run_dir.exists() else "does not exist"
             raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
         target = out or Path(run_dir) / "export" / f"head.{output_format}"
-        # The default target lies inside the run folder, which dp360 owns: it may replace it.
+        # The default target lies inside the run folder, which dp360 owns: it may replace it, under
+        # the run's lock so that no run writes there at the same time.
         overwrite = overwrite or out is None
         check_file_target(target, overwrite)  # before the (slow) extraction
-        field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
-        mesh = extract_mesh(field, settings)
-        write_mesh(mesh, target, output_format, overwrite)
+        lock = RunLock(Path(run_dir))
+        if out is None:
+            lock.acquire()
+        try:
+            field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
+            mesh = extract_mesh(field, settings)
+            write_mesh(mesh, target, output_format, overwrite)
+        finally:
+            lock.release()
     if not quiet:
         err_console.print(f"[green]✓[/] {target} ({len(mesh.faces)} faces)")
 

@@ -519,7 +519,7 @@ def run_pipeline(
     device, dtype = check_run_settings(options, stages, config.prepare, config.views, config.noise, config.field)
     image = load_portrait(image_path, **({"max_pixels": options.max_pixels} if options.max_pixels else {}))
     run = Run(out_dir, options, reporter)
-    context = StageContext(Path(out_dir), image, device, dtype, options.progress, config, note=run._note)
+    context = StageContext(Path(out_dir), image, device, dtype, options.progress, config, options.seed, note=run._note)
     for stage in selected:
         if stage.name in require and stage.name != "prepare":
             stage.resolve(context)

@@ -49,6 +49,7 @@ class StageContext:
     dtype: str
     progress: bool
     config: RunConfig
+    seed: int = 42
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json's stage records
     note: Callable[[str], None] = lambda message: None
 

@@ -211,7 +211,7 @@ def test_header_bomb_is_refused_before_decoding(tmp_path):
     bomb = png_with_size(tmp_path / "bomb.png", 20000, 20000)
     start = time.perf_counter()
     message = _error(bomb)
-    assert time.perf_counter() - start < 0.5
+    assert time.perf_counter() - start < 5  # a bound against hangs on a busy machine, not a speed target
     assert "20000x20000" in message and "400 MP" in message and "90 MP" in message and "--max-pixels" in message
     assert Image.MAX_IMAGE_PIXELS == PILLOW_LIMIT  # Pillow's global is left as it was
 

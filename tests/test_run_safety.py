@@ -485,3 +485,15 @@ def test_an_interrupted_batch_says_what_finished_and_how_to_resume(cli, tmp_path
     assert "interrupted during" in text and "second.png" in text
     assert "1 of 3 portraits had finished" in text and str(tmp_path / "out" / "first") in text
     assert "1 not started" in text and "rerun the same command" in text
+
+
+def test_export_into_a_run_is_refused_while_a_run_holds_it(cli, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = RunLock(run_dir)
+    lock.acquire()
+    try:
+        _assert_user_error(*cli("export", run_dir, "--device", "cpu"), "Another dp360 run")
+    finally:
+        lock.release()
+    assert not (run_dir / "export").exists()

@@ -26,8 +26,11 @@ class FieldStageSettings:
     mesh: MeshSettings = field(default_factory=MeshSettings)
     mesh_formats: tuple[str, ...] = ("glb",)
 
-    def fit_for(self, device: str) -> FitSettings:
-        return self.fit if self.fit is not None else FitSettings.preset("gpu" if device.startswith("cuda") else "cpu")
+    def fit_for(self, device: str, seed: int = 42) -> FitSettings:
+        """The fit's settings: as given, else the device's preset with the run's seed."""
+        if self.fit is not None:
+            return self.fit
+        return FitSettings.preset("gpu" if device.startswith("cuda") else "cpu", seed=seed)
 
     def check(self) -> None:
         if self.fit is not None:
@@ -108,7 +111,7 @@ def _fit_record_hash(path: Path) -> str:
 
 
 def _fit_settings(context: StageContext) -> FitSettings:
-    return context.config.field.fit_for(context.device)
+    return context.config.field.fit_for(context.device, context.seed)
 
 
 FIT_STAGE = Stage(
