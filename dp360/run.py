@@ -520,12 +520,14 @@ def run_pipeline(
     image = load_portrait(image_path, **({"max_pixels": options.max_pixels} if options.max_pixels else {}))
     run = Run(out_dir, options, reporter)
     context = StageContext(Path(out_dir), image, device, dtype, options.progress, config, options.seed, note=run._note)
+    # Before anything is written: a required stage that cannot run is an error, and every
+    # stage's check may refuse a setting that cannot work with what it finds (camera images).
     for stage in selected:
-        if stage.name in require and stage.name != "prepare":
+        if stage.name in require:
             stage.resolve(context)
-            verdict = stage.check(context)
-            if verdict is not None and verdict.status == "not_available":
-                raise Dp360Error(verdict.reason)
+        verdict = stage.check(context)
+        if stage.name in require and verdict is not None and verdict.status == "not_available":
+            raise Dp360Error(verdict.reason)
     for note in image.notes:
         run._note(f"{Path(image_path).name}: {note}")
     failure: BaseException | None = None

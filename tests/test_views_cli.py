@@ -217,3 +217,28 @@ def test_sphere32_images_are_found_in_the_inference_archive(tmp_path):
     with pytest.raises(Dp360Error, match="32 camera images"):
         extract_sphere32(broken, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+def test_a_camera_folder_of_another_count_is_refused_before_any_stage(cli, tmp_path, astronaut_path, tiny):
+    out = tmp_path / "head"
+    code, stdout, stderr = _views(cli, out, astronaut_path, tiny, "--views", "16")
+    assert code == 2 and "Traceback" not in stderr
+    assert "holds 32 PNG images but --views is 16" in " ".join(stderr.split())
+    assert not out.exists()
+
+
+def test_the_views_key_follows_the_bundle_files(tiny, tmp_path):
+    """A reconverted bundle (same manifest, new weight files) changes the views stage's key."""
+    import shutil
+
+    from dp360.diffusion.stage import ViewModels
+
+    main = shutil.copytree(tiny["main"], tmp_path / "main")
+    models = ViewModels(main, tiny["back"], tiny["cameras"])
+    before = models.hashes()
+    assert models.hashes() == before
+    (weights,) = (main / "unet").glob("*.safetensors")
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000_000))
+    after = models.hashes()
+    assert after["main_bundle_files"] != before["main_bundle_files"]
+    assert after["back_bundle_files"] == before["back_bundle_files"] and after["main_bundle"] == before["main_bundle"]

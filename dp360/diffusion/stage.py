@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -207,6 +208,10 @@ class ViewModels:
         result = {
             "main_bundle": file_sha256(Path(self.main_bundle) / BUNDLE_FILE),
             "back_bundle": file_sha256(Path(self.back_bundle) / BUNDLE_FILE),
+            # Hashing ~20 GB of weights at every run would take minutes: the weight files enter
+            # the key by name, size and modification time, so a reconverted bundle redoes the views.
+            "main_bundle_files": _folder_fingerprint(Path(self.main_bundle)),
+            "back_bundle_files": _folder_fingerprint(Path(self.back_bundle)),
         }
         for path in sorted(Path(self.camera_dir).glob("*.png")):
             result[f"camera/{path.name}"] = file_sha256(path)
@@ -251,8 +256,26 @@ def _resolve(context: StageContext) -> None:
         models.camera_dir = noise_models.camera_images(context.config.views.views, context.device)
 
 
+def _folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            digest.update(f"{path.relative_to(folder).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _check(context: StageContext) -> Unavailable | None:
-    problem = context.config.view_models.problem()
+    models, count = context.config.view_models, context.config.views.views
+    camera_dir = Path(models.camera_dir)
+    if camera_dir.is_dir():
+        found = len(list(camera_dir.glob("*.png")))
+        if found != count:  # a setting that cannot work: refused before any stage runs
+            raise Dp360Error(
+                f"The camera-condition folder '{camera_dir}' holds {found} PNG images but --views is {count}; "
+                f"pass --cameras with a folder of {count} images, or --views {found}."
+            )
+    problem = models.problem()
     return Unavailable("not_available", problem) if problem else None
 
 
