@@ -8,9 +8,10 @@ setup:
 example: setup
 	.venv/bin/dp360 reconstruct assets/astronaut.png --out runs/astronaut
 
-# The test suite (offline, CPU).
+# The test suite (offline, CPU): two worker processes, one thread each, a test file per worker
+# (module fixtures such as the fitted field are built once).
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n 2 --dist loadfile
 
 # ruff: lint and format check (line length 120, settings in pyproject.toml).
 lint: setup
