@@ -47,6 +47,7 @@ _FILESYSTEM_ADVICE = {
     errno.EISDIR: "a folder is in the way; choose another path",
     errno.ENAMETOOLONG: "choose a shorter path",
     errno.EMFILE: "too many files are open; raise the limit (ulimit -n)",
+    errno.ENOLCK: "the file system does not support the run's lock; choose a folder on a local disk",
 }
 
 
