@@ -1,5 +1,5 @@
 # The two commands of the README. Both install everything they need into .venv first.
-.PHONY: example test lint setup
+.PHONY: example test lint setup upgrade-check
 
 setup:
 	@bash scripts/setup.sh
@@ -17,3 +17,9 @@ test: setup
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+
+# The newest versions the ranges in pyproject.toml allow, without constraints.txt, in their own
+# environment; when the suite passes there, refresh constraints.txt from it.
+upgrade-check:
+	VENV=.venv-upgrade CONSTRAINTS= bash scripts/setup.sh
+	.venv-upgrade/bin/python -m pytest -n 2 --dist loadfile
