@@ -145,19 +145,108 @@ def check_cache() -> Check:
     )
 
 
+@dataclass
+class WeightFile:
+    """One file the full pipeline needs, where it is looked for, and how it is fetched."""
+
+    name: str
+    what: str
+    download_gb: float | None  # None: size not published
+    converted_gb: float  # what the conversion adds on disk
+    present: Callable[[], bool]
+    fetch: str  # the command that makes it present
+
+
+def _bundle_present(kind: str) -> bool:
+    from .diffusion.models.bundle import BUNDLE_FILE
+
+    return any((weights.bundle_path(kind, fp16) / BUNDLE_FILE).is_file() for fp16 in (False, True))
+
+
+def weight_files() -> list[WeightFile]:
+    from .panohead.perceptual import backbone_path
+    from .panohead.store import panohead_problem
+
+    official = weights.OFFICIAL_FILES
+    sphere32 = weights.cache_dir() / "sphere32"
+    return [
+        WeightFile(
+            "main",
+            f"{official['main'][0]}, the 360-view model",
+            official["main"][1],
+            official["main"][1],
+            lambda: _bundle_present("main"),
+            "dp360 weights download main && dp360 weights convert main",
+        ),
+        WeightFile(
+            "back",
+            f"{official['back'][0]}, the back-view model",
+            official["back"][1],
+            official["back"][1],
+            lambda: _bundle_present("back"),
+            "dp360 weights download back && dp360 weights convert back",
+        ),
+        WeightFile(
+            "panohead",
+            f"{official['panohead'][0]}, PanoHead (non-commercial licence)",
+            official["panohead"][1],
+            official["panohead"][1],
+            lambda: panohead_problem() is None,
+            "dp360 weights download panohead && dp360 weights convert panohead",
+        ),
+        WeightFile(
+            "data",
+            f"{official['data'][0]}, the 32 sphere32 camera images",
+            official["data"][1],
+            0.0,
+            lambda: len(list(sphere32.glob("*.png"))) == 32,
+            "dp360 weights download data",
+        ),
+        WeightFile(
+            "perceptual",
+            f"{weights.EXTRA_FILES['perceptual'][0]}, the LPIPS backbone of the PanoHead inversion",
+            weights.EXTRA_FILES["perceptual"][1],
+            0.0,
+            lambda: backbone_path().is_file(),
+            "dp360 weights download perceptual",
+        ),
+    ]
+
+
+def check_weights() -> list[Check]:
+    """One line per file the full pipeline needs: present, or its size and the command that fetches it."""
+    checks = []
+    for item in weight_files():
+        name = f"weights {item.name}"
+        if item.present():
+            checks.append(Check(name, OK, f"{item.what}: present"))
+        else:
+            size = f"about {item.download_gb:.1f} GB" if item.download_gb else "size not published"
+            checks.append(Check(name, WARN, f"{item.what}: missing ({size})", f"run `{item.fetch}`"))
+    return checks
+
+
+def pending_bytes() -> int:
+    """Disk space the missing weights need: their downloads plus their conversions."""
+    missing = [item for item in weight_files() if not item.present()]
+    return int(sum((item.download_gb or 0.0) + item.converted_gb for item in missing) * 1e9)
+
+
 def check_disk() -> Check:
     root = weights.cache_dir()
-    probe = root if root.exists() else Path.home()
+    probe = next(parent for parent in (root, *root.parents) if parent.exists())
     free_cache = shutil.disk_usage(probe).free
     free_here = shutil.disk_usage(Path.cwd()).free
-    detail = f"{_gib(free_cache)} free at {probe}, {_gib(free_here)} free here"
-    # The official weights are ~20 GB as downloaded plus their safetensors conversions.
-    if free_cache < 30 * 2**30:
+    pending = pending_bytes()
+    detail = (
+        f"{_gib(free_cache)} free at {probe}, {_gib(free_here)} free here; the missing weights need {_gib(pending)}"
+    )
+    if free_cache < pending:
         return Check(
             "disk",
-            WARN,
+            FAIL,
             detail,
-            "the official weights and their conversion need about 30 GiB; free some space or set DP360_CACHE/HF_HOME elsewhere",
+            "free some space, or set DP360_CACHE and HF_HOME to a disk with room, before `dp360 weights download`",
         )
     return Check("disk", OK, detail)
 
@@ -188,7 +277,7 @@ def check_video() -> Check:
         )
 
 
-CHECKS: tuple[Callable[[], Check], ...] = (
+CHECKS: tuple[Callable[[], Check | list[Check]], ...] = (
     check_python,
     check_torch,
     check_gpu,
@@ -196,6 +285,7 @@ CHECKS: tuple[Callable[[], Check], ...] = (
     check_opencv,
     check_face_detectors,
     check_cache,
+    check_weights,
     check_disk,
     check_video,
 )
@@ -205,7 +295,8 @@ def run_checks() -> list[Check]:
     results = []
     for check in CHECKS:
         try:
-            results.append(check())
+            found = check()
+            results.extend(found if isinstance(found, list) else [found])
         except Exception as error:  # noqa: BLE001 - a broken check is itself a finding
             results.append(
                 Check(

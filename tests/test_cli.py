@@ -196,7 +196,14 @@ def test_help_texts(cli):
     assert code == 0 and stdout.startswith("dp360 ")
 
 
-def test_doctor_runs_without_gpu(cli):
+def test_doctor_runs_without_gpu(cli, monkeypatch):
+    import shutil
+
+    from dp360 import doctor
+
+    # Room for the missing weights, whatever this machine's disk holds (the FAIL is tested apart).
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: usage._replace(free=500 * 2**30))
     code, stdout, stderr = cli("doctor", "--json")
     checks = {check["name"]: check for check in json.loads(stdout)}
     assert code == 0, stderr
@@ -221,3 +228,44 @@ def test_failure_in_an_empty_existing_folder_leaves_it_empty(cli, tmp_path):
     out.mkdir()
     _assert_user_error(*cli("prepare", no_face(tmp_path / "scene.png"), "--out", out, *DLIB), "--no-crop")
     assert out.is_dir() and list(out.iterdir()) == []
+
+
+WEIGHT_NAMES = ("main", "back", "panohead", "data", "perceptual")
+
+
+def test_doctor_names_each_missing_weight_file_and_the_command_that_fetches_it(cli, offline_cache):
+    code, stdout, stderr = cli("doctor", "--json")
+    assert code == 0, stderr
+    checks = {check["name"]: check for check in json.loads(stdout)}
+    for name in WEIGHT_NAMES:
+        check = checks[f"weights {name}"]
+        assert check["status"] == "WARN" and "missing" in check["detail"], check
+        assert f"dp360 weights download {name}" in check["advice"]
+    assert "GB" in checks["weights main"]["detail"]
+    # A converted bundle in the cache turns its line OK, and only its line.
+    from dp360.diffusion.models.tiny import write_tiny_bundles
+
+    bundles = write_tiny_bundles(offline_cache / "tiny", view_count=8)
+    (offline_cache / "bundles").mkdir()
+    (offline_cache / "bundles" / "main-fp32").symlink_to(bundles["main"], target_is_directory=True)
+    checks = {check["name"]: check for check in json.loads(cli("doctor", "--json")[1])}
+    assert checks["weights main"]["status"] == "OK"
+    assert all(checks[f"weights {name}"]["status"] == "WARN" for name in WEIGHT_NAMES[1:])
+
+
+def test_doctor_fails_when_the_disk_cannot_hold_the_missing_weights(monkeypatch):
+    import shutil
+
+    from dp360 import doctor
+
+    usage = shutil.disk_usage("/")
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: usage._replace(free=5 * 2**30))
+    check = doctor.check_disk()
+    assert check.status == "FAIL" and "DP360_CACHE" in check.advice and "need" in check.detail
+    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: usage._replace(free=500 * 2**30))
+    assert doctor.check_disk().status == "OK"
+
+
+def test_doctor_prints_brackets_literally(cli):
+    code, _, stderr = cli("doctor")
+    assert code == 0 and "[empty]" in stderr  # the empty cache's listing, not swallowed as markup
