@@ -1,5 +1,5 @@
 # The two commands of the README. Both install everything they need into .venv first.
-.PHONY: example test lint setup upgrade-check
+.PHONY: example test lint setup upgrade-check bench
 
 setup:
 	@bash scripts/setup.sh
@@ -23,3 +23,8 @@ lint: setup
 upgrade-check:
 	VENV=.venv-upgrade CONSTRAINTS= bash scripts/setup.sh
 	.venv-upgrade/bin/python -m pytest -n 2 --dist loadfile
+
+# Speed, memory and quality benchmarks (full size on a CUDA GPU; `--quick` for a CPU check);
+# writes benchmarks/RESULTS.md.
+bench: setup
+	.venv/bin/python benchmarks/run_all.py

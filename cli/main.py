@@ -275,7 +275,29 @@ CamerasOption = Annotated[
     ),
 ]
 OffloadOption = Annotated[
-    bool, typer.Option("--offload", help="Model CPU offload and VAE slicing, for GPUs with little memory.")
+    bool,
+    typer.Option(
+        "--offload",
+        help="Keep idle networks in CPU memory (the text encoder and VAE while the denoising networks run, "
+        "those together on the GPU; the back-view model after the back view). No effect on the CPU.",
+    ),
+]
+LowVramOption = Annotated[
+    bool,
+    typer.Option(
+        "--low-vram",
+        help="For GPUs too small for --offload: weights stay in CPU memory and move to the GPU block by block "
+        "as they run (diffusers group offloading); much slower than --offload. Needs a CUDA GPU; not with --offload "
+        "or --compile.",
+    ),
+]
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the UNet, reference network and ControlNet: the first step takes longer while they "
+        "compile. Needs triton on a CUDA GPU or a C++ compiler on the CPU; not with --low-vram.",
+    ),
 ]
 InvertStepsOption = Annotated[
     int, typer.Option("--invert-steps", help="PanoHead W+ inversion steps (3D-aware noise), 0 to 10000.")
@@ -330,6 +352,8 @@ def reconstruct(
     weights_dir: WeightsDirOption = None,
     cameras: CamerasOption = None,
     offload: OffloadOption = False,
+    low_vram: LowVramOption = False,
+    compile_models: CompileOption = False,
     fit_preset: Annotated[
         Optional[str],
         typer.Option(
@@ -362,7 +386,7 @@ def reconstruct(
     Writes OUT/{input.png, prepared/, noise/, views/, nerf/, export/turntable.mp4,
     export/head.glb, run.json}; a rerun skips every stage whose inputs and settings are unchanged.
     """
-    from dp360.diffusion.stage import ViewModels, ViewSettings
+    from dp360.diffusion.stage import ViewModels, ViewSettings, check_memory_options
     from dp360.errors import Dp360Error
     from dp360.nerf.fit import FitSettings
     from dp360.nerf.mesh import MeshSettings
@@ -411,9 +435,10 @@ def reconstruct(
         # Every setting is checked once, before the first portrait is touched.
         stages = tuple(stage.name for stage in pipeline_stages())
         check_run_settings(options, stages, settings, view_settings, noise_settings, field_settings)
+        check_memory_options(offload, low_vram, compile_models, device)
 
     def run_one(image: Path, target: Path):
-        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload)
+        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload, low_vram, compile_models)
         return reconstruct_run(
             image,
             target,
@@ -490,6 +515,8 @@ def views(
     weights_dir: WeightsDirOption = None,
     cameras: CamerasOption = None,
     offload: OffloadOption = False,
+    low_vram: LowVramOption = False,
+    compile_models: CompileOption = False,
     detector: DetectorOption = Detector.auto,
     detector_weights: DetectorWeightsOption = None,
     no_crop: NoCropOption = False,
@@ -526,7 +553,7 @@ def views(
             seed=seed,
             use_3d_noise=not no_3d_noise,
         )
-        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload)
+        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload, low_vram, compile_models)
         noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
         options = RunOptions(
             device=device,
@@ -869,6 +896,8 @@ def doctor(
     ] = False,
 ) -> None:
     """Check this machine: torch/CUDA, GPU memory, packages, weight cache, disk, video encoding."""
+    from rich.markup import escape
+
     from dp360.doctor import FAIL, run_checks, smoke_check
 
     checks = run_checks() + ([smoke_check()] if smoke else [])
@@ -877,9 +906,12 @@ def doctor(
     else:
         colours = {"OK": "green", "WARN": "yellow", "FAIL": "red"}
         for check in checks:
-            line = f"[{colours[check.status]}]{check.status:<4}[/] [bold]{check.name}[/]: {check.detail}"
+            # Details hold paths and listings with brackets: printed literally, not as markup.
+            line = (
+                f"[{colours[check.status]}]{check.status:<4}[/] [bold]{escape(check.name)}[/]: {escape(check.detail)}"
+            )
             if check.advice:
-                line += f" [dim]-> {check.advice}[/]"
+                line += f" [dim]-> {escape(check.advice)}[/]"
             err_console.print(line, soft_wrap=True)
     if any(check.status == FAIL for check in checks):
         raise typer.Exit(1)

@@ -222,3 +222,37 @@ def test_real_key_manifests_convert_exactly(manifest, names):
     for name, module in components.items():
         expected = {k for k in module.state_dict() if k not in report.unfilled_by_design.get(name, [])}
         assert set(report.state_dicts[name]) == expected
+
+
+@torch.no_grad()
+def test_reference_banks_of_one_batch_and_reused_projections(inputs):
+    """One reference pass at batch 2 records the banks of two batch-1 passes, in batch order;
+    bank projections kept in the banks object and reused by a second chunk give what projecting
+    them again gives."""
+    latents, text, front, back = inputs
+    unet, reference_unet = _seeded("unet"), _seeded("reference_unet", seed=1)
+    reader, writer = install_reference_reader(unet), install_reference_writer(reference_unet)
+    pair = _bank(reference_unet, writer, torch.cat([front, back]), text)
+    split = ReferenceBanks.from_batch(pair)
+    singles = [_bank(reference_unet, writer, front, text), _bank(reference_unet, writer, back, text)]
+    assert len(split.entries) == 2
+    for entry, single in zip(split.entries, singles):
+        assert entry.keys() == single.keys()
+        assert all(entry[name].shape == single[name].shape for name in single)
+        assert all(torch.allclose(entry[name], single[name], atol=1e-5) for name in single)
+
+    t = torch.tensor(500)
+    other_chunk = latents.flip(0)
+
+    def run(banks, chunk):
+        reader.reading = banks
+        try:
+            return unet(chunk, t, encoder_hidden_states=text.expand(8, -1, -1)).sample
+        finally:
+            reader.reading = None
+
+    fresh = [run(ReferenceBanks(singles, reuse_projections=False), chunk) for chunk in (latents, other_chunk)]
+    reused_banks = ReferenceBanks(singles)
+    reused = [run(reused_banks, chunk) for chunk in (latents, other_chunk)]
+    assert set(reused_banks.projections) == set(self_attention_names(unet))  # kept after the first chunk
+    assert all(torch.equal(a, b) for a, b in zip(fresh, reused))

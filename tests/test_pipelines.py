@@ -135,3 +135,172 @@ def test_tiny_official_checkpoint_converts_to_a_bundle_that_samples_the_same(tmp
     assert np.allclose(_run(loaded, images).images, _run(pipe, images).images, atol=1e-5)
     with pytest.raises(Exception, match="not a converted dp360 bundle"):
         load_bundle(tmp_path)
+
+
+# -- work saved, each equal to the plain computation ------------------------------------------------
+
+
+def test_vae_slices_equal_one_batch(pipe):
+    """encode/decode in slices of `vae_batch_size` give the one-batch result, and the posterior
+    noise of the slices is drawn in the same order from the generator."""
+    images = torch.rand(11, 3, 64, 64, generator=torch.Generator().manual_seed(3)) * 2 - 1
+
+    def encode(batch_size):
+        generator = torch.Generator().manual_seed(0)
+        latents = pipe.encode_images(images, generator, batch_size)
+        return latents, torch.randn(1, generator=generator)  # what the generator draws next
+
+    (whole, after_whole), (sliced, after_sliced) = encode(64), encode(4)
+    assert torch.allclose(whole, sliced, atol=1e-5) and torch.equal(after_whole, after_sliced)
+    assert torch.allclose(pipe.decode_latents(whole, 64), pipe.decode_latents(whole, 3), atol=1e-5)
+    slices = []
+    decoded = pipe.decode_latents(whole, 4, on_slice=lambda first, part: slices.append((first, part.shape[0])))
+    assert slices == [(0, 4), (4, 4), (8, 3)] and decoded.shape == (11, 3, 64, 64)
+
+
+def _shortcut_runs(pipe, images, **overrides):
+    from dp360.diffusion.pipelines.portrait360 import Shortcuts
+
+    runs = {"all": _run(pipe, images, views=16, **overrides).images}
+    for name in ("batch_references", "reuse_bank_projections", "embed_cameras_once", "predraw_variance_noise"):
+        runs[name] = _run(pipe, images, views=16, shortcuts=Shortcuts(**{name: False}), **overrides).images
+    runs["plain"] = _run(pipe, images, views=16, shortcuts=Shortcuts.PLAIN, **overrides).images
+    return runs
+
+
+def test_each_shortcut_equals_the_plain_computation(pipe, images):
+    """Each shortcut switched off alone, and all of them off: the same views. Only the batch-of-2
+    reference pass changes float rounding (batched matmuls); the others are bit-identical."""
+    runs = _shortcut_runs(pipe, images)
+    for name in ("reuse_bank_projections", "embed_cameras_once", "predraw_variance_noise"):
+        assert np.array_equal(runs[name], runs["all"]), name
+    assert np.allclose(runs["batch_references"], runs["all"], atol=1e-5)
+    assert np.allclose(runs["plain"], runs["all"], atol=1e-5)
+
+
+def test_shortcuts_do_less_work(pipe, images):
+    """Per step: one reference pass at batch 2; bank keys/values projected once, not per chunk;
+    the ControlNet's camera embedding once per chunk for the whole call."""
+    from dp360.diffusion.models.reference_attention import self_attention_names
+    from dp360.diffusion.pipelines.portrait360 import Shortcuts
+
+    calls = {"reference": [], "embedding": 0, "bank_projections": 0}
+
+    def count_reference(_module, args, kwargs):
+        calls["reference"].append(args[0].shape[0])
+
+    def count_embedding(*_):
+        calls["embedding"] += 1
+
+    def count_projection(_module, args):
+        if args[0].shape[0] == 1:  # a bank (batch 1), not a chunk of 8
+            calls["bank_projections"] += 1
+
+    handles = [
+        pipe.reference_unet.register_forward_pre_hook(count_reference, with_kwargs=True),
+        pipe.controlnet.controlnet_cond_embedding.conv_in.register_forward_pre_hook(count_embedding),
+    ]
+    layers = [pipe.unet.get_submodule(name).to_k for name in self_attention_names(pipe.unet)]
+    handles += [layer.register_forward_pre_hook(count_projection) for layer in layers]
+    try:
+        steps, chunks = 2, 2
+        _run(pipe, images, views=16)
+        assert calls == {"reference": [2] * steps, "embedding": chunks, "bank_projections": 2 * len(layers) * steps}
+        calls.update(reference=[], embedding=0, bank_projections=0)
+        _run(pipe, images, views=16, shortcuts=Shortcuts.PLAIN)
+        assert calls == {
+            "reference": [1, 1] * steps,
+            "embedding": chunks * steps,
+            "bank_projections": 2 * len(layers) * steps * chunks,
+        }
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_chunks_in_one_call_equal_one_chunk_per_call(pipe, images):
+    one = _run(pipe, images, views=16).images
+    both = _run(pipe, images, views=16, chunks_per_call=2).images
+    assert np.allclose(one, both, atol=1e-5)
+    with pytest.raises(PipelineInputError, match="chunks_per_call"):
+        _run(pipe, images, chunks_per_call=0)
+    with pytest.raises(PipelineInputError, match="vae_batch_size"):
+        _run(pipe, images, vae_batch_size=0)
+
+
+def test_dtype_and_device_are_read_once_per_call(pipe, images, monkeypatch):
+    """`ModelMixin.dtype`/`.device` walk every parameter; a call reads them a fixed number of
+    times, however many steps and chunks it has."""
+    import diffusers.models.modeling_utils as modeling_utils
+
+    reads = {"count": 0}
+    for name in ("get_parameter_dtype", "get_parameter_device"):
+        original = getattr(modeling_utils, name)
+
+        def counted(*args, _original=original, **kwargs):
+            reads["count"] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(modeling_utils, name, counted)
+
+    def reads_of(**overrides):
+        reads["count"] = 0
+        _run(pipe, images, **overrides)
+        return reads["count"]
+
+    few, more = reads_of(num_inference_steps=1), reads_of(num_inference_steps=3, views=16)
+    assert few == more and few <= 16
+
+
+def test_variance_noise_drawn_ahead_equals_the_schedulers_draws():
+    """A CPU generator's DDIM noise drawn ahead in blocks gives the numbers the scheduler would
+    draw step by step, in the same order; without a CPU generator the scheduler draws."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from dp360.diffusion.pipelines.portrait360 import VarianceNoise
+
+    shapes, steps = [(8, 4, 8, 8), (8, 4, 8, 8), (3, 4, 8, 8)], 5
+    generator = torch.Generator().manual_seed(7)
+    expected = [
+        randn_tensor(shape, generator=generator, device=torch.device("cpu")) for _ in range(steps) for shape in shapes
+    ]
+    generator = torch.Generator().manual_seed(7)
+    source = VarianceNoise(generator, 0.5, shapes, steps, torch.device("cpu"), block_bytes=3 * 4 * 8 * 8 * 4 * 8)
+    drawn = []
+    for _ in range(steps):
+        drawn.append(source.step_arguments(2)["variance_noise"])  # two chunks stepped as one
+        drawn.append(source.step_arguments(1)["variance_noise"])
+    assert torch.equal(torch.cat(drawn), torch.cat(expected))
+    assert VarianceNoise(None, 0.5, shapes, steps, torch.device("cpu")).step_arguments() == {"generator": None}
+    assert VarianceNoise(generator, 0.0, shapes, steps, torch.device("cpu")).step_arguments() == {
+        "generator": generator
+    }
+
+
+def test_back_view_shortcuts_equal_the_plain_computation():
+    from dp360.diffusion.pipelines.portrait360 import Shortcuts
+
+    back = BackViewPipeline(scheduler=DDIMScheduler(**TINY.scheduler), **tiny_components(BACK_COMPONENTS))
+    back.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(2)
+    front, camera = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+    def run(shortcuts):
+        generator = torch.Generator().manual_seed(0)
+        return back(front, camera, num_inference_steps=2, generator=generator, output_type="np", shortcuts=shortcuts)
+
+    assert np.array_equal(run(None).images, run(Shortcuts.PLAIN).images)
+
+
+def test_decoded_slices_are_handed_over_in_order(pipe, images):
+    seen = []
+    output = _run(
+        pipe,
+        images,
+        views=16,
+        output_type="pil",
+        vae_batch_size=6,
+        on_decoded=lambda first, part: seen.append((first, part)),
+    )
+    assert [(first, len(part)) for first, part in seen] == [(0, 6), (6, 6), (12, 4)]
+    assert [image for _, part in seen for image in part] == output.images

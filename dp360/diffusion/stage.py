@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -80,6 +82,65 @@ def grid_image(images: list[Image.Image], columns: int = 8) -> np.ndarray:
     return canvas
 
 
+class BackgroundWriter:
+    """Writes output files on worker threads while the caller goes on (the next slice of views
+    decodes while the last one is encoded as PNG). `join` waits for every write and raises the
+    first error; used as a context manager it joins on success, and on an error waits for the
+    writes under way before the error goes on."""
+
+    def __init__(self, workers: int | None = None):
+        workers = workers or max(1, min(4, os.cpu_count() or 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dp360-write")
+        self._futures: list[Future] = []
+
+    def submit(self, function, *args) -> None:
+        self._futures.append(self._pool.submit(function, *args))
+
+    def join(self) -> None:
+        try:
+            for future in self._futures:
+                future.result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._futures.clear()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.join()
+        else:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def check_memory_options(offload: bool, low_vram: bool, compile_models: bool, device: str | None = None) -> None:
+    """Refuse, in one sentence, a combination of --offload / --low-vram / --compile that cannot
+    work, and with `device` (auto, cpu, cuda...) one that cannot work there."""
+    from .pipelines.offload import compile_problem, low_vram_problem
+
+    if offload and low_vram:
+        raise Dp360Error(
+            "--offload and --low-vram are two ways to save GPU memory; pass one "
+            "(--low-vram holds less on the GPU, --offload is faster)."
+        )
+    if low_vram and compile_models:
+        raise Dp360Error(
+            "--compile does not combine with --low-vram (the offload hooks move weights inside the compiled "
+            "networks at every block); drop one of them."
+        )
+    if device is None or not (low_vram or compile_models):
+        return
+    from ..runtime import resolve_device
+
+    resolved = resolve_device(device)
+    problem = (low_vram_problem(resolved) if low_vram else None) or (
+        compile_problem(resolved) if compile_models else None
+    )
+    if problem:
+        raise Dp360Error(problem)
+
+
 def generate_back_view(
     pipeline, front: Image.Image, camera_images: list[Image.Image], settings: ViewSettings
 ) -> Image.Image:
@@ -105,9 +166,20 @@ def generate_views(
     noise_frames: list[Image.Image] | None,
     settings: ViewSettings,
     out_dir: Path,
+    writer: BackgroundWriter | None = None,
 ) -> dict:
-    """Run the 360 pipeline and write the views folder's files into `out_dir`."""
+    """Run the 360 pipeline and write the views folder's files into `out_dir`: each decoded
+    slice of views is written by `writer` while the next one decodes, the grid and the video
+    after the last (a writer of our own, joined here, when none is given)."""
+    if writer is None:
+        with BackgroundWriter() as own:
+            return generate_views(pipeline, front, back, camera_images, noise_frames, settings, out_dir, own)
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
+
+    def write_slice(first: int, images: list[Image.Image]) -> None:
+        for offset, image in enumerate(images):
+            writer.submit(save_image_atomic, out_dir / f"{first + offset:03d}.png", np.asarray(image))
+
     output = pipeline(
         front,
         back,
@@ -117,14 +189,13 @@ def generate_views(
         guidance_scale=settings.guidance,
         eta=settings.eta,
         generator=generator,
+        on_decoded=write_slice,
     )
     images = output.images
     names = [f"{index:03d}.png" for index in range(len(images))]
-    for name, image in zip(names, images):
-        save_image_atomic(out_dir / name, np.asarray(image))
-    save_image_atomic(out_dir / "back_ref.png", np.asarray(back))
-    save_image_atomic(out_dir / "grid.png", grid_image(images))
-    write_mp4(out_dir / "orbit.mp4", [np.asarray(image) for image in images], fps=10)
+    frames = [np.asarray(image) for image in images]
+    writer.submit(write_mp4, out_dir / "orbit.mp4", frames, 10)
+    writer.submit(save_image_atomic, out_dir / "grid.png", grid_image(images))
     size = images[0].size[0]
     orbit = cameras.dp360_orbit(len(images))
     views = [
@@ -147,7 +218,16 @@ class ViewModels:
     back_bundle: Path
     camera_dir: Path
     noise_dir: Path | None = None  # PanoHead frames (3D-aware noise); None until that stage exists
-    offload: bool = False
+    offload: bool = False  # phase offload: idle networks wait in CPU memory (offload.py)
+    low_vram: bool = False  # group offload: weights in CPU memory, moved block by block
+    compile_models: bool = False  # torch.compile of the networks run at every step
+
+    def __post_init__(self) -> None:
+        check_memory_options(self.offload, self.low_vram, self.compile_models)
+
+    def check_options(self, device: str) -> None:
+        """Refuse memory and compile options that cannot work on `device`, in one sentence."""
+        check_memory_options(self.offload, self.low_vram, self.compile_models, device)
 
     @classmethod
     def default(cls, view_count: int = 32) -> ViewModels:
@@ -167,6 +247,8 @@ class ViewModels:
         weights_dir: Path | None = None,
         camera_dir: Path | None = None,
         offload: bool = False,
+        low_vram: bool = False,
+        compile_models: bool = False,
     ) -> ViewModels:
         """Bundles from `weights_dir` (default: the dp360 cache), preferring the precision that
         matches `dtype` and falling back to the other one; cameras from `camera_dir` if given."""
@@ -185,7 +267,8 @@ class ViewModels:
         models.main_bundle, models.back_bundle = bundle("main"), bundle("back")
         if camera_dir is not None:
             models.camera_dir = Path(camera_dir)
-        models.offload = offload
+        check_memory_options(offload, low_vram, compile_models)
+        models.offload, models.low_vram, models.compile_models = offload, low_vram, compile_models
         return models
 
     def problem(self) -> str | None:
@@ -228,17 +311,29 @@ class ViewModels:
         if self.noise_dir is not None and settings.use_3d_noise:
             noise_frames = load_camera_images(self.noise_dir, settings.views)
 
+        self.check_options(device)
+
         def pipeline(bundle):
-            loaded = load_bundle(bundle, device="cpu" if self.offload else device, dtype=torch_dtype)
+            resident = not (self.offload or self.low_vram)
+            loaded = load_bundle(bundle, device=device if resident else "cpu", dtype=torch_dtype)
             if self.offload:
-                loaded.enable_model_cpu_offload(device=device)
-                loaded.enable_vae_slicing()
+                loaded.enable_phase_offload(device)
+            elif self.low_vram:
+                loaded.enable_low_vram(device)
+            if self.compile_models:
+                loaded.enable_compile()
             return loaded
 
-        back_pipeline = pipeline(self.back_bundle)
-        back = generate_back_view(back_pipeline, front, camera_images, settings)
-        del back_pipeline
-        summary = generate_views(pipeline(self.main_bundle), front, back, camera_images, noise_frames, settings, folder)
+        with BackgroundWriter() as writer:
+            back_pipeline = pipeline(self.back_bundle)
+            back = generate_back_view(back_pipeline, front, camera_images, settings)
+            # The back-view model is done: with --offload its call ended with every network in CPU
+            # memory; either way its memory is freed before the 360-view model loads.
+            del back_pipeline
+            writer.submit(save_image_atomic, folder / "back_ref.png", np.asarray(back))
+            summary = generate_views(
+                pipeline(self.main_bundle), front, back, camera_images, noise_frames, settings, folder, writer
+            )
         if noise_frames is None:
             summary["note"] = "no 3D-aware noise (the PanoHead stage is not available): Gaussian start"
         return summary
@@ -267,6 +362,7 @@ def _folder_fingerprint(folder: Path) -> str:
 
 def _check(context: StageContext) -> Unavailable | None:
     models, count = context.config.view_models, context.config.views.views
+    models.check_options(context.device)  # before any stage: --low-vram or --compile that cannot work here
     camera_dir = Path(models.camera_dir)
     if camera_dir.is_dir():
         found = len(list(camera_dir.glob("*.png")))

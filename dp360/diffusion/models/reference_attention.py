@@ -7,11 +7,13 @@ block's module name. In the main UNet, every self-attention attends to
 banks it is plain self-attention. Matching by module name keeps writer and reader aligned
 without relying on call order.
 
-Efficiency: the reference network runs once per reference image at batch 1 and its bank is
-shared by all frames. With `share_projection=True` (default) the bank tokens are also projected
-by `to_k` / `to_v` once at batch 1 and broadcast, instead of projecting the same tokens for every
-frame as the reference code does (it repeats the reference latent 8 times); both give the same
-result, which the tests check.
+Efficiency: the reference network runs once per step for both reference images (one batch of
+2) and its banks are shared by all frames. With `share_projection=True` (default) the bank tokens
+are also projected by `to_k` / `to_v` at batch 1 and broadcast, instead of projecting the same
+tokens for every frame as the reference code does (it repeats the reference latent 8 times); and
+with `ReferenceBanks.reuse_projections` (default) those projections are kept in the banks object,
+so every window of a step reuses them instead of projecting again. All give the same result,
+which the tests check.
 """
 
 from __future__ import annotations
@@ -46,9 +48,23 @@ class ReferenceBanks:
     mapping a transformer block's attn1 module name to its norm1 output (1 or B, tokens, C)."""
 
     entries: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # Keep each block's projected bank keys and values here on first use, for the other windows
+    # of the same step (a new step brings new banks, so the cache lives one step).
+    reuse_projections: bool = True
+    projections: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def __bool__(self) -> bool:
         return bool(self.entries)
+
+    @classmethod
+    def from_batch(cls, bank: dict[str, torch.Tensor], reuse_projections: bool = True) -> ReferenceBanks:
+        """Split one bank recorded at batch R (R reference images in one pass) into R banks of
+        batch 1, in batch order (views, no copies)."""
+        count = next(iter(bank.values())).shape[0] if bank else 0
+        return cls(
+            [{name: tokens[index : index + 1] for name, tokens in bank.items()} for index in range(count)],
+            reuse_projections,
+        )
 
 
 class ReferenceState:
@@ -100,12 +116,23 @@ class ReferenceReadProcessor:
             return plain_self_attention(attn, hidden_states)
         batch = hidden_states.shape[0]
         keys, values = [attn.to_k(hidden_states)], [attn.to_v(hidden_states)]
-        for bank in banks.entries:
-            tokens = bank[self.name].to(hidden_states.dtype)
-            if self.state.share_projection and tokens.shape[0] == 1:
-                keys.append(attn.to_k(tokens).expand(batch, -1, -1))
-                values.append(attn.to_v(tokens).expand(batch, -1, -1))
-            else:
+        shared = self.state.share_projection and all(bank[self.name].shape[0] == 1 for bank in banks.entries)
+        if shared:
+            projected = banks.projections.get(self.name) if banks.reuse_projections else None
+            if projected is None:
+                # Each bank projected on its own, exactly as without the cache.
+                tokens = [bank[self.name].to(hidden_states.dtype) for bank in banks.entries]
+                projected = (
+                    torch.cat([attn.to_k(part) for part in tokens], dim=1),
+                    torch.cat([attn.to_v(part) for part in tokens], dim=1),
+                )
+                if banks.reuse_projections:
+                    banks.projections[self.name] = projected
+            keys.append(projected[0].expand(batch, -1, -1))
+            values.append(projected[1].expand(batch, -1, -1))
+        else:
+            for bank in banks.entries:
+                tokens = bank[self.name].to(hidden_states.dtype)
                 tokens = tokens.expand(batch, -1, -1) if tokens.shape[0] == 1 else tokens
                 keys.append(attn.to_k(tokens))
                 values.append(attn.to_v(tokens))
