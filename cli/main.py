@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 import dp360
 
@@ -185,15 +186,35 @@ def _root(
     """dp360: 360-degree heads from one portrait."""
 
 
-def _print_summary(summary, as_json: bool, quiet: bool) -> None:
+# The stages whose results a command promises; a run without them exits INCOMPLETE_EXIT.
+PROMISED = {"prepare": ("prepare",), "views": ("views",), "reconstruct": ("render", "export")}
+INCOMPLETE_EXIT = 3  # distinct from 2 (bad input or settings)
+
+
+def _missing_promises(summary, command: str) -> list[str]:
+    return [name for name in PROMISED[command] if summary.stages.get(name, {}).get("status") != "done"]
+
+
+def _print_summary(summary, as_json: bool, quiet: bool, command: str) -> None:
+    """The run's outputs; for a run without what `command` promises, every stage that did not run
+    with its reason (which names the command that fixes it), and exit status 3."""
+    missing = _missing_promises(summary, command)
     if as_json:
         sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
-        return
-    if quiet:
-        return
-    err_console.print(f"[bold]{summary.status}[/]: {summary.out_dir}")
-    for rel in summary.outputs:
-        err_console.print(f"  {rel}")
+    elif not quiet:
+        err_console.print(f"[bold]{summary.status}[/]: {summary.out_dir}")
+        for rel in summary.outputs:
+            err_console.print(f"  {rel}")
+    if missing:
+        for name, stage in summary.stages.items():
+            if stage.get("status") == "not_available":
+                err_console.print(f"[yellow]not run[/] {name}: {escape(stage.get('reason', ''))}", soft_wrap=True)
+        err_console.print(
+            f"[red]incomplete[/]: no {' or '.join(missing)} results in {summary.out_dir}; "
+            "fix what is listed above and rerun the same command (finished stages are reused).",
+            soft_wrap=True,
+        )
+        raise typer.Exit(INCOMPLETE_EXIT)
 
 
 def _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index):
@@ -238,7 +259,7 @@ def prepare(
         settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
         options = RunOptions(device=device, force=force, max_pixels=max_pixels)
         summary = prepare_run(image, out, settings, options, ConsoleReporter(quiet or json_output))
-    _print_summary(summary, json_output, quiet)
+    _print_summary(summary, json_output, quiet, "prepare")
 
 
 StepsOption = Annotated[int, typer.Option(help="DDIM steps, 1 to 1000.")]
@@ -455,7 +476,7 @@ def reconstruct(
     if len(images) == 1:
         with user_errors():
             summary = run_one(images[0], out)
-        _print_summary(summary, json_output, quiet)
+        _print_summary(summary, json_output, quiet, "reconstruct")
         return
     stems = [image.stem for image in images]
     duplicates = sorted({stem for stem in stems if stems.count(stem) > 1})
@@ -465,11 +486,13 @@ def reconstruct(
             "rename them so each gets its own OUT/<stem>/ folder."
         )
         raise typer.Exit(2)
-    results, failures = [], 0
+    results, failures, incomplete = [], 0, []
     for position, image in enumerate(images):
         try:
             summary = run_one(image, out / image.stem)
             results.append(summary.as_dict())
+            if _missing_promises(summary, "reconstruct"):
+                incomplete.append(summary)
             if not (quiet or json_output):
                 err_console.print(f"[bold]{summary.status}[/]: {image} -> {summary.out_dir}")
         except KeyboardInterrupt as interrupt:
@@ -493,11 +516,19 @@ def reconstruct(
             err_console.print(f"[red]error:[/] {image}: {problem}", soft_wrap=True)
     if json_output:
         sys.stdout.write(json.dumps({"runs": results}, indent=2) + "\n")
-    if failures:
-        statuses = sorted({result["status"] for result in results if result["status"] != "failed"})
-        rest = f"the others ended {' or '.join(statuses)}" if statuses else "none finished"
-        err_console.print(f"[red]{failures} of {len(images)} portraits failed[/]; {rest}.")
-        raise typer.Exit(2)
+    done = len(results) - failures - len(incomplete)
+    if incomplete:
+        reasons = {name: stage.get("reason", "") for run in incomplete for name, stage in run.stages.items()}
+        for name, stage in incomplete[0].stages.items():
+            if stage.get("status") == "not_available":
+                err_console.print(f"[yellow]not run[/] {name}: {escape(reasons[name])}", soft_wrap=True)
+    if failures or incomplete:
+        err_console.print(
+            f"[red]{done} done, {len(incomplete)} incomplete, {failures} failed[/] of {len(images)} portraits; "
+            "fix what is listed above and rerun the same command (finished portraits and stages are reused).",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2 if failures else INCOMPLETE_EXIT)
 
 
 @app.command()
@@ -574,7 +605,7 @@ def views(
             noise_settings,
             NoiseModels.locate(weights_dir),
         )
-    _print_summary(summary, json_output, quiet)
+    _print_summary(summary, json_output, quiet, "views")
 
 
 RunDirArgument = Annotated[

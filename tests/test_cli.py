@@ -159,7 +159,13 @@ def test_failed_rerun_keeps_the_finished_stage(cli, tmp_path, astronaut_path):
 def test_reconstruct_runs_what_exists_and_lists_the_rest(cli, tmp_path, astronaut_path):
     out = tmp_path / "head"
     code, stdout, stderr = cli("reconstruct", astronaut_path, "--out", out, *DLIB, "--json", "--seed", "7")
-    assert code == 0, stderr
+    # No turntable and no mesh: the promise of `reconstruct` is not kept, so exit 3 (not 2: no bad input),
+    # with each stage that did not run, its reason, and the commands that fix it.
+    assert code == 3, stderr
+    text = " ".join(stderr.split())
+    assert "not run views:" in text and "dp360 weights download main" in text and "dp360 weights convert main" in text
+    assert "not run noise:" in text and "dp360 weights download panohead" in text
+    assert "incomplete: no render or export results" in text and "rerun the same command" in text
     summary = json.loads(stdout)
     assert summary["status"] == "incomplete"
     assert summary["stages"]["prepare"]["status"] == "done"
@@ -176,8 +182,19 @@ def test_reconstruct_several_inputs_reports_failures_and_keeps_the_rest(cli, tmp
     assert code == 2 and "bad.png" in stderr and "Traceback" not in stderr
     runs = json.loads(stdout)["runs"]
     assert runs[0]["status"] == "incomplete" and runs[1]["status"] == "failed"
+    assert "0 done, 1 incomplete, 1 failed of 2 portraits" in " ".join(stderr.split())
     assert (tmp_path / "out" / "astronaut" / "prepared" / "crop.png").is_file()
     assert not (tmp_path / "out" / "bad").exists()
+
+
+def test_a_batch_of_incomplete_runs_exits_3_and_counts_them(cli, tmp_path, astronaut_path):
+    import shutil
+
+    images = [shutil.copy(astronaut_path, tmp_path / f"{name}.png") for name in ("a", "b")]
+    code, _, stderr = cli("reconstruct", *images, "--out", tmp_path / "out", *DLIB)
+    text = " ".join(stderr.split())
+    assert code == 3 and "0 done, 2 incomplete, 0 failed of 2 portraits" in text
+    assert "not run views:" in text and "dp360 weights download main" in text
 
 
 def test_quiet_prints_nothing(cli, tmp_path, astronaut_path):

@@ -275,11 +275,14 @@ class ViewModels:
         """Why the views stage cannot run, in one sentence, or None."""
         from .models.bundle import BUNDLE_FILE
 
-        for label, folder in (("360-view model", self.main_bundle), ("back-view model", self.back_bundle)):
+        for kind, label, folder in (
+            ("main", "360-view model", self.main_bundle),
+            ("back", "back-view model", self.back_bundle),
+        ):
             if not (Path(folder) / BUNDLE_FILE).is_file():
                 return (
-                    f"The converted DiffPortrait360 {label} is not at {folder}; run `dp360 weights download` "
-                    "and `dp360 weights convert` (about 20 GB), or pass --weights-dir."
+                    f"The converted DiffPortrait360 {label} is not at {folder}; run `dp360 weights download {kind}` "
+                    f"and `dp360 weights convert {kind}` (about 10 GB), or pass --weights-dir."
                 )
         if not Path(self.camera_dir).is_dir():
             return f"The camera-condition images are not at {self.camera_dir}; run `dp360 weights download data`, or pass --cameras."
