@@ -213,14 +213,7 @@ def test_help_texts(cli):
     assert code == 0 and stdout.startswith("dp360 ")
 
 
-def test_doctor_runs_without_gpu(cli, monkeypatch):
-    import shutil
-
-    from dp360 import doctor
-
-    # Room for the missing weights, whatever this machine's disk holds (the FAIL is tested apart).
-    usage = shutil.disk_usage("/")
-    monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: usage._replace(free=500 * 2**30))
+def test_doctor_runs_without_gpu(cli, roomy_disk):
     code, stdout, stderr = cli("doctor", "--json")
     checks = {check["name"]: check for check in json.loads(stdout)}
     assert code == 0, stderr
@@ -250,7 +243,7 @@ def test_failure_in_an_empty_existing_folder_leaves_it_empty(cli, tmp_path):
 WEIGHT_NAMES = ("main", "back", "panohead", "data", "perceptual")
 
 
-def test_doctor_names_each_missing_weight_file_and_the_command_that_fetches_it(cli, offline_cache):
+def test_doctor_names_each_missing_weight_file_and_the_command_that_fetches_it(cli, offline_cache, roomy_disk):
     code, stdout, stderr = cli("doctor", "--json")
     assert code == 0, stderr
     checks = {check["name"]: check for check in json.loads(stdout)}
@@ -283,6 +276,6 @@ def test_doctor_fails_when_the_disk_cannot_hold_the_missing_weights(monkeypatch)
     assert doctor.check_disk().status == "OK"
 
 
-def test_doctor_prints_brackets_literally(cli):
+def test_doctor_prints_brackets_literally(cli, roomy_disk):
     code, _, stderr = cli("doctor")
     assert code == 0 and "[empty]" in stderr  # the empty cache's listing, not swallowed as markup

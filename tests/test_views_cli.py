@@ -190,7 +190,7 @@ def test_weights_verify_and_convert_panohead(cli, tmp_path, tiny):
     assert code == 2 and "does not allow" in stderr and not (tmp_path / "q").exists()
 
 
-def test_doctor_smoke(cli):
+def test_doctor_smoke(cli, roomy_disk):
     code, stdout, stderr = cli("doctor", "--smoke", "--json")
     smoke = {check["name"]: check for check in json.loads(stdout)}["smoke"]
     assert code == 0 and smoke["status"] == "OK" and "meaningless" in smoke["detail"], stderr
