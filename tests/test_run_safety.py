@@ -304,12 +304,11 @@ def test_full_disk_is_one_sentence(tmp_path, astronaut_path):
 # -- signals --------------------------------------------------------------------------------------
 
 
-def test_sigterm_is_handled_like_ctrl_c(tmp_path, astronaut_path):
-    """SIGTERM in the middle of a stage: exit 143 with a sentence, the stage and the run
-    recorded as interrupted, no temporaries left, the lock released."""
+def _sigterm_inside_the_prepare_stage(astronaut_path, out, *extra) -> tuple[int, str]:
+    """Run `dp360 prepare` in a subprocess whose prepare stage blocks after doing its work, send
+    SIGTERM once it is inside the stage, and return (exit status, stderr)."""
     from .conftest import REPO
 
-    out = tmp_path / "run"
     script = textwrap.dedent(
         f"""
         import sys, time
@@ -322,7 +321,7 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, astronaut_path):
             return result
         stage.prepare_portrait = slow
         from cli.main import main
-        sys.argv = ["dp360", "prepare", {str(astronaut_path)!r}, "--out", {str(out)!r}, "--detector", "dlib"]
+        sys.argv = ["dp360", "prepare", {str(astronaut_path)!r}, "--out", {str(out)!r}, "--detector", "dlib", *{extra!r}]
         main()
         """
     )
@@ -335,39 +334,25 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path, astronaut_path):
         _, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 143, stderr
+    return process.returncode, stderr
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path, astronaut_path):
+    """SIGTERM in the middle of a first run's stage: exit 143 with a sentence, and the new folder
+    left as it was found (absent), lock included."""
+    out = tmp_path / "run"
+    code, stderr = _sigterm_inside_the_prepare_stage(astronaut_path, out)
+    assert code == 143, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
-    # a first run that finished no stage leaves no folder behind
     assert not out.exists()
 
 
 def test_sigterm_in_a_rerun_records_the_interruption(tmp_path, astronaut_path, prepared_run):
-    from .conftest import REPO
-
+    """SIGTERM in a rerun's stage: the stage and the run recorded as interrupted, the finished
+    results kept, no temporaries left, the lock released."""
     out = _copy_run(prepared_run, tmp_path / "run")
-    script = textwrap.dedent(
-        f"""
-        import sys, time
-        import dp360.prepare.stage as stage
-        def slow(*args, **kwargs):
-            print("in stage", flush=True)
-            time.sleep(120)
-        stage.prepare_portrait = slow
-        from cli.main import main
-        sys.argv = ["dp360", "prepare", {str(astronaut_path)!r}, "--out", {str(out)!r}, "--detector", "dlib", "--force"]
-        main()
-        """
-    )
-    process = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout.readline().strip() == "in stage"
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        process.kill()
-    assert process.returncode == 143, stderr
+    code, stderr = _sigterm_inside_the_prepare_stage(astronaut_path, out, "--force")
+    assert code == 143, stderr
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["status"] == "interrupted" and manifest["stages"]["prepare"]["status"] == "interrupted"
     assert (out / "prepared" / "crop.png").read_bytes() == (prepared_run / "prepared" / "crop.png").read_bytes()
