@@ -614,6 +614,15 @@ RunDirArgument = Annotated[
 ]
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """`render` and `export` read a run folder: say so when there is none."""
+    from dp360.errors import Dp360Error
+
+    if not run_dir.is_dir():
+        state = "is not a folder" if run_dir.exists() else "does not exist"
+        raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
+
+
 @app.command()
 def render(
     run_dir: RunDirArgument,
@@ -657,9 +666,7 @@ def render(
             )
         settings = TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution, radius=radius)
         settings.check()
-        if not run_dir.is_dir():
-            state = "is not a folder" if run_dir.exists() else "does not exist"
-            raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
+        _check_run_dir(run_dir)
         check_turntable_target(out, chosen, overwrite)  # before the (slow) rendering
         field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
         images, speed = render_turntable(field, settings, progress=not quiet)
@@ -709,9 +716,7 @@ def export(
             raise Dp360Error(f"--format must be one of {', '.join(MESH_FORMATS)}, not {output_format!r}.")
         settings = MeshSettings(resolution=mesh_resolution, faces=mesh_faces, density=mesh_density)
         settings.check()
-        if not run_dir.is_dir():
-            state = "is not a folder" if run_dir.exists() else "does not exist"
-            raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
+        _check_run_dir(run_dir)
         target = out or Path(run_dir) / "export" / f"head.{output_format}"
         # The default target lies inside the run folder, which dp360 owns: it may replace it, under
         # the run's lock so that no run writes there at the same time.

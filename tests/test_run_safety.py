@@ -80,33 +80,50 @@ def test_a_locked_folder_is_refused_at_once_and_left_alone(cli, tmp_path, astron
     assert _snapshot(out) == {**before, LOCK_NAME: b""}
 
 
+def _while_a_run_holds_its_stage(image, out, attempt):
+    """Start `prepare` of `image` into `out` in a thread, call `attempt()` once that run is inside
+    its stage (holding the folder's lock), then let it finish. Returns the run's summary, or the
+    exception it raised."""
+    inside, attempted = threading.Event(), threading.Event()
+    outcome: list[object] = []
+
+    class HoldingReporter(run_module.LogReporter):
+        def stage_started(self, name, description):
+            inside.set()
+            assert attempted.wait(120)
+
+    def run():
+        try:
+            outcome.append(
+                run_module.prepare(
+                    image, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"), HoldingReporter()
+                )
+            )
+        except Exception as error:  # noqa: BLE001 - returned to the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert inside.wait(120)
+        attempt()
+    finally:
+        attempted.set()
+        thread.join(120)
+    return outcome[0]
+
+
+def _refused_by_the_lock(image, out):
+    with pytest.raises(RunDirectoryError, match="Another dp360 run"):
+        run_module.prepare(image, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))
+
+
 def test_two_runs_started_together_one_refused_the_other_complete(tmp_path, astronaut_path):
     """Run A holds the folder inside its prepare stage while run B starts: B is refused at
     once and touches nothing; A then completes with all its files."""
     out = tmp_path / "run"
-    inside_a, b_finished = threading.Event(), threading.Event()
-    results: dict[str, object] = {}
-
-    class HoldingReporter(run_module.LogReporter):
-        def stage_started(self, name, description):
-            inside_a.set()
-            assert b_finished.wait(120)
-
-    def run_a():
-        results["a"] = run_module.prepare(
-            astronaut_path, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"), HoldingReporter()
-        )
-
-    thread = threading.Thread(target=run_a)
-    thread.start()
-    try:
-        assert inside_a.wait(120)
-        with pytest.raises(RunDirectoryError, match="Another dp360 run"):
-            run_module.prepare(astronaut_path, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))
-    finally:
-        b_finished.set()
-        thread.join(120)
-    assert results["a"].status == "done"
+    first = _while_a_run_holds_its_stage(astronaut_path, out, lambda: _refused_by_the_lock(astronaut_path, out))
+    assert first.status == "done"
     assert (out / "input.png").is_file() and (out / "prepared" / "crop.png").is_file()
     assert json.loads((out / "run.json").read_text())["status"] == "done"
 
@@ -116,33 +133,9 @@ def test_a_failing_first_run_and_a_second_run_into_the_same_new_folder(tmp_path,
     same new folder. B is refused by A's lock at once; A fails and removes only its own files;
     B, started again, completes."""
     out = tmp_path / "run"
-    inside_a, b_tried = threading.Event(), threading.Event()
-
-    class HoldingReporter(run_module.LogReporter):
-        def stage_started(self, name, description):
-            inside_a.set()
-            assert b_tried.wait(120)
-
-    failures = []
-
-    def run_a():
-        try:
-            run_module.prepare(
-                no_face(tmp_path / "scene.png"), out, PrepareSettings(detector="dlib"), RunOptions(), HoldingReporter()
-            )
-        except Exception as error:  # noqa: BLE001 - the test looks at it below
-            failures.append(error)
-
-    thread = threading.Thread(target=run_a)
-    thread.start()
-    try:
-        assert inside_a.wait(120)
-        with pytest.raises(RunDirectoryError, match="Another dp360 run"):
-            run_module.prepare(astronaut_path, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))
-    finally:
-        b_tried.set()
-        thread.join(120)
-    assert len(failures) == 1 and "No face" in str(failures[0])
+    scene = no_face(tmp_path / "scene.png")
+    first = _while_a_run_holds_its_stage(scene, out, lambda: _refused_by_the_lock(astronaut_path, out))
+    assert isinstance(first, Exception) and "No face" in str(first)
     assert not out.exists()  # A leaves the new folder as it found it: absent
     summary = run_module.prepare(astronaut_path, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))
     assert summary.status == "done" and (out / "input.png").is_file()
