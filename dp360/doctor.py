@@ -145,91 +145,37 @@ def check_cache() -> Check:
     )
 
 
-@dataclass
-class WeightFile:
-    """One file the full pipeline needs, where it is looked for, and how it is fetched."""
+def _needs() -> list[weights.Need]:
+    """What a default run on this machine fetches: fp16 bundles on CUDA, fp32 elsewhere."""
+    from .runtime import resolve_device
 
-    name: str
-    what: str
-    download_gb: float | None  # None: size not published
-    converted_gb: float  # what the conversion adds on disk
-    present: Callable[[], bool]
-    fetch: str  # the command that makes it present
-
-
-def _bundle_present(kind: str) -> bool:
-    from .diffusion.models.bundle import BUNDLE_FILE
-
-    return any((weights.bundle_path(kind, fp16) / BUNDLE_FILE).is_file() for fp16 in (False, True))
-
-
-def weight_files() -> list[WeightFile]:
-    from .panohead.perceptual import backbone_path
-    from .panohead.store import panohead_problem
-
-    official = weights.OFFICIAL_FILES
-    sphere32 = weights.cache_dir() / "sphere32"
-    return [
-        WeightFile(
-            "main",
-            f"{official['main'][0]}, the 360-view model",
-            official["main"][1],
-            official["main"][1],
-            lambda: _bundle_present("main"),
-            "dp360 weights download main && dp360 weights convert main",
-        ),
-        WeightFile(
-            "back",
-            f"{official['back'][0]}, the back-view model",
-            official["back"][1],
-            official["back"][1],
-            lambda: _bundle_present("back"),
-            "dp360 weights download back && dp360 weights convert back",
-        ),
-        WeightFile(
-            "panohead",
-            f"{official['panohead'][0]}, PanoHead (non-commercial licence)",
-            official["panohead"][1],
-            official["panohead"][1],
-            lambda: panohead_problem() is None,
-            "dp360 weights download panohead && dp360 weights convert panohead",
-        ),
-        WeightFile(
-            "data",
-            f"{official['data'][0]}, the 32 sphere32 camera images",
-            official["data"][1],
-            0.0,
-            lambda: len(list(sphere32.glob("*.png"))) == 32,
-            "dp360 weights download data",
-        ),
-        WeightFile(
-            "perceptual",
-            f"{weights.EXTRA_FILES['perceptual'][0]}, the LPIPS backbone of the PanoHead inversion",
-            weights.EXTRA_FILES["perceptual"][1],
-            0.0,
-            lambda: backbone_path().is_file(),
-            "dp360 weights download perceptual",
-        ),
-    ]
+    return weights.default_needs(fp16=resolve_device("auto").startswith("cuda"))
 
 
 def check_weights() -> list[Check]:
     """One line per file the full pipeline needs: present, or its size and the command that fetches it."""
     checks = []
-    for item in weight_files():
-        name = f"weights {item.name}"
-        if item.present():
-            checks.append(Check(name, OK, f"{item.what}: present"))
+    for need in _needs():
+        item = need.file
+        name = f"weights {need.name}"
+        what = f"{item.file_name}, {item.what}"
+        if need.present():
+            checks.append(Check(name, OK, f"{what}: present at {need.target}"))
         else:
-            size = f"about {item.download_gb:.1f} GB" if item.download_gb else "size not published"
-            checks.append(Check(name, WARN, f"{item.what}: missing ({size})", f"run `{item.fetch}`"))
+            size = f"about {item.size_gb:.1f} GB" if item.size_gb else "size not published"
+            when = " (fetched on first use by `dp360 reconstruct` and `dp360 views`)"
+            checks.append(Check(name, WARN, f"{what}: missing ({size}){when}", f"run `{need.command()}`"))
     return checks
 
 
 def pending_bytes() -> int:
     """Disk space the missing weights need: their downloads plus their conversions."""
-    missing = [item for item in weight_files() if not item.present()]
-    return int(sum((item.download_gb or 0.0) + item.converted_gb for item in missing) * 1e9)
+    total = 0.0
+    for need in _needs():
+        if not need.present():
+            download = need.file.size_gb or 0.0
+            total += download + need.converted_gb(download)
+    return int(total * 1e9)
 
 
 def check_disk() -> Check:

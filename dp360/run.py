@@ -91,6 +91,8 @@ class RunOptions:
     force: bool = False  # redo stages even when unchanged; replace a run of another input
     progress: bool = True  # progress bars of long stages
     max_pixels: int | None = None  # input images above this are refused (None: imaging's default)
+    download: bool = True  # fetch missing weight files before the stages (off: list them and stop)
+    keep_checkpoints: bool = False  # keep raw downloaded checkpoints after their conversion
 
 
 @dataclass
@@ -151,10 +153,7 @@ class RunLock:
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise RunDirectoryError(
-                        f"Another dp360 run (pid {holder}) is writing to '{self.path.parent}'; wait for it to finish "
-                        "or choose another --out folder."
-                    ) from None
+                    raise self._taken(holder) from None
                 raise
             try:
                 same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -168,6 +167,29 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def _taken(self, holder: str) -> RunDirectoryError:
+        return RunDirectoryError(
+            f"Another dp360 run (pid {holder}) is writing to '{self.path.parent}'; wait for it to finish "
+            "or choose another --out folder."
+        )
+
+    def check_free(self) -> None:
+        """Refuse, as `acquire` would, when a live run holds the lock; takes nothing."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise self._taken(os.read(fd, 64).decode(errors="replace").strip() or "?") from None
+            raise
+        finally:
+            os.close(fd)
 
     @property
     def held(self) -> bool:
@@ -234,6 +256,31 @@ class Run:
         from .imaging import is_dp360_temporary
 
         return all(child.name == LOCK_NAME or is_dp360_temporary(child.name) for child in self.out_dir.iterdir())
+
+    def check_target(self, image: LoadedImage) -> None:
+        """The refusals of `open`, read-only: run before long work (downloads) that precedes it."""
+        out = self.out_dir
+        if out.exists() and not out.is_dir():
+            raise RunDirectoryError(f"Output path '{out}' is a file; choose a folder for --out.")
+        if not out.is_dir():
+            return
+        self.lock.check_free()
+        if not self.manifest_path.is_file():
+            if not self._ours_only():
+                raise RunDirectoryError(
+                    f"Output folder '{out}' already holds files that are not a dp360 run; choose a new or empty folder."
+                )
+            return
+        if self.options.force:
+            return
+        previous = read_manifest(self.manifest_path)
+        before = previous.get("input", {}).get("sha256")
+        if before and before != image.sha256:
+            name = Path(str(previous["input"].get("path", "?"))).name
+            raise RunDirectoryError(
+                f"'{out}' holds the run of another input ('{name}'); choose another --out folder, "
+                "or pass --force to replace that run."
+            )
 
     def open(self, image: LoadedImage, device: str, dtype: str) -> None:
         """Take the folder: lock it, check that it is ours and holds this input's run, remove
@@ -476,6 +523,21 @@ def check_run_settings(
     return device, dtype
 
 
+def fetch_weights(stages: tuple[Stage, ...], context: StageContext, options: RunOptions, note) -> list[str]:
+    """Before any stage: fetch and convert every weight file the stages need from dp360's cache
+    (or, with downloads off, stop with one message listing what is missing)."""
+    from . import weights
+
+    needs = [need for stage in stages for need in stage.weights(context)]
+    return weights.ensure(
+        needs,
+        download=options.download,
+        keep_checkpoints=options.keep_checkpoints,
+        progress=options.progress,
+        note=note,
+    )
+
+
 def run_pipeline(
     image_path: str | Path,
     out_dir: str | Path,
@@ -519,7 +581,9 @@ def run_pipeline(
     device, dtype = check_run_settings(options, stages, config.prepare, config.views, config.noise, config.field)
     image = load_portrait(image_path, **({"max_pixels": options.max_pixels} if options.max_pixels else {}))
     run = Run(out_dir, options, reporter)
+    run.check_target(image)
     context = StageContext(Path(out_dir), image, device, dtype, options.progress, config, options.seed, note=run._note)
+    fetch_weights(selected, context, options, run._note)
     # Before anything is written: a required stage that cannot run is an error, and every
     # stage's check may refuse a setting that cannot work with what it finds (camera images).
     for stage in selected:

@@ -2,7 +2,8 @@
 
 A `Stage` is declared by the package that owns it (prepare/, panohead/, diffusion/, nerf/) and
 says everything the runner (`dp360.run`) needs: its name and folder, its settings key, the
-hashes of the files it reads, whether it can run, and how to build its folder. The runner only
+hashes of the files it reads, the weight files it needs, whether it can run, and how to build
+its folder. The runner only
 loops over the list of stages; adding a stage touches its own module and that list.
 """
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from .nerf.stage import FieldStageSettings
     from .panohead.stage import NoiseModels, NoiseSettings
     from .prepare import PrepareSettings
+    from .weights import Need
 
 # The seed feeds torch, numpy and Python's random: numpy's generator takes 32-bit seeds.
 SEED_MAX = 2**32 - 1
@@ -74,6 +76,10 @@ def _nothing(context: StageContext) -> None:
     return None
 
 
+def _no_weights(context: StageContext) -> tuple[Need, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -85,6 +91,9 @@ class Stage:
     check: Callable[[StageContext], Unavailable | None] = _always
     resolve: Callable[[StageContext], None] = _nothing  # finds or makes what `check` looks for
     needs: tuple[str, ...] = ()  # stages whose results it reads
+    # weight files it reads from dp360's cache, fetched before any stage runs (user-given
+    # locations such as --weights-dir are not listed: dp360 never writes there)
+    weights: Callable[[StageContext], tuple[Need, ...]] = _no_weights
     version: int = 1  # bump when the stage's code changes what it writes
     shared_folder: bool = False  # several stages write into the folder: replace only own files
 

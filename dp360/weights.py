@@ -1,28 +1,32 @@
-"""Where dp360's weight files live and how they are fetched.
+"""Where dp360's weight files come from, where they live, and how they are fetched on first use.
 
-Cache root: `$DP360_CACHE`, else `$XDG_CACHE_HOME/dp360`, else `~/.cache/dp360`.
-- `facexlib/`: RetinaFace weights (`detection_Resnet50_Final.pth`), fetched on first use from
-  facexlib's release page; on an offline machine copy the file there by hand, or point
-  `$DP360_FACEXLIB_DIR` (or `--detector-weights`) at a folder that holds it.
-Downloads are disabled when `HF_HUB_OFFLINE=1` or `DP360_OFFLINE=1`.
+Cache root: `$DP360_CACHE`, else `$XDG_CACHE_HOME/dp360`, else `~/.cache/dp360`:
+- `bundles/{main,back}-{fp16,fp32}/`, `bundles/panohead/`: converted models (safetensors);
+- `sphere32/`: the 32 camera images from the official inference data;
+- `perceptual/`: torchvision's VGG16 weights (the PanoHead inversion's LPIPS backbone);
+- `facexlib/`: RetinaFace weights (or `$DP360_FACEXLIB_DIR`, or `--detector-weights`);
+- `downloads/`: raw files while they download (resumable `.partial` files) and until converted,
+  and checkpoints kept with `--keep-checkpoints`.
+
+`WEIGHT_FILES` lists every file; a stage lists the `Need`s it reads from the cache, and `ensure`
+fetches and converts the missing ones before any stage runs. Downloads are off with
+`HF_HUB_OFFLINE=1`, `DP360_OFFLINE=1` or `--no-download`; HF_ENDPOINT points at a hub mirror and
+DP360_FILES_ENDPOINT at a mirror of the two files that are not on the hub.
 """
 
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DetectorUnavailableError, Dp360Error
-from .imaging import atomic_path
 
 RETINAFACE_FILES = {
     "resnet50": "detection_Resnet50_Final.pth",
     "mobile0.25": "detection_mobilenet0.25_Final.pth",
 }
 FACEXLIB_RELEASE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
-DOWNLOAD_TIMEOUT_S = 20
 
 
 def cache_dir() -> Path:
@@ -45,15 +49,6 @@ def offline() -> bool:
     )
 
 
-def download_file(url: str, destination: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> Path:
-    """Stream `url` to `destination` through a temporary name (no partial file on failure)."""
-    with atomic_path(destination) as temporary:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(temporary, "wb") as handle:
-            while block := response.read(1 << 20):
-                handle.write(block)
-    return destination
-
-
 def retinaface_weights(network: str = "resnet50", weights_dir: Path | None = None, allow_download: bool = True) -> Path:
     """Path of RetinaFace weights, downloading them into the cache if needed and allowed."""
     file_name = RETINAFACE_FILES[network]
@@ -64,11 +59,13 @@ def retinaface_weights(network: str = "resnet50", weights_dir: Path | None = Non
     how = f"put {file_name} from {FACEXLIB_RELEASE_URL} into {folder}, or use --detector dlib"
     if not allow_download or offline():
         raise DetectorUnavailableError(f"RetinaFace weights are not in {folder} and downloads are off; {how}.")
+    from .download import DownloadError, fetch, probe
+
     try:
-        return download_file(FACEXLIB_RELEASE_URL + file_name, path)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        reason = getattr(error, "reason", error)
-        raise DetectorUnavailableError(f"RetinaFace weights could not be downloaded ({reason}); {how}.") from None
+        url = files_url(FACEXLIB_RELEASE_URL, file_name)
+        return fetch(probe(url, file_name, hub=False), path, progress=False)
+    except DownloadError as error:
+        raise DetectorUnavailableError(f"RetinaFace weights could not be downloaded ({error}); {how}.") from None
 
 
 def describe_cache() -> list[tuple[Path, int]]:
@@ -80,21 +77,84 @@ def describe_cache() -> list[tuple[Path, int]]:
 
 
 # --------------------------------------------------------------------------------------------
-# Official DiffPortrait360 files (Hugging Face Hub) and their converted bundles
+# Every file the pipeline needs: where it comes from and what it becomes
 # --------------------------------------------------------------------------------------------
 
 OFFICIAL_REPO = "gym890/diffportrait360"
-# name -> (file in the repo, approximate size in GB, what it is)
-OFFICIAL_FILES = {
-    "main": (
-        "model_state-340000.th",
-        10.8,
-        "360-view model: SD1.5 UNet + view-consistency modules + reference net + camera ControlNet + VAE + CLIP (fp32)",
-    ),
-    "back": ("back_head-230000.th", 9.2, "back-view model F (fp32)"),
-    "panohead": ("easy-khair-180-gpc0.8-trans10-025000.pkl", 0.3, "PanoHead generator (non-commercial licence)"),
-    "data": ("inference_data.zip", None, "inference data with the 32 'sphere32' camera-condition images"),
+# Mirrors for the two files that are not on the hub serve them by file name under this address.
+FILES_ENDPOINT_VARIABLE = "DP360_FILES_ENDPOINT"
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One downloadable file: the official hub files, and two from their projects' own pages."""
+
+    name: str  # what `dp360 weights download NAME` calls it
+    file_name: str
+    what: str
+    size_gb: float | None  # approximate download size (None: not published)
+    home_url: str | None = None  # None: a file of OFFICIAL_REPO on the hub
+    sha256_prefix: str | None = None  # a published hash (the hub's own files carry theirs)
+    installed: bool = False  # converted or extracted into something else, then removed
+
+    @property
+    def hub(self) -> bool:
+        return self.home_url is None
+
+    def url(self) -> str:
+        if self.hub:
+            from .download import hub_file_url
+
+            return hub_file_url(OFFICIAL_REPO, self.file_name)
+        return files_url(self.home_url, self.file_name)
+
+
+WEIGHT_FILES = {
+    item.name: item
+    for item in (
+        WeightFile(
+            "main",
+            "model_state-340000.th",
+            "360-view model: SD1.5 UNet + view-consistency modules + reference net + camera ControlNet + VAE + CLIP",
+            10.8,
+            installed=True,
+        ),
+        WeightFile("back", "back_head-230000.th", "back-view model F", 9.2, installed=True),
+        WeightFile(
+            "panohead",
+            "easy-khair-180-gpc0.8-trans10-025000.pkl",
+            "PanoHead generator (non-commercial licence)",
+            0.3,
+            installed=True,
+        ),
+        WeightFile(
+            "data", "inference_data.zip", "inference data with the 32 'sphere32' camera images", None, installed=True
+        ),
+        WeightFile(
+            "perceptual",
+            "vgg16-397923af.pth",
+            "torchvision VGG16 ImageNet weights: LPIPS backbone of the PanoHead inversion (BSD-3)",
+            0.53,
+            home_url="https://download.pytorch.org/models/",
+            sha256_prefix="397923af",
+        ),
+        WeightFile(
+            "retinaface",
+            RETINAFACE_FILES["resnet50"],
+            "RetinaFace face detector of facexlib (MIT)",
+            0.11,
+            home_url=FACEXLIB_RELEASE_URL,
+        ),
+    )
 }
+# name -> (file, approximate GB, what it is): the hub's files, and the others
+OFFICIAL_FILES = {item.name: (item.file_name, item.size_gb, item.what) for item in WEIGHT_FILES.values() if item.hub}
+EXTRA_FILES = {item.name: (item.file_name, item.size_gb, item.what) for item in WEIGHT_FILES.values() if not item.hub}
+
+
+def files_url(home_url: str, file_name: str) -> str:
+    mirror = os.environ.get(FILES_ENDPOINT_VARIABLE, "").strip()
+    return f"{mirror.rstrip('/')}/{file_name}" if mirror else home_url + file_name
 
 
 def bundles_dir() -> Path:
@@ -105,70 +165,258 @@ def bundle_path(kind: str, fp16: bool = False) -> Path:
     return bundles_dir() / f"{kind}-{'fp16' if fp16 else 'fp32'}"
 
 
-def download_official(name: str, cache: str | None = None) -> Path:
-    """One official file through huggingface_hub (honours HF_HOME and HF_HUB_OFFLINE), or a
-    clear error saying what to fetch and how."""
-    from huggingface_hub import hf_hub_download
-
-    if name not in OFFICIAL_FILES:
-        raise Dp360Error(f"Unknown weight file '{name}'; choose from {', '.join(OFFICIAL_FILES)}.")
-    file_name = OFFICIAL_FILES[name][0]
-    try:
-        return Path(hf_hub_download(OFFICIAL_REPO, file_name, cache_dir=cache))
-    except Exception as error:  # noqa: BLE001 - every failure here has the same remedy
-        where = cache or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-        raise Dp360Error(
-            f"{file_name} is not in the Hugging Face cache ({where}) and could not be downloaded "
-            f"({type(error).__name__}); run `dp360 weights download {name}` with internet access, "
-            f"or copy the file from huggingface.co/{OFFICIAL_REPO} and pass it with --checkpoint."
-        ) from None
+def downloads_dir() -> Path:
+    """Raw downloads (and their resumable partial files) before conversion."""
+    return cache_dir() / "downloads"
 
 
 def cached_official(name: str, cache: str | None = None) -> Path | None:
-    """The cached official file, if present (never downloads)."""
+    """The official file if it is on disk: kept in dp360's downloads, or in the Hugging Face cache
+    (for example from `hf download`). Never downloads."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(OFFICIAL_REPO, OFFICIAL_FILES[name][0], cache_dir=cache)
+    item = WEIGHT_FILES[name]
+    kept = downloads_dir() / item.file_name
+    if kept.is_file():
+        return kept
+    if not item.hub:
+        return None
+    found = try_to_load_from_cache(OFFICIAL_REPO, item.file_name, cache_dir=cache)
     return Path(found) if isinstance(found, str) else None
 
 
-# --------------------------------------------------------------------------------------------
-# Other files: the perceptual-loss backbone of the PanoHead inversion
-# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Need:
+    """A usable form of a weight file at a place: a converted bundle, the extracted camera images,
+    the file itself. Stages list their needs; `ensure` fetches what is missing."""
 
-EXTRA_FILES = {
-    "perceptual": (
-        "vgg16-397923af.pth",
-        0.53,
-        "torchvision VGG16 ImageNet weights: LPIPS backbone of the PanoHead inversion (BSD-3)",
-    ),
-}
+    name: str  # a WEIGHT_FILES key
+    target: Path
+    fp16: bool = False  # main/back: a half-precision bundle
+    optional: bool = False  # fetched when downloads are on; its stage copes without it otherwise
+
+    @property
+    def file(self) -> WeightFile:
+        return WEIGHT_FILES[self.name]
+
+    def present(self) -> bool:
+        target = Path(self.target)
+        if self.name in ("main", "back"):
+            from .diffusion.models.bundle import BUNDLE_FILE
+
+            return (target / BUNDLE_FILE).is_file()
+        if self.name == "panohead":
+            from .panohead.store import CONFIG_FILE, WEIGHTS_FILE
+
+            return (target / CONFIG_FILE).is_file() and (target / WEIGHTS_FILE).is_file()
+        if self.name == "data":
+            return len(list(target.glob("*.png"))) == 32
+        return target.is_file()
+
+    def command(self) -> str:
+        return f"dp360 weights download {self.name}" + (" --fp16" if self.fp16 else "")
+
+    def converted_gb(self, download_gb: float) -> float:
+        """Disk the usable form takes beside the raw file while it is made."""
+        if not self.file.installed:
+            return 0.0
+        return download_gb / 2 if self.fp16 else download_gb
+
+    def install(self, raw: Path) -> None:
+        """Make the usable form from the raw file (convert, extract); checks what it writes."""
+        import torch
+
+        if self.name in ("main", "back"):
+            from .diffusion.models.bundle import check_bundle, convert_to_bundle
+
+            convert_to_bundle(
+                raw, self.target, self.name, family="auto", dtype=torch.float16 if self.fp16 else torch.float32
+            )
+            check_bundle(self.target)
+        elif self.name == "panohead":
+            from .panohead.store import convert_panohead_pickle, panohead_problem
+
+            convert_panohead_pickle(raw, self.target)
+            problem = panohead_problem(self.target)
+            if problem:
+                raise Dp360Error(problem)
+        elif self.name == "data":
+            extract_sphere32(raw, self.target)
 
 
-def download_perceptual() -> Path:
-    """torchvision's VGG16 weights into `<cache>/perceptual/`, checked against the hash prefix
-    in their file name."""
-    from .imaging import file_sha256
-    from .panohead.perceptual import VGG16_SHA256_PREFIX, VGG16_URL, backbone_path
+def default_needs(view_count: int = 32, fp16: bool = False) -> list[Need]:
+    """What a full run with default locations needs (the doctor's list)."""
+    from .panohead.perceptual import backbone_path
+    from .panohead.store import panohead_dir
 
-    path = backbone_path()
-    if path.is_file() and file_sha256(path).startswith(VGG16_SHA256_PREFIX):
-        return path
-    how = f"download {VGG16_URL} by hand into {path.parent}"
-    if offline():
-        raise Dp360Error(
-            f"Downloads are off (HF_HUB_OFFLINE/DP360_OFFLINE) and the VGG16 weights are not at {path}; {how}."
+    needs = [
+        Need("main", bundle_path("main", fp16), fp16),
+        Need("back", bundle_path("back", fp16), fp16),
+        Need("panohead", panohead_dir()),
+        Need("perceptual", backbone_path()),
+        Need("retinaface", facexlib_dir() / RETINAFACE_FILES["resnet50"], optional=True),
+    ]
+    if view_count == 32:
+        needs.insert(3, Need("data", cache_dir() / "sphere32"))
+    return needs
+
+
+class MissingWeightsError(Dp360Error):
+    """Weight files are missing and cannot be fetched now."""
+
+
+def _size_text(gb: float | None) -> str:
+    return f"about {gb:.1f} GB" if gb else "size not published"
+
+
+def describe_missing(needs: list[Need], sizes: dict[str, int] | None = None) -> str:
+    """One line per missing file: name, file, size and the command that fetches it."""
+    sizes = sizes or {}
+    lines = []
+    for need in needs:
+        size = sizes.get(need.name)
+        gb = size / 1e9 if size else need.file.size_gb
+        lines.append(f"  {need.name}: {need.file.file_name} ({_size_text(gb)}) - run `{need.command()}`")
+    return "\n".join(lines)
+
+
+@dataclass
+class FetchPlan:
+    """The missing needs, and for each where its raw file comes from."""
+
+    needs: list[Need]
+    local: dict[str, Path]  # raw files already on disk (kept downloads, the Hugging Face cache)
+    remote: dict[str, object]  # download.RemoteFile of the others
+    partial: dict[str, int]  # bytes already downloaded towards them
+
+    def disk_needed(self, keep_checkpoints: bool) -> int:
+        """The most free disk the fetch takes at any moment: raw files are removed after their
+        conversion (unless kept), so the peak is one raw file beside everything made so far."""
+        used = peak = 0
+        for need in self.needs:
+            remote = self.remote.get(need.name)
+            if need.name in self.local:
+                raw = self.local[need.name].stat().st_size
+                new = 0
+            else:
+                raw = getattr(remote, "size", None) or int((need.file.size_gb or 0) * 1e9)
+                new = raw - self.partial.get(need.name, 0)
+            converted = int(need.converted_gb(raw / 1e9) * 1e9)
+            used += new
+            peak = max(peak, used + converted)
+            used += converted
+            if need.file.installed and need.name not in self.local and not keep_checkpoints:
+                used -= raw
+        return peak
+
+
+def _disk_free(path: Path) -> tuple[Path, int]:
+    import shutil
+
+    probe = next(parent for parent in (path, *path.parents) if parent.exists())
+    return probe, shutil.disk_usage(probe).free
+
+
+def plan_fetch(needs: list[Need], cache: str | None = None) -> FetchPlan:
+    """Which needs are missing and where their raw files come from; asks the servers for sizes
+    and hashes (one request per file, no retries). Raises MissingWeightsError when a server
+    cannot be reached, listing everything missing."""
+    from .download import HubUnreachable, partial_bytes, probe
+
+    unique: dict[tuple[str, str], Need] = {}
+    for need in needs:
+        unique.setdefault((need.name, str(need.target)), need)
+    missing = [need for need in unique.values() if not need.present()]
+    plan = FetchPlan(missing, {}, {}, {})
+    unreachable: list[tuple[Need, str]] = []
+    for need in missing:
+        raw = cached_official(need.name, cache) if need.file.installed else None
+        if raw is not None:
+            plan.local[need.name] = raw
+            continue
+        try:
+            remote = probe(need.file.url(), need.file.file_name, need.file.hub)
+        except HubUnreachable as error:
+            unreachable.append((need, str(error)))
+            continue
+        plan.remote[need.name] = remote
+        plan.partial[need.name] = partial_bytes(_raw_destination(need), remote)
+    required = [(need, reason) for need, reason in unreachable if not need.optional]
+    if required:
+        from .download import endpoint
+
+        hosts = sorted({endpoint() if need.file.hub else need.file.url().split("/")[2] for need, _ in required})
+        raise MissingWeightsError(
+            f"Cannot reach {', '.join(hosts)} ({required[0][1]}), and these files are missing:\n"
+            + describe_missing([need for need, _ in required])
+            + "\nConnect to the internet (or set HF_ENDPOINT to a mirror) and rerun; the run stopped before any stage."
         )
-    try:
-        download_file(VGG16_URL, path, timeout=60)
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        raise Dp360Error(
-            f"The VGG16 weights could not be downloaded ({getattr(error, 'reason', error)}); {how}."
-        ) from None
-    if not file_sha256(path).startswith(VGG16_SHA256_PREFIX):
-        path.unlink()
-        raise Dp360Error(f"The downloaded VGG16 weights do not match their published hash; {how}.")
-    return path
+    plan.needs = [need for need in missing if need.name in plan.local or need.name in plan.remote]
+    return plan
+
+
+def _raw_destination(need: Need) -> Path:
+    return downloads_dir() / need.file.file_name if need.file.installed else Path(need.target)
+
+
+def ensure(
+    needs: list[Need],
+    download: bool = True,
+    keep_checkpoints: bool = False,
+    progress: bool = True,
+    note=lambda message: None,
+    cache: str | None = None,
+) -> list[str]:
+    """Fetch and install every missing need, before any stage runs; returns the names fetched.
+    With downloads off (`download=False`, HF_HUB_OFFLINE, DP360_OFFLINE) a missing need that is
+    not optional is a MissingWeightsError listing all of them, with sizes and commands."""
+    from .download import fetch
+
+    missing = [need for need in needs if not need.present()]
+    if not missing:
+        return []
+    if not download or offline():
+        required = [need for need in missing if not need.optional]
+        if required:
+            why = "--no-download was given" if not download else "downloads are off (HF_HUB_OFFLINE / DP360_OFFLINE)"
+            raise MissingWeightsError(
+                f"These weight files are missing and {why}:\n"
+                + describe_missing(required)
+                + "\nRun those commands where there is internet (the same cache: DP360_CACHE, HF_HOME), or rerun "
+                "without --no-download; the run stopped before any stage."
+            )
+        return []
+    plan = plan_fetch(missing, cache)
+    if not plan.needs:
+        return []
+    needed = plan.disk_needed(keep_checkpoints)
+    where, free = _disk_free(downloads_dir())
+    if free < needed:
+        raise MissingWeightsError(
+            f"The missing weights need {needed / 1e9:.1f} GB of free disk at {where}, but only {free / 1e9:.1f} GB "
+            "are free; free some space, or set DP360_CACHE to a disk with room, and rerun:\n"
+            + describe_missing(plan.needs, {name: getattr(remote, "size", 0) for name, remote in plan.remote.items()})
+        )
+    fetched = []
+    for need in plan.needs:
+        if need.name in plan.local:
+            raw = plan.local[need.name]
+            note(f"{need.name}: converting {raw}")
+        else:
+            remote = plan.remote[need.name]
+            resumed = plan.partial.get(need.name, 0)
+            note(
+                f"{need.name}: downloading {need.file.file_name}"
+                + (f" ({remote.size / 1e9:.2f} GB)" if remote.size else "")
+                + (f", resuming after {resumed / 1e9:.2f} GB" if resumed else "")
+            )
+            raw = fetch(remote, _raw_destination(need), need.file.sha256_prefix, progress)
+        if need.file.installed:
+            need.install(raw)
+            if need.name not in plan.local and not keep_checkpoints:
+                raw.unlink(missing_ok=True)  # ours, and now converted and checked
+        fetched.append(need.name)
+    return fetched
 
 
 def extract_sphere32(archive: str | Path, destination: Path | None = None) -> Path:

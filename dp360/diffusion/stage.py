@@ -19,6 +19,7 @@ from ..errors import Dp360Error
 from ..imaging import file_sha256, save_image_atomic, write_json_atomic
 from ..stage import Stage, StageContext, Unavailable, check_float, check_int, check_seed
 from ..video import write_mp4
+from ..weights import Need
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +259,10 @@ class ViewModels:
         order = ("fp16", "fp32") if dtype in ("fp16", "bf16") else ("fp32", "fp16")
 
         def bundle(kind: str) -> Path:
+            # a bundle of either precision that is there; else where the matching one will be made
             return next(
                 (root / f"{kind}-{precision}" for precision in order if (root / f"{kind}-{precision}").is_dir()),
-                root / f"{kind}-fp32",
+                root / f"{kind}-{order[0]}",
             )
 
         models = cls.default(view_count)
@@ -282,7 +284,8 @@ class ViewModels:
             if not (Path(folder) / BUNDLE_FILE).is_file():
                 return (
                     f"The converted DiffPortrait360 {label} is not at {folder}; run `dp360 weights download {kind}` "
-                    f"and `dp360 weights convert {kind}` (about 10 GB), or pass --weights-dir."
+                    f"(about 10 GB, converted into dp360's cache), or convert a checkpoint you have there with "
+                    f"`dp360 weights convert {kind} --checkpoint FILE --out {folder}`."
                 )
         if not Path(self.camera_dir).is_dir():
             return f"The camera-condition images are not at {self.camera_dir}; run `dp360 weights download data`, or pass --cameras."
@@ -378,6 +381,25 @@ def _check(context: StageContext) -> Unavailable | None:
     return Unavailable("not_available", problem) if problem else None
 
 
+def _weights(context: StageContext) -> tuple[Need, ...]:
+    """The two bundles and the sphere32 images where they are to be in dp360's cache (not those
+    from --weights-dir or --cameras); for other view counts, PanoHead renders the camera images."""
+    from .. import weights
+
+    models, settings = context.config.view_models, context.config.views
+    needs: list[Need] = []
+    for kind, folder in (("main", Path(models.main_bundle)), ("back", Path(models.back_bundle))):
+        if folder.parent == weights.bundles_dir() and folder.name in (f"{kind}-fp16", f"{kind}-fp32"):
+            needs.append(Need(kind, folder, fp16=folder.name.endswith("fp16")))
+    camera_dir = Path(models.camera_dir)
+    if settings.views == 32 and camera_dir == weights.cache_dir() / "sphere32":
+        needs.append(Need("data", camera_dir))
+    elif not camera_dir.is_dir():
+        generator = context.config.noise_models.generator_need()
+        needs.extend([generator] if generator is not None else [])
+    return tuple(needs)
+
+
 def _noise_frames(context: StageContext) -> Path | None:
     """The PanoHead frames the views start from, when the noise stage produced them."""
     if context.config.views.use_3d_noise and context.done("noise"):
@@ -408,4 +430,5 @@ VIEWS_STAGE = Stage(
     check=_check,
     resolve=_resolve,
     needs=("prepare",),
+    weights=_weights,
 )

@@ -24,6 +24,7 @@ from .. import cameras
 from ..errors import Dp360Error
 from ..imaging import atomic_directory, file_sha256, save_image_atomic, write_json_atomic
 from ..stage import Stage, StageContext, Unavailable, check_int
+from ..weights import Need
 from .inversion import InversionSettings, canonical_ws, invert, render_views, to_uint8
 
 CONDITION_FPS = 30
@@ -141,12 +142,16 @@ class NoiseModels:
         from .perceptual import backbone_path
         from .store import panohead_dir
 
-        generator_dir = (
-            Path(weights_dir) / "panohead"
-            if weights_dir is not None and (Path(weights_dir) / "panohead").is_dir()
-            else panohead_dir()
-        )
+        # --weights-dir holds every converted model of the run; dp360's cache is used (and filled
+        # on first use) only without it
+        generator_dir = Path(weights_dir) / "panohead" if weights_dir is not None else panohead_dir()
         return cls(generator_dir, backbone_path())
+
+    def generator_need(self) -> Need | None:
+        """The converted generator, when it is to be in dp360's cache (fetched on first use)."""
+        from .store import panohead_dir
+
+        return Need("panohead", self.generator_dir) if Path(self.generator_dir) == panohead_dir() else None
 
     def problem(self) -> str | None:
         from .perceptual import VGG16_FILE, VGG16_URL
@@ -205,6 +210,23 @@ def _check(context: StageContext) -> Unavailable | None:
     return None
 
 
+def _weights(context: StageContext) -> tuple[Need, ...]:
+    """The generator and the perceptual backbone, unless the noise is off or the generator comes
+    from --weights-dir without one (the stage is then not available, as before)."""
+    if not context.config.views.use_3d_noise:
+        return ()
+    from .perceptual import backbone_path
+
+    models = context.config.noise_models
+    generator = models.generator_need()
+    if generator is None and not Path(models.generator_dir).is_dir():
+        return ()
+    perceptual = (
+        Need("perceptual", Path(models.lpips_backbone)) if Path(models.lpips_backbone) == backbone_path() else None
+    )
+    return tuple(need for need in (generator, perceptual) if need is not None)
+
+
 def _inputs(context: StageContext) -> dict[str, str]:
     prepared = context.run_dir / "prepared"
     return {
@@ -225,4 +247,5 @@ NOISE_STAGE = Stage(
     ),
     check=_check,
     needs=("prepare",),
+    weights=_weights,
 )

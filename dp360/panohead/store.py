@@ -167,8 +167,9 @@ def _checked_folder(folder: Path, advice: str) -> PanoHeadGenerator:
 
 def _missing_message(folder: Path) -> str:
     return (
-        f"The converted PanoHead generator is not at {folder}; run `dp360 weights download panohead` and "
-        "`dp360 weights convert panohead` (300 MB, non-commercial licence), or pass --no-3d-noise."
+        f"The converted PanoHead generator is not at {folder}; run `dp360 weights download panohead` (300 MB, "
+        "non-commercial licence; converted into dp360's cache), or `dp360 weights convert panohead --checkpoint FILE "
+        f"--out {folder}`, or pass --no-3d-noise."
     )
 
 

@@ -219,16 +219,19 @@ class DlibDetector:
         return _detect_downscaled(rgb, run)
 
 
-def make_detector(name: str = "auto", device: str = "cpu", weights_dir: Path | None = None) -> FaceDetector:
-    """Build a detector by name; `auto` prefers RetinaFace and falls back to dlib with a note."""
+def make_detector(
+    name: str = "auto", device: str = "cpu", weights_dir: Path | None = None, allow_download: bool = True
+) -> FaceDetector:
+    """Build a detector by name; `auto` prefers RetinaFace and falls back to dlib with a note.
+    A run fetches the RetinaFace weights before its stages and builds detectors without downloads."""
     if name not in DETECTOR_NAMES:
         raise DetectorUnavailableError(f"Unknown face detector '{name}'; choose one of {', '.join(DETECTOR_NAMES)}.")
     if name == "dlib":
         return DlibDetector()
     if name == "retinaface":
-        return RetinaFaceDetector(device=device, weights_dir=weights_dir)
+        return RetinaFaceDetector(device=device, weights_dir=weights_dir, allow_download=allow_download)
     try:
-        return RetinaFaceDetector(device=device, weights_dir=weights_dir)
+        return RetinaFaceDetector(device=device, weights_dir=weights_dir, allow_download=allow_download)
     except DetectorUnavailableError as error:
         detector = DlibDetector()
         detector.note = f"using the offline dlib detector: {error}"

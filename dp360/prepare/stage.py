@@ -12,10 +12,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .. import cameras
+from .. import cameras, weights
 from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
 from ..imaging import LoadedImage, save_image_atomic, write_json_atomic
 from ..stage import Stage, StageContext, check_float, check_int
+from ..weights import Need
 from .align import CROP_SIZE, CropTransform, center_square, panohead_crop_transform, warp_crop
 from .detectors import FaceDetection, make_detector
 from .pose import HeadPose, pose_axes_in_crop, pose_from_angles, pose_from_landmarks
@@ -86,7 +87,7 @@ def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes:
     if not settings.no_crop or needs_pose:
         try:
             weights_dir = Path(settings.detector_weights) if settings.detector_weights else None
-            detector = make_detector(settings.detector, device=device, weights_dir=weights_dir)
+            detector = make_detector(settings.detector, device=device, weights_dir=weights_dir, allow_download=False)
             if detector.note:
                 notes.append(detector.note)
         except DetectorUnavailableError:
@@ -237,6 +238,19 @@ def _build(context: StageContext, folder: Path) -> dict[str, Any]:
     return {"detector": result.detector, "face_count": result.face_count, "pose": result.pose.as_dict()}
 
 
+def _weights(context: StageContext) -> tuple[Need, ...]:
+    """RetinaFace's weights, unless the detector is dlib, they come from --detector-weights, or
+    nothing is detected (--no-crop with both angles given). Optional under `auto` (the stage falls
+    back to dlib) and with --no-crop (the pose is then not estimated, with a note)."""
+    settings = context.config.prepare
+    if settings.detector == "dlib" or settings.detector_weights:
+        return ()
+    if settings.no_crop and settings.yaw is not None and settings.pitch is not None:
+        return ()
+    target = weights.facexlib_dir() / weights.RETINAFACE_FILES["resnet50"]
+    return (Need("retinaface", target, optional=settings.detector == "auto" or settings.no_crop),)
+
+
 PREPARE_STAGE = Stage(
     name="prepare",
     folder="prepared",
@@ -244,4 +258,5 @@ PREPARE_STAGE = Stage(
     settings=lambda context: context.config.prepare.key_dict(),
     inputs=lambda context: {"input": context.image.sha256},
     build=_build,
+    weights=_weights,
 )
