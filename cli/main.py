@@ -14,11 +14,36 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
 import dp360
+from dp360 import weights as weight_files
+from dp360.diffusion.models.configs import FAMILIES
+
+
+def _show_flags_bare(command, ctx) -> None:
+    """Typer's rich help prints a value placeholder (`<bool>`) after every flag, as if it took a
+    value; an empty metavar shows flags (and --help) bare."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class Command(TyperCommand):
+    def format_help(self, ctx, formatter) -> None:
+        _show_flags_bare(self, ctx)
+        return super().format_help(ctx, formatter)
+
+
+class Group(TyperGroup):
+    def format_help(self, ctx, formatter) -> None:
+        _show_flags_bare(self, ctx)
+        return super().format_help(ctx, formatter)
+
 
 app = typer.Typer(
     name="dp360",
+    cls=Group,
     help=(
         "One portrait to 32 consistent 360-degree views of the whole head (DiffPortrait360), "
         "a radiance field, a turntable video and a mesh."
@@ -44,6 +69,38 @@ class DType(str, Enum):
     fp16 = "fp16"
     bf16 = "bf16"
     fp32 = "fp32"
+
+
+class FitPreset(str, Enum):  # dp360.nerf.fit.FIT_PRESETS (not imported here: it loads torch)
+    gpu = "gpu"
+    cpu = "cpu"
+    test = "test"
+
+
+class MeshFormat(str, Enum):  # dp360.nerf.mesh.MESH_FORMATS (not imported here: it loads torch)
+    glb = "glb"
+    obj = "obj"
+    ply = "ply"
+
+
+class VideoFormat(str, Enum):  # dp360.nerf.render.FORMATS (not imported here: it loads torch)
+    mp4 = "mp4"
+    gif = "gif"
+    frames = "frames"
+
+
+class CheckpointKind(str, Enum):
+    main = "main"
+    back = "back"
+    panohead = "panohead"
+
+
+# The files `dp360 weights download` knows and the model families a checkpoint may match, as the
+# library lists them.
+WeightName = Enum(
+    "WeightName", {name: name for name in (*weight_files.OFFICIAL_FILES, *weight_files.EXTRA_FILES)}, type=str
+)
+Family = Enum("Family", {name: name for name in FAMILIES}, type=str)
 
 
 OutOption = Annotated[
@@ -104,8 +161,24 @@ MaxPixelsOption = Annotated[
         show_default=False,
     ),
 ]
+NoDownloadOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-download",
+        help="Do not fetch missing weight files: stop before any stage and list them, with the commands that fetch "
+        "them (as with HF_HUB_OFFLINE=1 or DP360_OFFLINE=1).",
+    ),
+]
+KeepCheckpointsOption = Annotated[
+    bool,
+    typer.Option(
+        "--keep-checkpoints",
+        help="Keep the downloaded official checkpoints in the dp360 cache after converting them (about 20 GB).",
+    ),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print a machine-readable summary on stdout.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json).")]
+QuietNoJsonOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")]
 
 
 class ConsoleReporter:
@@ -131,7 +204,7 @@ class ConsoleReporter:
 
     def note(self, message: str) -> None:
         if not self.quiet:
-            err_console.print(f"[yellow]note:[/] {message}", soft_wrap=True)
+            err_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -142,7 +215,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except Dp360Error as error:
-        err_console.print(f"[red]error:[/] {error}", soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt as interrupt:
         err_console.print("[red]interrupted[/]: finished stages are kept; rerun the same command to resume.")
@@ -153,7 +226,7 @@ def user_errors() -> Iterator[None]:
         translated = filesystem_error(error)
         if translated is None:
             raise
-        err_console.print(f"[red]error:[/] {translated}", soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(translated))}", soft_wrap=True)
         raise typer.Exit(translated.exit_code) from None
 
 
@@ -179,9 +252,9 @@ def _version_callback(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        Optional[bool],
+        bool,
         typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit."),
-    ] = None,
+    ] = False,
 ) -> None:
     """dp360: 360-degree heads from one portrait."""
 
@@ -230,7 +303,7 @@ def _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_inde
     )
 
 
-@app.command()
+@app.command(cls=Command)
 def prepare(
     image: Annotated[Path, typer.Argument(help="Portrait image (PNG, JPEG, WebP, TIFF, ...).", show_default=False)],
     out: OutOption,
@@ -243,6 +316,7 @@ def prepare(
     device: DeviceOption = "auto",
     force: ForceOption = False,
     max_pixels: MaxPixelsOption = None,
+    no_download: NoDownloadOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -257,7 +331,7 @@ def prepare(
 
     with user_errors():
         settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
-        options = RunOptions(device=device, force=force, max_pixels=max_pixels)
+        options = RunOptions(device=device, force=force, max_pixels=max_pixels, download=not no_download)
         summary = prepare_run(image, out, settings, options, ConsoleReporter(quiet or json_output))
     _print_summary(summary, json_output, quiet, "prepare")
 
@@ -342,7 +416,7 @@ MeshFacesOption = Annotated[
 ]
 
 
-@app.command()
+@app.command(cls=Command)
 def reconstruct(
     images: Annotated[
         list[Path],
@@ -360,6 +434,8 @@ def reconstruct(
     seed: SeedOption = 42,
     force: ForceOption = False,
     max_pixels: MaxPixelsOption = None,
+    no_download: NoDownloadOption = False,
+    keep_checkpoints: KeepCheckpointsOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
     steps: StepsOption = 50,
@@ -376,10 +452,10 @@ def reconstruct(
     low_vram: LowVramOption = False,
     compile_models: CompileOption = False,
     fit_preset: Annotated[
-        Optional[str],
+        Optional[FitPreset],
         typer.Option(
             "--fit-preset",
-            help="Radiance-field settings: gpu, cpu or test (default: gpu on CUDA, else cpu).",
+            help="Radiance-field settings (default: gpu on CUDA, else cpu; test: a quick rough fit).",
             show_default=False,
         ),
     ] = None,
@@ -398,8 +474,8 @@ def reconstruct(
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
     mesh_format: Annotated[
-        Optional[list[str]],
-        typer.Option("--mesh-format", help="glb (default), obj, ply; repeat for several.", show_default=False),
+        Optional[list[MeshFormat]],
+        typer.Option("--mesh-format", help="Mesh file format; repeat for several (default: glb).", show_default=False),
     ] = None,
 ) -> None:
     """Everything: prepare -> 3D-aware noise -> back view -> views -> NeRF -> turntable + mesh.
@@ -426,6 +502,8 @@ def reconstruct(
         force=force,
         progress=not (quiet or json_output),
         max_pixels=max_pixels,
+        download=not no_download,
+        keep_checkpoints=keep_checkpoints,
     )
     reporter = ConsoleReporter(quiet or json_output)
     view_settings = ViewSettings(
@@ -443,7 +521,7 @@ def reconstruct(
         if fit_preset is not None or fit_iterations is not None:
             from dp360.runtime import resolve_device
 
-            preset = fit_preset or ("gpu" if resolve_device(device).startswith("cuda") else "cpu")
+            preset = fit_preset.value if fit_preset else ("gpu" if resolve_device(device).startswith("cuda") else "cpu")
             fit = FitSettings.preset(
                 preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed
             )
@@ -451,15 +529,15 @@ def reconstruct(
             fit,
             TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
             MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
-            tuple(mesh_format or ("glb",)),
+            tuple(chosen.value for chosen in mesh_format) if mesh_format else ("glb",),
         )
         # Every setting is checked once, before the first portrait is touched.
         stages = tuple(stage.name for stage in pipeline_stages())
-        check_run_settings(options, stages, settings, view_settings, noise_settings, field_settings)
+        _, run_dtype = check_run_settings(options, stages, settings, view_settings, noise_settings, field_settings)
         check_memory_options(offload, low_vram, compile_models, device)
 
     def run_one(image: Path, target: Path):
-        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload, low_vram, compile_models)
+        models = ViewModels.locate(view_count, run_dtype, weights_dir, cameras, offload, low_vram, compile_models)
         return reconstruct_run(
             image,
             target,
@@ -513,7 +591,7 @@ def reconstruct(
                 raise
             failures += 1
             results.append({"input": str(image), "status": "failed", "error": str(problem)})
-            err_console.print(f"[red]error:[/] {image}: {problem}", soft_wrap=True)
+            err_console.print(f"[red]error:[/] {escape(str(image))}: {escape(str(problem))}", soft_wrap=True)
     if json_output:
         sys.stdout.write(json.dumps({"runs": results}, indent=2) + "\n")
     done = len(results) - failures - len(incomplete)
@@ -531,7 +609,7 @@ def reconstruct(
         raise typer.Exit(2 if failures else INCOMPLETE_EXIT)
 
 
-@app.command()
+@app.command(cls=Command)
 def views(
     image: Annotated[Path, typer.Argument(help="Portrait image.", show_default=False)],
     out: OutOption,
@@ -559,6 +637,8 @@ def views(
     seed: SeedOption = 42,
     force: ForceOption = False,
     max_pixels: MaxPixelsOption = None,
+    no_download: NoDownloadOption = False,
+    keep_checkpoints: KeepCheckpointsOption = False,
     json_output: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -569,7 +649,7 @@ def views(
     """
     from dp360.diffusion.stage import ViewModels, ViewSettings
     from dp360.panohead.stage import NoiseModels, NoiseSettings
-    from dp360.run import RunOptions
+    from dp360.run import RunOptions, check_run_settings
     from dp360.run import views as views_run
 
     with user_errors():
@@ -584,7 +664,6 @@ def views(
             seed=seed,
             use_3d_noise=not no_3d_noise,
         )
-        models = ViewModels.locate(view_count, resolved_dtype, weights_dir, cameras, offload, low_vram, compile_models)
         noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
         options = RunOptions(
             device=device,
@@ -593,7 +672,14 @@ def views(
             force=force,
             progress=not (quiet or json_output),
             max_pixels=max_pixels,
+            download=not no_download,
+            keep_checkpoints=keep_checkpoints,
         )
+        # the bundles of the precision the run computes in (fp16 on CUDA): checked settings first
+        _, run_dtype = check_run_settings(
+            options, ("prepare", "noise", "views"), settings, view_settings, noise_settings
+        )
+        models = ViewModels.locate(view_count, run_dtype, weights_dir, cameras, offload, low_vram, compile_models)
         summary = views_run(
             image,
             out,
@@ -623,15 +709,15 @@ def _check_run_dir(run_dir: Path) -> None:
         raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
 
 
-@app.command()
+@app.command(cls=Command)
 def render(
     run_dir: RunDirArgument,
     out: Annotated[
         Path, typer.Option("--out", help="Output file (.mp4 / .gif) or folder (frames).", show_default=False)
     ],
     output_format: Annotated[
-        Optional[str],
-        typer.Option("--format", help="mp4, gif or frames (default: from --out's suffix).", show_default=False),
+        Optional[VideoFormat],
+        typer.Option("--format", help="Video, GIF or PNG frames (default: from --out's suffix).", show_default=False),
     ] = None,
     frames: FramesOption = 120,
     elevation: ElevationOption = 0.0,
@@ -648,7 +734,7 @@ def render(
         ),
     ] = False,
     device: DeviceOption = "auto",
-    quiet: QuietOption = False,
+    quiet: QuietNoJsonOption = False,
 ) -> None:
     """Render a turntable video (or GIF, or PNG frames) from a run's fitted radiance field."""
     from dp360.errors import Dp360Error
@@ -657,8 +743,10 @@ def render(
     from dp360.runtime import resolve_device
 
     with user_errors():
-        chosen = output_format or {".mp4": "mp4", ".gif": "gif"}.get(
-            out.suffix.lower(), "frames" if not out.suffix else None
+        chosen = (
+            output_format.value
+            if output_format
+            else {".mp4": "mp4", ".gif": "gif"}.get(out.suffix.lower(), "frames" if not out.suffix else None)
         )
         if chosen is None:
             raise Dp360Error(
@@ -675,10 +763,10 @@ def render(
         err_console.print(f"[green]✓[/] {out} ({len(images)} frames, {speed:.1f} frames/s)")
 
 
-@app.command()
+@app.command(cls=Command)
 def export(
     run_dir: RunDirArgument,
-    output_format: Annotated[str, typer.Option("--format", help="glb, obj or ply.")] = "glb",
+    output_format: Annotated[MeshFormat, typer.Option("--format", help="Mesh file format.")] = MeshFormat.glb,
     out: Annotated[
         Optional[Path],
         typer.Option("--out", help="Output file (default: RUN_DIR/export/head.FORMAT).", show_default=False),
@@ -694,30 +782,24 @@ def export(
         ),
     ] = None,
     overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Replace an existing output file of the same kind (never a folder that is not dp360 frames).",
-        ),
+        bool, typer.Option("--overwrite", help="Replace an existing mesh file given with --out.")
     ] = False,
     device: DeviceOption = "auto",
-    quiet: QuietOption = False,
+    quiet: QuietNoJsonOption = False,
 ) -> None:
     """Export a mesh (one connected head, vertex colours) from a run's fitted radiance field."""
-    from dp360.errors import Dp360Error
     from dp360.nerf.fit import load_field
-    from dp360.nerf.mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
+    from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
     from dp360.outputs import check_file_target
     from dp360.run import RunLock
     from dp360.runtime import resolve_device
 
     with user_errors():
-        if output_format not in MESH_FORMATS:
-            raise Dp360Error(f"--format must be one of {', '.join(MESH_FORMATS)}, not {output_format!r}.")
+        mesh_format = output_format.value
         settings = MeshSettings(resolution=mesh_resolution, faces=mesh_faces, density=mesh_density)
         settings.check()
         _check_run_dir(run_dir)
-        target = out or Path(run_dir) / "export" / f"head.{output_format}"
+        target = out or Path(run_dir) / "export" / f"head.{mesh_format}"
         # The default target lies inside the run folder, which dp360 owns: it may replace it, under
         # the run's lock so that no run writes there at the same time.
         overwrite = overwrite or out is None
@@ -728,7 +810,7 @@ def export(
         try:
             field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
             mesh = extract_mesh(field, settings)
-            write_mesh(mesh, target, output_format, overwrite)
+            write_mesh(mesh, target, mesh_format, overwrite)
         finally:
             lock.release()
     if not quiet:
@@ -736,115 +818,115 @@ def export(
 
 
 weights_app = typer.Typer(
-    help="Download, list, verify and convert the official DiffPortrait360 weights.", no_args_is_help=True
+    cls=Group, help="Download, list, verify and convert the official DiffPortrait360 weights.", no_args_is_help=True
 )
 app.add_typer(weights_app, name="weights")
 WhatArgument = Annotated[
-    Optional[list[str]],
-    typer.Argument(help="Files: main, back, panohead, data, perceptual (default: all).", show_default=False),
+    Optional[list[WeightName]], typer.Argument(help="Which files (default: all).", show_default=False)
 ]
+KindArgument = Annotated[CheckpointKind, typer.Argument(help="Which official checkpoint.", show_default=False)]
 CacheDirOption = Annotated[
     Optional[str],
     typer.Option("--cache-dir", help="Hugging Face cache folder (default: HF_HOME's).", show_default=False),
 ]
 
 
-@weights_app.command("download")
-def weights_download(what: WhatArgument = None, cache_dir: CacheDirOption = None) -> None:
-    """Fetch the official files from the Hugging Face Hub into its cache (with progress)."""
+def _console_note(message: str) -> None:
+    err_console.print(message, soft_wrap=True, markup=False)
+
+
+def _quiet_note(message: str) -> None:
+    pass
+
+
+@weights_app.command("download", cls=Command)
+def weights_download(
+    what: WhatArgument = None,
+    dtype: Annotated[
+        DType,
+        typer.Option(
+            help="Precision of the converted DiffPortrait360 bundles (auto: fp16 where CUDA is, as runs use there)."
+        ),
+    ] = DType.auto,
+    keep_checkpoints: KeepCheckpointsOption = False,
+    cache_dir: CacheDirOption = None,
+    quiet: QuietNoJsonOption = False,
+) -> None:
+    """Fetch what runs need ahead of time, as `reconstruct` does on first use: download (resumable,
+    hash-checked), convert the checkpoints into safetensors bundles, extract the camera images."""
     from dp360 import weights
-    from dp360.errors import Dp360Error
+    from dp360.runtime import resolve_device
 
     with user_errors():
-        names = what or [*weights.OFFICIAL_FILES, *weights.EXTRA_FILES]
-        unknown = [name for name in names if name not in weights.OFFICIAL_FILES and name not in weights.EXTRA_FILES]
-        if unknown:
-            raise Dp360Error(
-                f"Unknown weight file(s) {', '.join(unknown)}; choose from {', '.join([*weights.OFFICIAL_FILES, *weights.EXTRA_FILES])}."
-            )
-        for name in names:
-            file_name, size, description = weights.OFFICIAL_FILES.get(name) or weights.EXTRA_FILES[name]
-            err_console.print(
-                f"{name}: {file_name} ({f'about {size:.1f} GB' if size else 'size unknown'}) - {description}"
-            )
-            path = (
-                weights.download_perceptual()
-                if name in weights.EXTRA_FILES
-                else weights.download_official(name, cache_dir)
-            )
-            err_console.print(f"[green]✓[/] {path}")
-            if name == "data":
-                err_console.print(f"[green]✓[/] camera images: {weights.extract_sphere32(path)}")
+        names = [name.value for name in what] if what else [name.value for name in WeightName]
+        fp16 = dtype in (DType.fp16, DType.bf16) or (dtype is DType.auto and resolve_device("auto").startswith("cuda"))
+        needs = [need for need in weights.default_needs(fp16=fp16) if need.name in names]
+        present = [need for need in needs if need.present()]
+        for need in present:
+            if not quiet:
+                err_console.print(f"[green]✓[/] {need.name}: present at {need.target}", soft_wrap=True)
+        fetched = weights.ensure(
+            needs,
+            keep_checkpoints=keep_checkpoints,
+            progress=not quiet,
+            note=_quiet_note if quiet else _console_note,
+            cache=cache_dir,
+        )
+        for need in needs:
+            if need.name in fetched and not quiet:
+                err_console.print(f"[green]✓[/] {need.name}: {need.target}", soft_wrap=True)
 
 
-@weights_app.command("list")
+@weights_app.command("list", cls=Command)
 def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = False) -> None:
-    """Show which official files are cached and which bundles are converted."""
+    """Show, for every weight file, whether runs will find it (converted or in place) and whether
+    its raw download is on disk."""
     from dp360 import weights
 
     rows = []
-    for name, (file_name, _size, description) in weights.OFFICIAL_FILES.items():
-        path = weights.cached_official(name, cache_dir)
-        rows.append(
-            {"name": name, "file": file_name, "cached": str(path) if path else None, "description": description}
-        )
-    for kind in ("main", "back"):
-        for fp16 in (False, True):
-            folder = weights.bundle_path(kind, fp16)
+    for fp16 in (False, True):
+        for need in weights.default_needs(fp16=fp16):
+            if fp16 and need.name not in ("main", "back"):
+                continue
+            raw = weights.cached_official(need.name, cache_dir) if need.file.installed else None
             rows.append(
                 {
-                    "name": f"bundle {folder.name}",
-                    "file": str(folder),
-                    "cached": str(folder) if folder.is_dir() else None,
-                    "description": "converted diffusers components",
+                    "name": need.name + (" (fp16)" if need.name in ("main", "back") and fp16 else ""),
+                    "file": need.file.file_name,
+                    "description": need.file.what,
+                    "target": str(need.target),
+                    "present": need.present(),
+                    "raw_file": str(raw) if raw else None,
                 }
             )
-    from dp360.panohead.perceptual import backbone_path
-    from dp360.panohead.store import panohead_dir, panohead_problem
-
-    rows.append(
-        {
-            "name": "bundle panohead",
-            "file": str(panohead_dir()),
-            "cached": None if panohead_problem() else str(panohead_dir()),
-            "description": "converted PanoHead generator (safetensors)",
-        }
-    )
-    rows.append(
-        {
-            "name": "perceptual",
-            "file": str(backbone_path()),
-            "cached": str(backbone_path()) if backbone_path().is_file() else None,
-            "description": weights.EXTRA_FILES["perceptual"][2],
-        }
-    )
     if json_output:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     for row in rows:
-        mark = "[green]present[/]" if row["cached"] else "[yellow]missing[/]"
-        err_console.print(f"{mark} {row['name']}: {row['cached'] or row['file']}", soft_wrap=True)
+        mark = "[green]present[/]" if row["present"] else "[yellow]missing[/]"
+        kept = f" (raw file: {escape(row['raw_file'])})" if row["raw_file"] else ""
+        err_console.print(f"{mark} {row['name']}: {escape(row['target'])}{kept}", soft_wrap=True)
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", cls=Command)
 def weights_verify(
-    kind: Annotated[str, typer.Argument(help="main, back or panohead.")],
+    kind: KindArgument,
     checkpoint: Annotated[
         Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)
     ] = None,
     family: Annotated[
-        str, typer.Option(help="Model family the checkpoint should match: sd15 (official) or tiny.")
-    ] = "sd15",
+        Family, typer.Option(help="Model family the checkpoint should match (sd15: the official one).")
+    ] = Family.sd15,
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Check that a checkpoint's keys and shapes match dp360's components exactly (no leftovers)."""
     import torch
 
-    if kind == "panohead":
+    if kind is CheckpointKind.panohead:
         from dp360.panohead.store import check_panohead_pickle
 
         with user_errors():
-            path = _official_checkpoint(kind, checkpoint, cache_dir)
+            path = _official_checkpoint(kind.value, checkpoint, cache_dir)
             network, _ = check_panohead_pickle(path)
             err_console.print(
                 f"[green]✓[/] {path}: {len(network.state_dict)} tensors of {network.class_name} fill dp360's PanoHead generator exactly (read without running pickled code)"
@@ -853,18 +935,14 @@ def weights_verify(
 
     from dp360.diffusion.models.bundle import KIND_COMPONENTS, load_official_checkpoint
     from dp360.diffusion.models.components import build_components, component_config
-    from dp360.diffusion.models.configs import FAMILIES
     from dp360.diffusion.models.convert import convert_official
-    from dp360.errors import Dp360Error
 
     with user_errors():
-        if family not in FAMILIES:
-            raise Dp360Error(f"--family must be one of {', '.join(FAMILIES)}, not {family!r}.")
-        path = _official_checkpoint(kind, checkpoint, cache_dir)
+        path = _official_checkpoint(kind.value, checkpoint, cache_dir)
         state = load_official_checkpoint(path)
-        chosen = FAMILIES[family]
+        chosen = FAMILIES[family.value]
         with torch.device("meta"):
-            components = build_components(chosen, KIND_COMPONENTS[kind])
+            components = build_components(chosen, KIND_COMPONENTS[kind.value])
         report = convert_official(
             state,
             {
@@ -879,20 +957,24 @@ def weights_verify(
 
 
 def _official_checkpoint(kind: str, checkpoint: Path | None, cache_dir: str | None) -> Path:
-    """The checkpoint given, else the cached official file, else a download of it."""
+    """The checkpoint given, else the official file if it is on disk; never a download."""
     from dp360 import weights
     from dp360.errors import Dp360Error
 
-    if kind not in ("main", "back", "panohead"):
+    found = checkpoint or weights.cached_official(kind, cache_dir)
+    if found is None:
+        file_name = weights.WEIGHT_FILES[kind].file_name
         raise Dp360Error(
-            f"Unknown checkpoint kind '{kind}'; use main (model_state-340000.th), back (back_head-230000.th) or panohead (the PanoHead .pkl)."
+            f"{file_name} is not on this machine (not kept in {weights.downloads_dir()}, not in the Hugging Face "
+            f"cache); pass it with --checkpoint FILE, or fetch and keep it with "
+            f"`dp360 weights download {kind} --keep-checkpoints`."
         )
-    return checkpoint or weights.cached_official(kind, cache_dir) or weights.download_official(kind, cache_dir)
+    return found
 
 
-@weights_app.command("convert")
+@weights_app.command("convert", cls=Command)
 def weights_convert(
-    kind: Annotated[str, typer.Argument(help="main, back or panohead.")],
+    kind: KindArgument,
     checkpoint: Annotated[
         Optional[Path], typer.Option(help="Checkpoint file (default: the cached official file).", show_default=False)
     ] = None,
@@ -900,7 +982,9 @@ def weights_convert(
         Optional[Path], typer.Option("--out", help="Bundle folder (default: the dp360 cache).", show_default=False)
     ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Store the weights in half precision (half the disk).")] = False,
-    family: Annotated[str, typer.Option(help="sd15 (official) or tiny.")] = "sd15",
+    family: Annotated[
+        Family, typer.Option(help="Model family of the checkpoint (sd15: the official one).")
+    ] = Family.sd15,
     cache_dir: CacheDirOption = None,
 ) -> None:
     """Convert an official checkpoint into per-component diffusers folders in safetensors."""
@@ -910,18 +994,18 @@ def weights_convert(
     from dp360.diffusion.models.bundle import convert_to_bundle
 
     with user_errors():
-        path = _official_checkpoint(kind, checkpoint, cache_dir)
-        if kind == "panohead":
+        path = _official_checkpoint(kind.value, checkpoint, cache_dir)
+        if kind is CheckpointKind.panohead:
             from dp360.panohead.store import convert_panohead_pickle
 
             err_console.print(f"[green]✓[/] {convert_panohead_pickle(path, out)}")
             return
-        target = out or weights.bundle_path(kind, fp16)
-        convert_to_bundle(path, target, kind, family=family, dtype=torch.float16 if fp16 else torch.float32)
+        target = out or weights.bundle_path(kind.value, fp16)
+        convert_to_bundle(path, target, kind.value, family=family.value, dtype=torch.float16 if fp16 else torch.float32)
         err_console.print(f"[green]✓[/] {target}")
 
 
-@app.command()
+@app.command(cls=Command)
 def doctor(
     json_output: JsonOption = False,
     smoke: Annotated[

@@ -582,6 +582,8 @@ def run_pipeline(
     image = load_portrait(image_path, **({"max_pixels": options.max_pixels} if options.max_pixels else {}))
     run = Run(out_dir, options, reporter)
     run.check_target(image)
+    if "views" in stages:  # a setting check, before the downloads
+        config.view_models.check_options(device)
     context = StageContext(Path(out_dir), image, device, dtype, options.progress, config, options.seed, note=run._note)
     fetch_weights(selected, context, options, run._note)
     # Before anything is written: a required stage that cannot run is an error, and every

@@ -214,7 +214,7 @@ class Need:
         return target.is_file()
 
     def command(self) -> str:
-        return f"dp360 weights download {self.name}" + (" --fp16" if self.fp16 else "")
+        return f"dp360 weights download {self.name}" + (" --dtype fp16" if self.fp16 else "")
 
     def converted_gb(self, download_gb: float) -> float:
         """Disk the usable form takes beside the raw file while it is made."""
@@ -329,14 +329,21 @@ def plan_fetch(needs: list[Need], cache: str | None = None) -> FetchPlan:
     missing = [need for need in unique.values() if not need.present()]
     plan = FetchPlan(missing, {}, {}, {})
     unreachable: list[tuple[Need, str]] = []
+    down: dict[str, str] = {}  # host -> why it did not answer
     for need in missing:
         raw = cached_official(need.name, cache) if need.file.installed else None
         if raw is not None:
             plan.local[need.name] = raw
             continue
+        url = need.file.url()
+        host = url.split("/")[2]
+        if host in down:  # one timeout per server, not one per file
+            unreachable.append((need, down[host]))
+            continue
         try:
-            remote = probe(need.file.url(), need.file.file_name, need.file.hub)
+            remote = probe(url, need.file.file_name, need.file.hub)
         except HubUnreachable as error:
+            down[host] = str(error)
             unreachable.append((need, str(error)))
             continue
         plan.remote[need.name] = remote

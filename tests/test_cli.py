@@ -16,6 +16,12 @@ from .images import no_face, png_with_size, truncated_copy
 DLIB = ("--detector", "dlib")
 
 
+def _without_weights(tmp_path):
+    """Weights and camera images from the user's (empty) folders: nothing is fetched, the stages
+    that need them are not available, and the run is incomplete."""
+    return ("--weights-dir", tmp_path / "no-weights", "--cameras", tmp_path / "no-cameras")
+
+
 def _assert_user_error(code, stdout, stderr, *fragments):
     assert code != 0
     assert "Traceback" not in stdout + stderr
@@ -56,7 +62,8 @@ def test_bad_input_is_one_sentence_and_writes_nothing(cli, tmp_path, astronaut_p
     make, fragment = BAD_INPUTS[case]
     path = make(inputs, astronaut_path)
     out = tmp_path / "run"
-    code, stdout, stderr = cli(command, path, "--out", out, *DLIB)
+    extra = _without_weights(tmp_path) if command == "reconstruct" else ()
+    code, stdout, stderr = cli(command, path, "--out", out, *DLIB, *extra)
     _assert_user_error(code, stdout, stderr, fragment)
     assert not out.exists()
 
@@ -158,7 +165,9 @@ def test_failed_rerun_keeps_the_finished_stage(cli, tmp_path, astronaut_path):
 
 def test_reconstruct_runs_what_exists_and_lists_the_rest(cli, tmp_path, astronaut_path):
     out = tmp_path / "head"
-    code, stdout, stderr = cli("reconstruct", astronaut_path, "--out", out, *DLIB, "--json", "--seed", "7")
+    code, stdout, stderr = cli(
+        "reconstruct", astronaut_path, "--out", out, *DLIB, *_without_weights(tmp_path), "--json", "--seed", "7"
+    )
     # No turntable and no mesh: the promise of `reconstruct` is not kept, so exit 3 (not 2: no bad input),
     # with each stage that did not run, its reason, and the commands that fix it.
     assert code == 3, stderr
@@ -178,7 +187,9 @@ def test_reconstruct_runs_what_exists_and_lists_the_rest(cli, tmp_path, astronau
 def test_reconstruct_several_inputs_reports_failures_and_keeps_the_rest(cli, tmp_path, astronaut_path):
     bad = tmp_path / "bad.png"
     bad.write_text("nope")
-    code, stdout, stderr = cli("reconstruct", astronaut_path, bad, "--out", tmp_path / "out", *DLIB, "--json")
+    code, stdout, stderr = cli(
+        "reconstruct", astronaut_path, bad, "--out", tmp_path / "out", *DLIB, *_without_weights(tmp_path), "--json"
+    )
     assert code == 2 and "bad.png" in stderr and "Traceback" not in stderr
     runs = json.loads(stdout)["runs"]
     assert runs[0]["status"] == "incomplete" and runs[1]["status"] == "failed"
@@ -191,7 +202,7 @@ def test_a_batch_of_incomplete_runs_exits_3_and_counts_them(cli, tmp_path, astro
     import shutil
 
     images = [shutil.copy(astronaut_path, tmp_path / f"{name}.png") for name in ("a", "b")]
-    code, _, stderr = cli("reconstruct", *images, "--out", tmp_path / "out", *DLIB)
+    code, _, stderr = cli("reconstruct", *images, "--out", tmp_path / "out", *DLIB, *_without_weights(tmp_path))
     text = " ".join(stderr.split())
     assert code == 3 and "0 done, 2 incomplete, 0 failed of 2 portraits" in text
     assert "not run views:" in text and "dp360 weights download main" in text

@@ -114,9 +114,7 @@ RECONSTRUCT_SETTINGS = (
 )
 
 
-def test_reconstruct_from_an_empty_cache_fetches_everything_and_runs_all_six_stages(
-    cli, hub, tmp_path, astronaut_path
-):
+def test_reconstruct_from_an_empty_cache_fetches_everything_and_runs_all_six_stages(cli, hub, tmp_path, astronaut_path):
     out = tmp_path / "head"
     code, stdout, stderr = cli("reconstruct", astronaut_path, "--out", out, *RECONSTRUCT_SETTINGS)
     assert code == 0, stderr

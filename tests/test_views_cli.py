@@ -163,19 +163,29 @@ def test_weights_commands_on_a_tiny_checkpoint(cli, tmp_path, tiny):
     )
     assert code == 0, stderr
     assert json.loads((tmp_path / "b" / "dp360_bundle.json").read_text())["dtype"] == "float16"
-    code, _, stderr = cli("weights", "download", "main")
-    assert code == 2 and "huggingface.co/gym890/diffportrait360" in stderr and "Traceback" not in stderr
+    # offline (the tests' default): one message listing what is missing, no download attempted
+    code, _, stderr = cli("weights", "download", "main", "perceptual")
+    text = " ".join(stderr.split())
+    assert code == 2 and "downloads are off" in text and "Traceback" not in stderr
+    assert "model_state-340000.th (about 10.8 GB)" in text and "vgg16-397923af.pth" in text
+    # verify and convert read files on disk only: never a download
+    for command in ("verify", "convert"):
+        code, _, stderr = cli("weights", command, "main")
+        text = " ".join(stderr.split())
+        assert code == 2 and "not on this machine" in text and "dp360 weights download main --keep-checkpoints" in text
     code, stdout, _ = cli("weights", "list", "--json")
-    assert code == 0 and {row["name"] for row in json.loads(stdout)} >= {
+    rows = {row["name"]: row for row in json.loads(stdout)}
+    assert code == 0 and set(rows) == {
         "main",
         "back",
+        "main (fp16)",
+        "back (fp16)",
         "panohead",
         "data",
         "perceptual",
-        "bundle panohead",
+        "retinaface",
     }
-    code, _, stderr = cli("weights", "download", "perceptual")
-    assert code == 2 and "vgg16-397923af.pth" in stderr and "Traceback" not in stderr
+    assert not any(row["present"] for row in rows.values())
 
 
 def test_weights_verify_and_convert_panohead(cli, tmp_path, tiny):

@@ -38,6 +38,31 @@ MAX_FIT_ITERATIONS = 1_000_000
 EXPERIMENT, METHOD, TIMESTAMP = "dp360", "nerfacto-head", "fit"
 
 
+# `FitSettings.preset` names -> their overrides of the defaults (gpu)
+FIT_PRESETS: dict[str, dict[str, Any]] = {
+    "gpu": {},
+    "cpu": dict(
+        iterations=600,
+        rays_per_batch=1024,
+        num_levels=12,
+        log2_hashmap_size=17,
+        max_res=512,
+        proposal_samples=(96, 48),
+        num_nerf_samples=32,
+    ),
+    "test": dict(
+        iterations=40,
+        rays_per_batch=256,
+        num_levels=8,
+        log2_hashmap_size=14,
+        max_res=128,
+        hidden_dim=32,
+        proposal_samples=(48, 24),
+        num_nerf_samples=16,
+    ),
+}
+
+
 @dataclass
 class FitSettings:
     """Field-fitting settings; `preset()` gives the GPU default and smaller CPU/test ones."""
@@ -59,31 +84,9 @@ class FitSettings:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FitSettings:
-        presets = {
-            "gpu": {},
-            "cpu": dict(
-                iterations=600,
-                rays_per_batch=1024,
-                num_levels=12,
-                log2_hashmap_size=17,
-                max_res=512,
-                proposal_samples=(96, 48),
-                num_nerf_samples=32,
-            ),
-            "test": dict(
-                iterations=40,
-                rays_per_batch=256,
-                num_levels=8,
-                log2_hashmap_size=14,
-                max_res=128,
-                hidden_dim=32,
-                proposal_samples=(48, 24),
-                num_nerf_samples=16,
-            ),
-        }
-        if name not in presets:
-            raise Dp360Error(f"Unknown fit preset '{name}'; choose from {', '.join(presets)}.")
-        return cls(**{**presets[name], **overrides})
+        if name not in FIT_PRESETS:
+            raise Dp360Error(f"Unknown fit preset '{name}'; choose from {', '.join(FIT_PRESETS)}.")
+        return cls(**{**FIT_PRESETS[name], **overrides})
 
     def key_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -94,7 +94,7 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
     if not (grid.min() < level < grid.max()):
         raise Dp360Error(
             f"The field's density never crosses {level:.3g} inside the head box (range {grid.min():.3g} .. {grid.max():.3g}); "
-            "the fit probably failed, or try another --mesh-density."
+            "the fit probably failed, or another iso-level is needed (`dp360 export RUN_DIR --mesh-density LEVEL`)."
         )
     spacing = 2 * settings.box_half / (settings.resolution - 1)
     vertices, faces, _, _ = marching_cubes(grid, level=level, spacing=(spacing,) * 3)
@@ -118,7 +118,7 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
 def write_mesh(mesh, out: Path, mesh_format: str, overwrite: bool = False) -> Path:
     """Write the mesh to `out` atomically; an existing file is refused unless `overwrite` (see dp360.outputs)."""
     if mesh_format not in MESH_FORMATS:
-        raise Dp360Error(f"--format must be one of {', '.join(MESH_FORMATS)}, not {mesh_format!r}.")
+        raise Dp360Error(f"The mesh format must be one of {', '.join(MESH_FORMATS)}, not {mesh_format!r}.")
     out = check_file_target(out, overwrite)
     with atomic_path(out) as temporary:
         data = mesh.export(file_type=mesh_format)

@@ -89,8 +89,26 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return {key: value for key, value in state.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
 
 
-def _materialize_computed(module: torch.nn.Module) -> None:
-    """Fill what is still on the meta device after loading: values computed, never trained."""
+def _stored_dtype(module: torch.nn.Module, key: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a floating-point tensor `key` of `module` is stored in: `dtype`, or float32 under the
+    modules its class keeps in float32 (`_keep_in_fp32_modules`, matched as diffusers' loader does)."""
+    keep = getattr(module, "_keep_in_fp32_modules", None) or ()
+    return torch.float32 if any(part in key.split(".") for part in keep) else dtype
+
+
+def _in_dtype(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with its floating-point tensors in the dtype they are stored in. A module assigned these
+    is built in that dtype: casting it afterwards with `ModelMixin.to(dtype)` makes diffusers warn
+    about float32 modules once per component (it warns at every cast, even with none to keep)."""
+    return {
+        key: value.to(_stored_dtype(module, key, dtype)) if value.is_floating_point() else value
+        for key, value in state.items()
+    }
+
+
+def _materialize_computed(module: torch.nn.Module, dtype: torch.dtype = torch.float32) -> None:
+    """Fill what is still on the meta device after loading: values computed, never trained (the
+    floating-point ones in the dtype they are stored in)."""
     from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 
     for module_name, child in module.named_modules():
@@ -111,6 +129,8 @@ def _materialize_computed(module: torch.nn.Module) -> None:
                     )
                 else:
                     raise Dp360Error(f"{attribute} {module_name}.{name} was not filled by the checkpoint")
+                if value.is_floating_point():
+                    value = value.to(_stored_dtype(module, f"{module_name}.{name}", dtype))
                 buffers[name] = torch.nn.Parameter(value, requires_grad=False) if attribute == "parameter" else value
 
 
@@ -152,9 +172,9 @@ def convert_to_bundle(
     if kind not in KIND_COMPONENTS:
         raise Dp360Error(f"Unknown bundle kind '{kind}'; use main or back.")
     if isinstance(family, str):
-        if family not in FAMILIES:
+        if family not in (*FAMILIES, "auto"):
             raise Dp360Error(f"Unknown model family '{family}'; use {' or '.join(FAMILIES)}.")
-        family = FAMILIES[family]
+        family = FAMILIES.get(family, family)
     names = KIND_COMPONENTS[kind]
     if not Path(checkpoint_path).is_file():
         raise Dp360Error(f"Checkpoint '{checkpoint_path}' does not exist; download it with `dp360 weights download`.")
@@ -164,21 +184,32 @@ def convert_to_bundle(
 
     out = check_out()  # before the checkpoint is read: conversion takes minutes at full size
     checkpoint = load_official_checkpoint(checkpoint_path)
-    with torch.device("meta"):
-        components = build_components(family, names)
-    targets = {
-        name: (component_config(family, name), {k: v.shape for k, v in module.state_dict().items()})
-        for name, module in components.items()
-    }
-    try:
-        report = convert_official(checkpoint, targets)
-    except ConversionError as error:  # its sentence says "The checkpoint"; name the file
-        raise ConversionError(str(error).replace("The checkpoint", f"The checkpoint '{checkpoint_path}'", 1)) from None
+    # "auto": the family whose shapes the checkpoint fills (the released files are sd15, tried first)
+    candidates = list(FAMILIES.values()) if family == "auto" else [family]
+    first_error: ConversionError | None = None
+    for candidate in candidates:
+        with torch.device("meta"):
+            components = build_components(candidate, names)
+        targets = {
+            name: (component_config(candidate, name), {k: v.shape for k, v in module.state_dict().items()})
+            for name, module in components.items()
+        }
+        try:
+            report = convert_official(checkpoint, targets)
+        except ConversionError as error:
+            first_error = first_error or error
+            continue
+        family = candidate
+        break
+    else:  # the first family's complaint (the released sd15 one under "auto"), naming the file
+        raise ConversionError(
+            str(first_error).replace("The checkpoint", f"The checkpoint '{checkpoint_path}'", 1)
+        ) from None
     with atomic_directory(out) as staging:
         for name, module in components.items():
-            module.load_state_dict(report.state_dicts[name], strict=False, assign=True)
-            _materialize_computed(module)
-            module.to(dtype).save_pretrained(staging / name, safe_serialization=True)
+            module.load_state_dict(_in_dtype(module, report.state_dicts[name], dtype), strict=False, assign=True)
+            _materialize_computed(module, dtype)
+            module.save_pretrained(staging / name, safe_serialization=True)
         DDIMScheduler(**family.scheduler).save_pretrained(staging / SCHEDULER_DIR)
         manifest = {
             "kind": kind,
@@ -235,6 +266,25 @@ def _check_component(folder: Path, name: str, advice: str) -> None:
         raise Dp360Error(f"'{weights_path}' does not match its config.json ({problems}); {advice}.")
 
 
+def check_bundle(bundle_dir: str | Path) -> str:
+    """Check a bundle folder without loading its weights (manifest, every component's config and
+    tensor names and shapes, the scheduler); returns its kind."""
+    bundle_dir = Path(bundle_dir)
+    manifest_path = bundle_dir / BUNDLE_FILE
+    kind = read_json_object(manifest_path, "convert the checkpoint again with `dp360 weights convert`").get("kind")
+    if kind not in KIND_COMPONENTS:
+        raise Dp360Error(
+            f"'{manifest_path}' names an unknown bundle kind {one_line(repr(kind), 40)} (expected main or back); "
+            "convert the checkpoint again with `dp360 weights convert`."
+        )
+    advice = f"convert the checkpoint again with `dp360 weights convert {kind}`"
+    for name in KIND_COMPONENTS[kind]:
+        _check_component(bundle_dir / name, name, advice)
+    scheduler_path = bundle_dir / SCHEDULER_DIR / SCHEDULER_FILE
+    check_bounds(read_json_object(scheduler_path, advice), COMPONENT_BOUNDS, f"'{scheduler_path}'", advice)
+    return kind
+
+
 def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
     """A `BackViewPipeline` or `Portrait360Pipeline` from a bundle folder."""
     from diffusers import DDIMScheduler
@@ -270,4 +320,9 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype 
             f"The bundle '{bundle_dir}' cannot be loaded ({type(error).__name__}: {one_line(error)}); {advice}."
         ) from None
     pipeline_class = Portrait360Pipeline if kind == "main" else BackViewPipeline
-    return pipeline_class(scheduler=scheduler, **components).to(device)
+    pipeline = pipeline_class(scheduler=scheduler, **components)
+    # from_pretrained leaves every component in CPU memory in `dtype`. Moving it to the CPU would do
+    # nothing but make diffusers warn, once per half-precision component, that it "cannot run" there:
+    # with --offload the idle networks live in CPU memory by design, and torch runs half precision on
+    # the CPU (slowly).
+    return pipeline if torch.device(device).type == "cpu" else pipeline.to(device)
