@@ -37,12 +37,12 @@ class Terminated(KeyboardInterrupt):
 
 # errno -> what to do, for the filesystem errors a user's setup causes.
 _FILESYSTEM_ADVICE = {
-    errno.ENOSPC: "free some disk space or choose another --out",
-    errno.EDQUOT: "free some space within your disk quota or choose another --out",
+    errno.ENOSPC: "free some disk space, or write elsewhere (--out for runs, DP360_CACHE for weights)",
+    errno.EDQUOT: "free some space within your disk quota, or write elsewhere (--out for runs, DP360_CACHE for weights)",
     errno.EFBIG: "the file size limit (ulimit -f) is too low for it; raise the limit",
-    errno.EACCES: "check the permissions or choose another --out",
-    errno.EPERM: "check the permissions or choose another --out",
-    errno.EROFS: "the file system is read-only; choose another --out",
+    errno.EACCES: "check the permissions, or write elsewhere (--out for runs, DP360_CACHE for weights)",
+    errno.EPERM: "check the permissions, or write elsewhere (--out for runs, DP360_CACHE for weights)",
+    errno.EROFS: "the file system is read-only; write elsewhere (--out for runs, DP360_CACHE for weights)",
     errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
     errno.EISDIR: "a folder is in the way; choose another path",
     errno.ENAMETOOLONG: "choose a shorter path",

@@ -448,7 +448,9 @@ def extract_sphere32(archive: str | Path, destination: Path | None = None) -> Pa
             if len(candidates) != 1:
                 raise Dp360Error(
                     f"{archive} has no single folder of 32 camera images ({len(candidates)} candidates); "
-                    "extract the sphere32 PNGs by hand into " + str(destination) + " or pass --cameras."
+                    "extract the sphere32 PNGs by hand into "
+                    + str(destination)
+                    + " (runs also take a folder with --cameras)."
                 )
             with atomic_directory(destination) as staging:
                 for index, member in enumerate(sorted(folders[candidates[0]])):

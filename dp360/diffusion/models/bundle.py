@@ -271,11 +271,13 @@ def check_bundle(bundle_dir: str | Path) -> str:
     tensor names and shapes, the scheduler); returns its kind."""
     bundle_dir = Path(bundle_dir)
     manifest_path = bundle_dir / BUNDLE_FILE
-    kind = read_json_object(manifest_path, "convert the checkpoint again with `dp360 weights convert`").get("kind")
+    kind = read_json_object(
+        manifest_path, "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`"
+    ).get("kind")
     if kind not in KIND_COMPONENTS:
         raise Dp360Error(
             f"'{manifest_path}' names an unknown bundle kind {one_line(repr(kind), 40)} (expected main or back); "
-            "convert the checkpoint again with `dp360 weights convert`."
+            "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`."
         )
     advice = f"convert the checkpoint again with `dp360 weights convert {kind}`"
     for name in KIND_COMPONENTS[kind]:
@@ -295,13 +297,15 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype 
     manifest_path = bundle_dir / BUNDLE_FILE
     if not manifest_path.is_file():
         raise Dp360Error(
-            f"'{bundle_dir}' is not a converted dp360 bundle (no {BUNDLE_FILE}); run `dp360 weights convert`."
+            f"'{bundle_dir}' is not a converted dp360 bundle (no {BUNDLE_FILE}); run `dp360 weights convert KIND --out FOLDER`."
         )
-    kind = read_json_object(manifest_path, "convert the checkpoint again with `dp360 weights convert`").get("kind")
+    kind = read_json_object(
+        manifest_path, "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`"
+    ).get("kind")
     if kind not in KIND_COMPONENTS:
         raise Dp360Error(
             f"'{manifest_path}' names an unknown bundle kind {one_line(repr(kind), 40)} (expected main or back); "
-            "convert the checkpoint again with `dp360 weights convert`."
+            "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`."
         )
     advice = f"convert the checkpoint again with `dp360 weights convert {kind}`"
     for name in KIND_COMPONENTS[kind]:
