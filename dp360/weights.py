@@ -273,7 +273,8 @@ def describe_missing(needs: list[Need], sizes: dict[str, int] | None = None) -> 
     """One line per missing file: name, file, size and the command that fetches it."""
     sizes = sizes or {}
     lines = []
-    for need in needs:
+    order = list(WEIGHT_FILES)
+    for need in sorted(needs, key=lambda need: order.index(need.name)):
         size = sizes.get(need.name)
         gb = size / 1e9 if size else need.file.size_gb
         lines.append(f"  {need.name}: {need.file.file_name} ({_size_text(gb)}) - run `{need.command()}`")
@@ -352,7 +353,7 @@ def plan_fetch(needs: list[Need], cache: str | None = None) -> FetchPlan:
     if required:
         from .download import endpoint
 
-        hosts = sorted({endpoint() if need.file.hub else need.file.url().split("/")[2] for need, _ in required})
+        hosts = sorted({(endpoint() if need.file.hub else need.file.url()).split("/")[2] for need, _ in required})
         raise MissingWeightsError(
             f"Cannot reach {', '.join(hosts)} ({required[0][1]}), and these files are missing:\n"
             + describe_missing([need for need, _ in required])
