@@ -17,7 +17,15 @@ from dp360.panohead.generator import PanoHeadConfig, PanoHeadGenerator, released
 from dp360.panohead.inversion import InversionSettings, invert, render_views, w_statistics
 from dp360.panohead.perceptual import load_lpips, write_random_backbone
 from dp360.panohead.persistence import UnsafePickleError, read_network_pickle, write_network_pickle
-from dp360.panohead.rendering import PLANE_AXES, RenderSettings, render_rays, sample_trigrid
+from dp360.panohead.rendering import (
+    PLANE_AXES,
+    RenderSettings,
+    importance_depths,
+    ray_march,
+    render_rays,
+    sample_trigrid,
+    smooth_weights,
+)
 from dp360.panohead.store import convert_panohead_pickle, load_generator
 from dp360.panohead.tiny import tiny_generator
 
@@ -181,6 +189,154 @@ def test_importance_sampling_sharpens_a_thin_surface():
         RenderSettings(depth_resolution=4000, depth_resolution_importance=0, deterministic=True, triplane_crop=0),
     )
     assert abs(float(fine) - float(dense)) < 0.05 and float(dense) > 0.9
+
+
+# PanoHead's importance sampling (EG3D's `sample_importance` / `sample_pdf`), re-derived in plain
+# Python: max over neighbours (padding -inf), mean of adjacent pairs, + 0.01; the bins are the
+# midpoints of the coarse depths and the density is the smoothed weights less their first and
+# last value (S-3 intervals between the first S-2 midpoints).
+
+
+def _smoothed_by_hand(weights):
+    count = len(weights)
+    pooled = [
+        max(weights[i - 1] if i >= 1 else -math.inf, weights[i] if i < count else -math.inf) for i in range(count + 1)
+    ]
+    return [(pooled[i] + pooled[i + 1]) / 2 + 0.01 for i in range(count)]
+
+
+def _importance_by_hand(depths, weights, us):
+    """One ray: coarse depths (S), ray-march weights (S-1), uniform numbers -> importance depths."""
+    midpoints = [(a + b) / 2 for a, b in zip(depths[:-1], depths[1:])]
+    density = [value + 1e-5 for value in _smoothed_by_hand(weights)[1:-1]]
+    total = sum(density)
+    cdf = [0.0]
+    for value in density:
+        cdf.append(cdf[-1] + value / total)
+    samples = []
+    for u in us:
+        index = sum(1 for value in cdf if value <= u)  # searchsorted(right=True)
+        below, above = max(index - 1, 0), min(index, len(density))
+        span = cdf[above] - cdf[below]
+        span = 1.0 if span < 1e-5 else span
+        samples.append(midpoints[below] + (u - cdf[below]) / span * (midpoints[above] - midpoints[below]))
+    return samples
+
+
+@pytest.mark.parametrize(
+    "weights, expected",
+    [
+        ([0, 0, 0, 1, 0, 0, 0], [0, 0, 0.5, 1, 0.5, 0, 0]),  # a spike spreads half a weight each side
+        ([0, 0, 0, 1, 1, 1], [0, 0, 0.5, 1, 1, 1]),  # a step rises one interval early
+        ([2, 0, 0, 0, 3], [2, 1, 0, 1.5, 3]),  # the ends keep their own value (max with -inf padding)
+        ([0.3, 0.9, 0.1, 0.4, 0.7, 0.2, 0.0, 0.5], None),  # arbitrary: the plain loop only
+    ],
+)
+def test_coarse_weights_are_smoothed_by_max_then_mean_of_neighbours_plus_one_percent(weights, expected):
+    smoothed = smooth_weights(torch.tensor([weights, weights[::-1]], dtype=torch.float64))
+    assert smoothed.shape == (2, len(weights))
+    by_hand = [_smoothed_by_hand(weights), _smoothed_by_hand(weights[::-1])]
+    torch.testing.assert_close(smoothed, torch.tensor(by_hand, dtype=torch.float64))
+    if expected is not None:
+        closed = torch.tensor(expected, dtype=torch.float64) + 0.01
+        torch.testing.assert_close(smoothed[0], closed)
+
+
+def test_uniform_weights_spread_importance_samples_over_s_minus_3_midpoint_intervals():
+    # Equal weights -> a uniform density over [midpoint 0, midpoint S-3]; with u = linspace(0, 1)
+    # the samples are the closed-form inverse CDF. Spreading over all S-1 midpoints (S-2
+    # intervals) would end one coarse spacing later.
+    steps, spacing, count = 10, 0.1, 7
+    depths = (2.0 + spacing * torch.arange(steps, dtype=torch.float64)).reshape(1, 1, steps, 1)
+    weights = torch.full((1, 1, steps - 1, 1), 0.2, dtype=torch.float64)
+    samples = importance_depths(depths, weights, count, deterministic=True).flatten()
+    u = torch.linspace(0, 1, count, dtype=torch.float64)
+    first, last = 2.0 + spacing / 2, 2.0 + spacing / 2 + (steps - 3) * spacing
+    torch.testing.assert_close(samples, first + u * (last - first))
+
+
+def test_a_weight_spike_draws_importance_samples_around_the_sample_before_its_interval():
+    # Ray-march weight only on interval 5 (coarse samples 5 to 6, S = 12 evenly spaced). PanoHead's
+    # smoothed density puts 0.51 | 1.01 | 0.51 on the midpoint intervals [m3, m4], [m4, m5],
+    # [m5, m6] and 0.01 on the other six, which is symmetric about coarse sample 5 (not the
+    # middle of the spike's interval): half a coarse spacing before it.
+    steps, spike, count = 12, 5, 101
+    z = [2.0 + 0.1 * i for i in range(steps)]
+    depths = torch.tensor(z, dtype=torch.float64).reshape(1, 1, steps, 1)
+    weights = torch.zeros(1, 1, steps - 1, 1, dtype=torch.float64)
+    weights[0, 0, spike] = 1.0
+    samples = importance_depths(depths, weights, count, deterministic=True).flatten()
+    u = torch.linspace(0, 1, count, dtype=torch.float64)
+    torch.testing.assert_close(
+        samples, torch.tensor(_importance_by_hand(z, weights.flatten().tolist(), u.tolist()), dtype=torch.float64)
+    )
+    assert abs(float(samples[count // 2]) - z[spike]) < 1e-9  # the median sits on coarse sample 5
+    torch.testing.assert_close(samples + samples.flip(0), torch.full_like(samples, 2 * z[spike]))  # symmetric
+    # Exactly the u's that fall in the spike's share of the CDF land inside [m3, m6].
+    floor, total = 0.01 + 1e-5, 3 * (0.01 + 1e-5) + 2 * (0.51 + 1e-5) + (1.01 + 1e-5) + 3 * (0.01 + 1e-5)
+    low, high = 3 * floor / total, 1 - 3 * floor / total
+    midpoint = [(a + b) / 2 for a, b in zip(z[:-1], z[1:])]
+    inside = (samples >= midpoint[3] - 1e-12) & (samples <= midpoint[6] + 1e-12)
+    assert torch.equal(inside, (u >= low) & (u <= high)) and int(inside.sum()) > 90
+
+
+def test_importance_depths_match_the_plain_derivation_on_jittered_depths_and_random_weights():
+    rng = torch.Generator().manual_seed(4)
+    batch, rays, steps, count = 2, 3, 9, 16
+    depths = 2.0 + torch.sort(torch.rand(batch, rays, steps, 1, generator=rng, dtype=torch.float64), dim=2).values
+    weights = torch.rand(batch, rays, steps - 1, 1, generator=rng, dtype=torch.float64) ** 3
+    for deterministic in (True, False):
+        samples = importance_depths(
+            depths, weights, count, deterministic, generator=torch.Generator().manual_seed(9)
+        ).reshape(batch * rays, count)
+        if deterministic:
+            us = torch.linspace(0, 1, count, dtype=torch.float64).expand(batch * rays, count)
+        else:
+            us = torch.rand(batch * rays, count, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        flat_depths, flat_weights = depths.reshape(batch * rays, steps), weights.reshape(batch * rays, steps - 1)
+        expected = [
+            _importance_by_hand(flat_depths[r].tolist(), flat_weights[r].tolist(), us[r].tolist())
+            for r in range(batch * rays)
+        ]
+        torch.testing.assert_close(samples, torch.tensor(expected, dtype=torch.float64))
+
+
+def test_render_rays_draws_importance_samples_as_panohead_with_the_same_random_numbers():
+    # The fine pass's depths equal the plain derivation from the coarse pass's own weights, with
+    # the random numbers in PanoHead's order: the stratified jitter first, then the CDF's u.
+    calls = []
+    sphere = _sphere_field(0.3, 3.0)
+
+    def recording(points):
+        calls.append(points.clone())
+        return sphere(points)
+
+    steps, count, rays = 16, 8, 4
+    settings = RenderSettings(depth_resolution=steps, depth_resolution_importance=count, triplane_crop=0)
+    origins = torch.tensor([0.0, 0.0, 2.7], dtype=torch.float64).expand(1, rays, 3)
+    directions = torch.nn.functional.normalize(
+        torch.tensor([[0.0, 0.0, -1.0], [0.05, 0.0, -1.0], [0.0, -0.08, -1.0], [0.2, 0.1, -1.0]], dtype=torch.float64),
+        dim=-1,
+    )[None]
+    render_rays(recording, origins, directions, settings, generator=torch.Generator().manual_seed(11))
+    assert len(calls) == 2
+
+    def along(points, samples):
+        return ((points.reshape(1, rays, samples, 3) - origins[:, :, None]) * directions[:, :, None]).sum(-1)
+
+    coarse, fine = along(calls[0], steps), along(calls[1], count)
+    replay = torch.Generator().manual_seed(11)
+    spacing = (settings.ray_end - settings.ray_start) / (steps - 1)
+    jitter = torch.rand(1, rays, steps, 1, generator=replay, dtype=torch.float64) * spacing
+    grid = torch.linspace(settings.ray_start, settings.ray_end, steps, dtype=torch.float64)
+    torch.testing.assert_close(coarse, (grid.reshape(1, 1, steps, 1) + jitter)[..., 0])
+    us = torch.rand(rays, count, generator=replay, dtype=torch.float64)
+    colors, sigma = sphere(calls[0])
+    _, _, weights = ray_march(colors.reshape(1, rays, steps, 3), sigma.reshape(1, rays, steps, 1), coarse.unsqueeze(-1))
+    expected = [
+        _importance_by_hand(coarse[0, r].tolist(), weights[0, r, :, 0].tolist(), us[r].tolist()) for r in range(rays)
+    ]
+    torch.testing.assert_close(fine[0], torch.tensor(expected, dtype=torch.float64))
 
 
 def _blob_planes(centre, size=32, depth=16, sharpness=40.0):

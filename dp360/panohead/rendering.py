@@ -101,7 +101,10 @@ def sample_pdf(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Inverse-CDF samples from the piecewise-constant density `weights` over the intervals
-    between consecutive `bins` (rays x (K+1) edges, rays x K weights)."""
+    between consecutive `bins` (rays x (K+1) edges, rays x K weights), as PanoHead's `sample_pdf`:
+    1e-5 is added to every weight before normalising, the CDF starts with a 0, u is uniform
+    random (or `linspace(0, 1)` when `deterministic`) and an interval whose CDF step is below
+    1e-5 is given a span of 1."""
     weights = weights + 1e-5
     pdf = weights / weights.sum(dim=-1, keepdim=True)
     cdf = torch.cat([torch.zeros_like(pdf[:, :1]), torch.cumsum(pdf, dim=-1)], dim=-1)
@@ -117,6 +120,45 @@ def sample_pdf(
     span = cdf_above - cdf_below
     span = torch.where(span < 1e-5, torch.ones_like(span), span)
     return bin_below + (u - cdf_below) / span * (bin_above - bin_below)
+
+
+def smooth_weights(weights: torch.Tensor) -> torch.Tensor:
+    """PanoHead's smoothing of the coarse weights (rays x L, one per interval between coarse
+    samples): a max over each pair of neighbours (`max_pool1d`, kernel 2, stride 1, padding 1,
+    which gives L + 1 values), the mean of each adjacent pair of those (`avg_pool1d`, kernel 2,
+    stride 1: L values again), plus 0.01. Computed in at least float32, as PanoHead does."""
+    dtype = torch.promote_types(weights.dtype, torch.float32)
+    pooled = F.max_pool1d(weights.to(dtype).unsqueeze(1), kernel_size=2, stride=1, padding=1)
+    return F.avg_pool1d(pooled, kernel_size=2, stride=1).squeeze(1) + 0.01
+
+
+def importance_depths(
+    depths: torch.Tensor,
+    weights: torch.Tensor,
+    count: int,
+    deterministic: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """PanoHead's `sample_importance`: `count` depths per ray drawn where the coarse pass put its
+    weight. depths (N, R, S, 1) coarse sample depths, weights (N, R, S-1, 1) from `ray_march`.
+    Returns (N, R, count, 1).
+
+    The bins are the S-1 midpoints of the coarse depths and the density is the smoothed weights
+    without their first and last value: S-3 weights, so only the first S-2 midpoints (S-3
+    intervals) are used; PanoHead passes all S-1 midpoints but its clamped indices never reach
+    the last one. Interval k (midpoint k to k+1, around coarse sample k+1) thus gets smoothed
+    value k+1, which is centred on midpoint k+1: the importance samples sit half a coarse
+    spacing before the ray-march interval that carries the weight. This matches PanoHead's
+    renderer exactly (same random numbers, same samples)."""
+    batch, rays, steps, _ = depths.shape
+    with torch.no_grad():
+        smoothed = smooth_weights(weights.reshape(batch * rays, -1))
+        flat_depths = depths.reshape(batch * rays, steps)
+        midpoints = 0.5 * (flat_depths[:, :-1] + flat_depths[:, 1:])
+        interval_weights = smoothed[:, 1:-1].to(flat_depths.dtype)  # S-3 weights
+        edges = midpoints[:, : interval_weights.shape[-1] + 1]  # S-2 edges (1 when S < 4)
+        fine = sample_pdf(edges, interval_weights, count, deterministic, generator)
+    return fine.reshape(batch, rays, count, 1)
 
 
 @dataclass
@@ -180,18 +222,9 @@ def render_rays(
     if settings.depth_resolution_importance > 0:
         with torch.no_grad():
             _, _, weights = ray_march(colors, densities, depths)
-            flat = weights.reshape(batch * rays, -1)  # S-1 values, one per interval
-            # Blur (max then average over neighbours, as mip-NeRF) so that samples also land
-            # next to a surface; then one weight per interval between sample midpoints.
-            padded = torch.cat([flat[:, :1], flat, flat[:, -1:]], dim=-1)
-            on_samples = torch.maximum(padded[:, :-1], padded[:, 1:])  # S values at the samples
-            interval_weights = on_samples[:, 1:-1] + 0.01  # S-2 intervals between midpoints
-            flat_depths = depths.reshape(batch * rays, steps)
-            midpoints = 0.5 * (flat_depths[:, :-1] + flat_depths[:, 1:])
-            fine = sample_pdf(
-                midpoints, interval_weights, settings.depth_resolution_importance, settings.deterministic, generator
+            fine = importance_depths(
+                depths, weights, settings.depth_resolution_importance, settings.deterministic, generator
             )
-            fine = fine.reshape(batch, rays, -1, 1)
         fine_colors, fine_densities = evaluate(fine)
         depths = torch.cat([depths, fine], dim=2)
         colors = torch.cat([colors, fine_colors], dim=2)

@@ -248,4 +248,5 @@ NOISE_STAGE = Stage(
     check=_check,
     needs=("prepare",),
     weights=_weights,
+    version=2,  # 2: importance sampling as PanoHead's (smoothed weights, S-3 intervals)
 )
