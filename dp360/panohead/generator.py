@@ -114,7 +114,7 @@ MAPPING_BOUNDS = {"num_layers": (1, 64)}  # 2
 RENDERING_BOUNDS = {
     "triplane_size": (4, 2048),  # 256
     "triplane_depth": (1, 64),  # 3
-    "depth_resolution": (1, 1024),  # 48
+    "depth_resolution": (4, 1024),  # 48; importance sampling needs at least 4 coarse samples
     "depth_resolution_importance": (0, 1024),  # 48
     "ray_start": (0.0, 1e3),  # 2.25
     "ray_end": (0.0, 1e3),  # 3.3
