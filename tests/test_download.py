@@ -254,3 +254,15 @@ def test_weights_files_given_by_the_user_are_never_fetched(hub, tmp_path):
     # --weights-dir: every model comes from there, none from (or into) the cache
     assert NoiseModels.locate(tmp_path).generator_need() is None
     assert NoiseModels.locate().generator_need() == Need("panohead", weights.cache_dir() / "bundles" / "panohead")
+
+
+def test_downloads_show_a_progress_bar_with_the_file_name_and_size(hub, capsys):
+    from dp360.download import fetch, probe
+
+    url = weights.WEIGHT_FILES["retinaface"].url()
+    fetch(probe(url, RETINAFACE, hub=False), weights.facexlib_dir() / RETINAFACE, progress=True)
+    shown = capsys.readouterr().err
+    size_kb = len(hub.plain_files[RETINAFACE]) / 1000
+    assert RETINAFACE in shown and f"{size_kb:.1f}/{size_kb:.1f} kB" in shown  # complete, of the server's size
+    fetch(probe(url, RETINAFACE, hub=False), weights.facexlib_dir() / "quiet.pth", progress=False)
+    assert capsys.readouterr().err == ""
