@@ -49,6 +49,12 @@ BENCHMARKS = [
         ["--detector", "dlib,retinaface", "--repeats", "3"],
     ),
     Benchmark(
+        "pose_accuracy",
+        "pose_accuracy.py",
+        ["--subjects", "12", "--yaw-step", "10", "--pitch-step", "10"],  # CPU only, about 20 s
+        ["--subjects", "12", "--yaw-step", "10", "--pitch-step", "10"],
+    ),
+    Benchmark(
         "views_speed",
         "views_speed.py",
         [

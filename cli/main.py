@@ -125,6 +125,21 @@ NoCropOption = Annotated[
         help="The portrait is already aligned like PanoHead's crops (stylized or cartoon heads that detectors miss).",
     ),
 ]
+ForceCropOption = Annotated[
+    bool,
+    typer.Option(
+        "--force-crop",
+        help="Crop the face even when the fitted head is outside PanoHead's cropping limits (size 0.7-1.3 x a "
+        "frontal face's, yaw within 90, pitch within 80, roll within 50 degrees).",
+    ),
+]
+AllowSmallOption = Annotated[
+    bool,
+    typer.Option(
+        "--allow-small",
+        help="Crop faces smaller than 64 px across their crop (enlarged 8x or more); under 256 px is allowed, with a note.",
+    ),
+]
 YawOption = Annotated[
     Optional[float],
     typer.Option(
@@ -290,12 +305,14 @@ def _print_summary(summary, as_json: bool, quiet: bool, command: str) -> None:
         raise typer.Exit(INCOMPLETE_EXIT)
 
 
-def _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index):
+def _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index, force_crop=False, allow_small=False):
     from dp360.prepare import PrepareSettings
 
     return PrepareSettings(
         detector=detector.value,
         no_crop=no_crop,
+        force_crop=force_crop,
+        allow_small=allow_small,
         yaw=yaw,
         pitch=pitch,
         face_index=face_index,
@@ -310,6 +327,8 @@ def prepare(
     detector: DetectorOption = Detector.auto,
     detector_weights: DetectorWeightsOption = None,
     no_crop: NoCropOption = False,
+    force_crop: ForceCropOption = False,
+    allow_small: AllowSmallOption = False,
     yaw: YawOption = None,
     pitch: PitchOption = None,
     face_index: FaceIndexOption = None,
@@ -330,7 +349,9 @@ def prepare(
     from dp360.run import prepare as prepare_run
 
     with user_errors():
-        settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
+        settings = _prepare_settings(
+            detector, detector_weights, no_crop, yaw, pitch, face_index, force_crop, allow_small
+        )
         options = RunOptions(device=device, force=force, max_pixels=max_pixels, download=not no_download)
         summary = prepare_run(image, out, settings, options, ConsoleReporter(quiet or json_output))
     _print_summary(summary, json_output, quiet, "prepare")
@@ -426,6 +447,8 @@ def reconstruct(
     detector: DetectorOption = Detector.auto,
     detector_weights: DetectorWeightsOption = None,
     no_crop: NoCropOption = False,
+    force_crop: ForceCropOption = False,
+    allow_small: AllowSmallOption = False,
     yaw: YawOption = None,
     pitch: PitchOption = None,
     face_index: FaceIndexOption = None,
@@ -493,7 +516,7 @@ def reconstruct(
     from dp360.run import RunOptions, check_run_settings, pipeline_stages
     from dp360.run import reconstruct as reconstruct_run
 
-    settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
+    settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index, force_crop, allow_small)
     resolved_dtype = None if dtype is DType.auto else dtype.value
     options = RunOptions(
         device=device,
@@ -629,6 +652,8 @@ def views(
     detector: DetectorOption = Detector.auto,
     detector_weights: DetectorWeightsOption = None,
     no_crop: NoCropOption = False,
+    force_crop: ForceCropOption = False,
+    allow_small: AllowSmallOption = False,
     yaw: YawOption = None,
     pitch: PitchOption = None,
     face_index: FaceIndexOption = None,
@@ -653,7 +678,9 @@ def views(
     from dp360.run import views as views_run
 
     with user_errors():
-        settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index)
+        settings = _prepare_settings(
+            detector, detector_weights, no_crop, yaw, pitch, face_index, force_crop, allow_small
+        )
         resolved_dtype = None if dtype is DType.auto else dtype.value
         view_settings = ViewSettings(
             steps=steps,
@@ -1035,6 +1062,29 @@ def doctor(
             err_console.print(line, soft_wrap=True)
     if any(check.status == FAIL for check in checks):
         raise typer.Exit(1)
+
+
+@app.command(cls=Command)
+def report(run_dir: RunDirArgument) -> None:
+    """Rewrite RUN_DIR/export/report.html (as `reconstruct` writes it) and print its path.
+
+    One page, no network needed: the input with its detection overlay, the crop, the back view,
+    the views with their cameras, the turntable, the mesh from four sides, the stages' timings and
+    settings, and the notes and warnings (a stage that did not run shows why).
+    """
+    from dp360.report import read_run, write_report
+    from dp360.run import RunLock
+
+    with user_errors():
+        _check_run_dir(run_dir)
+        read_run(run_dir)  # a folder without run.json is refused before the lock file is made there
+        lock = RunLock(Path(run_dir))
+        lock.acquire()  # no run writes into the folder while the page reads it
+        try:
+            path = write_report(run_dir)
+        finally:
+            lock.release()
+    typer.echo(str(path))
 
 
 def main() -> None:

@@ -131,6 +131,20 @@ def _megapixels(pixels: int) -> str:
     return f"{round(pixels / 1e6, 2):g}"
 
 
+def downscaled_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
+    """The size an image of width x height is loaded at: the longest side brought down to
+    `max_side`, but never a side below MIN_SIDE (a thin image is shrunk only until its shortest
+    side reaches MIN_SIDE, and its longest side may stay above `max_side`: it has few pixels)."""
+    longest, shortest = max(width, height), min(width, height)
+    if longest <= max_side or shortest <= MIN_SIDE:
+        return width, height
+    scale = max(max_side / longest, MIN_SIDE / shortest)
+    if scale >= 1.0:
+        return width, height
+    # Never round the short side below the minimum.
+    return max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale))
+
+
 def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> LoadedImage:
     """Read an image file into 8-bit RGB, or raise `InputImageError` with a one-sentence reason.
 
@@ -213,15 +227,19 @@ def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels:
             f"dp360 needs at least {MIN_SIDE} px on each side, so use a larger portrait."
         )
     rgb, alpha = _to_rgb_and_alpha(image, notes)
-    if max(rgb.shape[:2]) > max_side:
-        scale = max_side / max(rgb.shape[:2])
-        new_size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
+    new_size = downscaled_size(rgb.shape[1], rgb.shape[0], max_side)
+    if new_size != (rgb.shape[1], rgb.shape[0]):
         rgb = np.asarray(Image.fromarray(rgb).resize(new_size, Image.LANCZOS))
         if alpha is not None:
             alpha = np.asarray(Image.fromarray(alpha).resize(new_size, Image.LANCZOS))
+        capped = max(new_size) > max_side
         notes.append(
             f"downscaled from {original_size[0]}x{original_size[1]} to {new_size[0]}x{new_size[1]} "
-            f"(longest side at most {max_side} px)"
+            + (
+                f"(only so far: its shortest side stays at the {MIN_SIDE} px minimum)"
+                if capped
+                else f"(longest side at most {max_side} px)"
+            )
         )
     return LoadedImage(rgb=rgb, alpha=alpha, path=path, sha256=sha256, original_size=original_size, notes=notes)
 

@@ -14,10 +14,12 @@ from dp360.errors import InputImageError
 from dp360.imaging import (
     MAX_PIXELS,
     MAX_SIDE,
+    MIN_SIDE,
     atomic_directory,
     atomic_files_into,
     atomic_path,
     current_umask,
+    downscaled_size,
     load_portrait,
     remove_stale_temporaries,
     save_image_atomic,
@@ -164,6 +166,29 @@ def test_huge_image_is_downscaled_with_note(tmp_path):
     assert max(loaded.rgb.shape[:2]) == MAX_SIDE
     assert loaded.original_size == (MAX_SIDE + 904, 2500)
     assert any("downscaled" in note for note in loaded.notes)
+
+
+@pytest.mark.parametrize("size", [(5000, 130), (130, 5000), (10_000, 300)])
+def test_thin_image_keeps_the_minimum_side(tmp_path, size):
+    # Bringing the longest side to MAX_SIDE would take the short side under MIN_SIDE (5000x130 ->
+    # 4096x106, then upscaled by --no-crop): the downscale stops where the short side is MIN_SIDE.
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(tmp_path / "thin.png")
+    loaded = load_portrait(tmp_path / "thin.png")
+    width, height = loaded.size
+    assert min(width, height) == MIN_SIDE and (width > height) == (size[0] > size[1])
+    assert max(width, height) >= MAX_SIDE  # shrunk no further than the minimum allows
+    assert abs(width / height - size[0] / size[1]) / (size[0] / size[1]) < 0.01  # the aspect ratio is kept
+    assert any("downscaled" in note and f"{MIN_SIDE} px minimum" in note for note in loaded.notes)
+
+
+@pytest.mark.parametrize(
+    "size,expected",
+    [((8000, 6000), (4096, 3072)), ((5000, 130), (4923, 128)), ((5000, 128), (5000, 128)), ((4000, 100), (4000, 100))],
+)
+def test_downscaled_size(size, expected):
+    assert downscaled_size(*size) == expected
+    assert min(downscaled_size(*size)) >= min(min(size), MIN_SIDE)
 
 
 # ------------------------------------------------------------------------- atomic writes

@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -10,9 +11,21 @@ from dp360 import cameras
 from dp360.errors import DetectorUnavailableError, NoFaceError
 from dp360.imaging import load_portrait
 from dp360.prepare import PrepareSettings, prepare_portrait
-from dp360.prepare.align import CROP_SIZE, ffhq_square, panohead_crop_transform, warp_crop
-from dp360.prepare.detectors import DlibDetector, FaceDetection, RetinaFaceDetector, make_detector
-from dp360.prepare.pose import FACE_MODEL_5, pose_from_landmarks
+from dp360.prepare import stage as prepare_stage
+from dp360.prepare.align import (
+    CROP_SIZE,
+    EXPAND_TOP,
+    ffhq_square,
+    panohead_crop_transform,
+    recentre_square,
+    square_frame,
+    warp_crop,
+)
+from dp360.prepare.detectors import DlibDetector, FaceDetection, RetinaFaceDetector, dlib_landmarks68, make_detector
+from dp360.prepare.face_model import FACE_MODEL_68, MIRROR_68, landmarks5_of_68
+from dp360.prepare.pose import FACE_MODEL_5, fit_head, pose_from_landmarks
+from dp360.prepare.stage import CropRefusedError, crop_limit_problems
+from dp360.prepare.synthetic import project_landmarks, render_head, textured_head
 
 from .images import cartoon_head, no_face, two_faces
 
@@ -85,19 +98,235 @@ def test_padding_reflects_where_the_crop_leaves_the_image(astronaut, astronaut_f
 
 
 @pytest.mark.parametrize("yaw,elevation", [(0, 0), (25, 0), (-40, 10), (15, -15), (60, 5)])
-def test_pose_from_landmarks_recovers_the_camera(yaw, elevation):
+@pytest.mark.parametrize("model", [FACE_MODEL_5, FACE_MODEL_68], ids=["5 points", "68 points"])
+def test_pose_from_landmarks_recovers_the_camera(yaw, elevation, model):
     cam2world = cameras.orbit_pose(yaw, elevation)
-    # The generic face, scaled to head size in world units, seen by that camera.
-    points = FACE_MODEL_5 * 0.004
-    pixels = cameras.project_points(points, cam2world, cameras.normalized_intrinsics(), CROP_SIZE, CROP_SIZE)
+    # The generic head, scaled to head size in world units, seen by that camera.
+    pixels = cameras.project_points(model * 0.004, cam2world, cameras.normalized_intrinsics(), CROP_SIZE, CROP_SIZE)
     pose = pose_from_landmarks(pixels, CROP_SIZE)
     assert pose.yaw == pytest.approx(yaw, abs=0.5)
     assert pose.elevation == pytest.approx(elevation, abs=0.5)
     assert abs(pose.roll) < 0.5
     assert np.linalg.norm(pose.cam2world[:3, 3]) == pytest.approx(2.7)
     # A face turned by positive yaw shows its nose on the image's left of the eye midpoint.
+    five = landmarks5_of_68(pixels) if len(model) == 68 else pixels
     if yaw > 10:
-        assert pixels[2, 0] < pixels[:2, 0].mean()
+        assert five[2, 0] < five[:2, 0].mean()
+
+
+def test_face_model_is_symmetric_and_centred():
+    assert np.allclose(FACE_MODEL_68[MIRROR_68] * [-1, 1, 1], FACE_MODEL_68)
+    assert np.allclose(FACE_MODEL_5, landmarks5_of_68(FACE_MODEL_68))
+    # The head's centre (the origin) lies behind the face: eyes ~85 mm, nose tip further in front.
+    assert 80 < FACE_MODEL_5[:2, 2].mean() < 90 and FACE_MODEL_68[30, 2] > FACE_MODEL_5[:2, 2].mean() + 20
+    # 65 mm between the eye centres, the chin ~115 mm below the eyes
+    assert np.linalg.norm(FACE_MODEL_5[1] - FACE_MODEL_5[0]) == pytest.approx(65.7, abs=1)
+
+
+@pytest.mark.parametrize("yaw,elevation", [(0, 0), (35, 0), (-50, 10), (20, -20)])
+def test_fit_finds_the_head_centre_and_size(yaw, elevation):
+    """The fit in the FFHQ square: where the head's centre projects, the size relative to a
+    frontal face, and the angles, on exact landmarks of a head at a known pose."""
+    # A person with a 6% larger, 10% deeper face, with noise on the landmarks: a head that is
+    # not the fitted model.
+    rng = np.random.default_rng(1)
+    shape = FACE_MODEL_68 * [1.06, 1.06, 1.1] + rng.normal(0, 1.0, FACE_MODEL_68.shape)
+    pixels = project_landmarks(shape, yaw, elevation, eye_distance_px=60)
+    square = ffhq_square(landmarks5_of_68(pixels))
+    frame = square_frame(square)
+    fit = fit_head(frame.apply(pixels), CROP_SIZE, prepare_stage.SQUARE_FOCAL_SCALE)
+    assert fit.yaw == pytest.approx(yaw, abs=3) and fit.elevation == pytest.approx(elevation, abs=3)
+    # The head's centre projects to the image centre (the camera looks at it).
+    truth = frame.apply([[256, 256]])[0]
+    assert np.allclose(fit.centre, truth, atol=0.02 * CROP_SIZE)
+    # Frontal: the square already sits on the head, and has its size (a larger face has a larger square).
+    if yaw == elevation == 0:
+        assert np.abs(fit.offset).max() < 0.05 and fit.scale == pytest.approx(1.0, abs=0.04)
+    # Turned: the head's centre lies towards the back of the head (image right for yaw > 0).
+    if abs(yaw) > 20:
+        assert np.sign(fit.offset[0]) == np.sign(yaw) and abs(fit.offset[0]) > 0.25
+    recentred = recentre_square(square, fit.offset, fit.scale)
+    assert np.linalg.norm(recentred[0] - [256, 256]) < 0.03 * 2 * np.linalg.norm(recentred[1])
+
+
+@pytest.fixture(scope="module")
+def astronaut_head(astronaut, astronaut_face):
+    return textured_head(astronaut, astronaut_face.landmarks68)
+
+
+def _square_centre(transform) -> np.ndarray:
+    """Input pixels of the centre of the (recentred) square inside a widened crop."""
+    return transform.invert([[CROP_SIZE / 2, CROP_SIZE * (EXPAND_TOP + 0.5) / (1 + EXPAND_TOP)]])[0]
+
+
+def test_recrop_centres_a_turned_head_and_mirrors(tmp_path, astronaut_head):
+    """The astronaut's face on the generic head, turned 35 degrees: the crop moves from the face
+    towards the back of the head, onto the head's centre (the image centre); in the mirrored
+    image it moves the other way by as much."""
+    image = render_head(astronaut_head, 35.0, 0.0)
+    shifts, centres = [], []
+    for name, pixels in (("turned", image), ("mirrored", np.ascontiguousarray(image[:, ::-1]))):
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+        result = prepare_portrait(
+            load_portrait(tmp_path / f"{name}.png"), tmp_path / name, PrepareSettings(detector="dlib")
+        )
+        first = panohead_crop_transform(result.detection.landmarks5)  # the FFHQ square alone (before)
+        before, after = _square_centre(first), _square_centre(result.transform)
+        side = result.transform.side
+        # Before, the square sat on the face, a fifth of the crop off the head's centre; now on it.
+        assert np.linalg.norm(before - 256) > 0.15 * side and np.linalg.norm(after - 256) < 0.04 * side
+        shifts.append(after - before)
+        centres.append(after)
+        face = json.loads((tmp_path / name / "face.json").read_text())
+        assert face["head_fit"]["landmarks"] == 68 and face["crop_side_in_input_px"] == pytest.approx(side, abs=0.01)
+    # Yaw +35: the face looks to the image left, the back of the head is on the right.
+    assert shifts[0][0] > 0.15 * side and shifts[1][0] < -0.15 * side
+    # The mirrored image's shift is the mirror of the shift (dlib is not exactly symmetric).
+    assert shifts[1][0] == pytest.approx(-shifts[0][0], rel=0.15) and abs(shifts[0][1] - shifts[1][1]) < 0.02 * side
+    assert centres[1][0] == pytest.approx(image.shape[1] - centres[0][0], abs=0.02 * side)
+
+
+def test_recrop_keeps_a_frontal_crop(tmp_path, astronaut_path, astronaut_face):
+    result = prepare_portrait(load_portrait(astronaut_path), tmp_path, PrepareSettings(detector="dlib"))
+    first = panohead_crop_transform(astronaut_face.landmarks5)
+    assert np.linalg.norm(_square_centre(result.transform) - _square_centre(first)) < 0.05 * first.side
+    assert result.transform.side == pytest.approx(first.side, rel=0.05)
+
+
+def _fit_at(yaw=0.0, elevation=0.0, roll=0.0, zoom=1.0):
+    """The fit made in the FFHQ square of the generic head at a pose, rolled and zoomed in it."""
+    pixels = project_landmarks(FACE_MODEL_68, yaw, elevation)
+    frame = square_frame(ffhq_square(landmarks5_of_68(project_landmarks(FACE_MODEL_68, 0, 0))))
+    inside = frame.apply(pixels)
+    rotation = cv2.getRotationMatrix2D((256, 256), roll, zoom)
+    return fit_head(inside @ rotation[:, :2].T + rotation[:, 2], CROP_SIZE, prepare_stage.SQUARE_FOCAL_SCALE)
+
+
+@pytest.mark.parametrize(
+    "pose,problem",
+    [
+        ({}, None),
+        ({"yaw": 60}, None),
+        ({"yaw": -85, "elevation": 20}, None),
+        ({"yaw": 100}, r"^yaw \+9\d degrees, beyond \+-90$"),
+        ({"elevation": -88}, r"^pitch -8\d degrees, beyond \+-80$"),
+        ({"roll": 60}, r"^roll [+-]\d+ degrees, beyond \+-50$"),
+        ({"zoom": 1.45}, r"^head size 1\.[34]\d x a frontal face's, outside 0\.7-1\.3$"),
+        ({"zoom": 0.6}, r"^head size 0\.6\d x"),
+    ],
+)
+def test_crop_limits_are_panoheads(pose, problem):
+    problems = crop_limit_problems(_fit_at(**pose))
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and re.search(problem, problems[0]), problems
+
+
+def test_head_outside_the_limits_is_refused_unless_forced(tmp_path, astronaut_path, monkeypatch):
+    image = load_portrait(astronaut_path)
+    # The astronaut's head is 0.98 x a frontal face in her FFHQ square: narrow the limits to refuse it.
+    monkeypatch.setattr(prepare_stage, "SCALE_RANGE", (1.05, 1.3))
+    with pytest.raises(CropRefusedError, match=r"outside PanoHead's cropping limits \(head size 0\.98.*--force-crop"):
+        prepare_portrait(image, tmp_path / "refused", PrepareSettings(detector="dlib"))
+    assert not (tmp_path / "refused" / "crop.png").exists()
+    result = prepare_portrait(image, tmp_path / "forced", PrepareSettings(detector="dlib", force_crop=True))
+    assert (tmp_path / "forced" / "crop.png").is_file()
+    assert any(note.startswith("--force-crop") and "head size 0.98" in note for note in result.notes)
+
+
+def _small_face(astronaut: np.ndarray, path: Path, size: int = 200) -> Path:
+    canvas = np.full((480, 480, 3), 120, np.uint8)
+    canvas[100 : 100 + size, 140 : 140 + size] = np.asarray(
+        Image.fromarray(astronaut).resize((size, size), Image.LANCZOS)
+    )
+    Image.fromarray(canvas).save(path)
+    return path
+
+
+def test_small_face_gets_a_note_with_its_upscale(tmp_path, astronaut):
+    result = prepare_portrait(
+        load_portrait(_small_face(astronaut, tmp_path / "small.png")),
+        tmp_path / "out",
+        PrepareSettings(detector="dlib"),
+    )
+    side = result.transform.side
+    assert side < 100
+    (note,) = [note for note in result.notes if "face is small" in note]
+    assert f"{side:.0f} px across" in note and f"enlarged {CROP_SIZE / side:.1f}x" in note
+    assert json.loads((tmp_path / "out" / "face.json").read_text())["upscale"] == pytest.approx(
+        CROP_SIZE / side, rel=1e-3
+    )
+
+
+def test_tiny_face_is_refused_unless_allowed(tmp_path, astronaut, monkeypatch, cli):
+    # dlib finds no face small enough to fall under 64 px (RetinaFace does): raise the floor instead.
+    monkeypatch.setattr(prepare_stage, "MIN_CROP_SIDE", 100)
+    path = _small_face(astronaut, tmp_path / "tiny.png")
+    with pytest.raises(
+        CropRefusedError, match=r"only \d+ px across its crop, so it would be enlarged [\d.]+x.*--allow-small"
+    ):
+        prepare_portrait(load_portrait(path), tmp_path / "refused", PrepareSettings(detector="dlib"))
+    result = prepare_portrait(
+        load_portrait(path), tmp_path / "allowed", PrepareSettings(detector="dlib", allow_small=True)
+    )
+    assert any("face is small" in note for note in result.notes)
+    # The same through the command line: one sentence and exit 2, then --allow-small.
+    code, _, stderr = cli("prepare", path, "--out", tmp_path / "run", "--detector", "dlib")
+    assert code == 2 and "--allow-small" in stderr and "Traceback" not in stderr
+    code, stdout, stderr = cli(
+        "prepare", path, "--out", tmp_path / "run", "--detector", "dlib", "--allow-small", "--json"
+    )
+    assert code == 0, stderr
+    assert any("face is small" in note for note in json.loads(stdout)["notes"])
+
+
+def test_force_crop_on_the_command_line(tmp_path, astronaut_path, monkeypatch, cli):
+    monkeypatch.setattr(prepare_stage, "SCALE_RANGE", (1.05, 1.3))
+    code, _, stderr = cli("prepare", astronaut_path, "--out", tmp_path / "run", "--detector", "dlib")
+    assert code == 2 and "--force-crop" in stderr and "Traceback" not in stderr
+    code, stdout, stderr = cli(
+        "prepare", astronaut_path, "--out", tmp_path / "run", "--detector", "dlib", "--force-crop", "--json"
+    )
+    assert code == 0, stderr
+    assert any("--force-crop" in note for note in json.loads(stdout)["notes"])
+
+
+def test_thin_image_with_no_crop_notes_the_upscale(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (130, 5000, 3), dtype=np.uint8)).save(tmp_path / "thin.png")
+    image = load_portrait(tmp_path / "thin.png")
+    assert min(image.size) == 128
+    result = prepare_portrait(
+        image, tmp_path / "out", PrepareSettings(detector="dlib", no_crop=True, yaw=0.0, pitch=0.0)
+    )
+    assert any("128 px across" in note and "enlarged 4.0x" in note for note in result.notes)
+
+
+def test_retinaface_landmarks_get_dlibs_68(astronaut, astronaut_face):
+    """RetinaFace gives five landmarks: dlib's 68-point model placed from them matches dlib's own."""
+    points = dlib_landmarks68(astronaut, astronaut_face.landmarks5)
+    eyes = np.linalg.norm(astronaut_face.landmarks5[1] - astronaut_face.landmarks5[0])
+    assert np.linalg.norm(points - astronaut_face.landmarks68, axis=1).mean() < 0.03 * eyes
+    # Five points that are not a face's are refused rather than fitted.
+    assert dlib_landmarks68(astronaut, astronaut_face.landmarks5[[1, 0, 2, 4, 3]] + [0, 40]) is None
+
+
+def test_five_landmark_detections_are_fitted_with_68(tmp_path, astronaut_path, monkeypatch):
+    """A detector that gives five landmarks (RetinaFace) gets dlib's 68 for the fit; when those
+    cannot be had, the five are fitted and a note says the elevation is rough."""
+    original = DlibDetector.detect
+
+    def five_only(self, rgb):
+        return [FaceDetection(d.box, d.score, d.landmarks5) for d in original(self, rgb)]
+
+    monkeypatch.setattr(DlibDetector, "detect", five_only)
+    image = load_portrait(astronaut_path)
+    result = prepare_portrait(image, tmp_path / "a", PrepareSettings(detector="dlib"))
+    assert result.fit.landmark_count == 68 and abs(result.pose.elevation) < 10
+    monkeypatch.setattr(prepare_stage, "dlib_landmarks68", lambda rgb, five: None)
+    result = prepare_portrait(image, tmp_path / "b", PrepareSettings(detector="dlib"))
+    assert result.fit.landmark_count == 5 and any("five landmarks only" in note for note in result.notes)
 
 
 # ------------------------------------------------------------------------------ the stage

@@ -1,9 +1,16 @@
-"""PanoHead's crop: an FFHQ-style square from the eyes and mouth, widened like PanoHead's
-recrop (10% extra on top, 5% on each side, none at the bottom: 512 -> 563 px), resized to 512.
+"""PanoHead's crop, in its two steps, widened and resized to 512 px.
 
-The aligned square (FFHQ): with e = eye midpoint, d_e = right eye - left eye, d_m = mouth
-midpoint - e, the x axis is d_e - rot90(d_m) normalised, the half-size is
-max(2.0 |d_e|, 1.8 |d_m|) and the centre is e + 0.1 d_m.
+1. The aligned square (FFHQ): with e = eye midpoint, d_e = right eye - left eye, d_m = mouth
+   midpoint - e, the x axis is d_e - rot90(d_m) normalised, the half-size is
+   max(2.0 |d_e|, 1.8 |d_m|) and the centre is e + 0.1 d_m.
+2. The recrop: a 3D head is fitted in that square seen as a 512 px image (PanoHead fits
+   3DDFA_V2, dp360 a generic 68-landmark head, `pose.fit_head`); the square is moved so that
+   its centre is where the head's centre projects, and scaled by the head's size relative to a
+   frontal face's (`recentre_square`). On a turned face the head's centre lies behind the face,
+   towards the back of the head, so the square moves that way and the whole head stays in it.
+
+The final crop widens the square by 10% on top and 5% on each side (none at the bottom:
+512 -> 563 px, PanoHead's size before resizing to 512).
 """
 
 from __future__ import annotations
@@ -31,6 +38,11 @@ class CropTransform:
         points = np.atleast_2d(np.asarray(points, dtype=np.float64))
         return points @ self.matrix[:, :2].T + self.matrix[:, 2]
 
+    @property
+    def side(self) -> float:
+        """Length of the crop's side in input pixels."""
+        return float(np.linalg.norm(self.corners[1] - self.corners[0]))
+
     def invert(self, points: np.ndarray) -> np.ndarray:
         inverse = cv2.invertAffineTransform(self.matrix)
         points = np.atleast_2d(np.asarray(points, dtype=np.float64))
@@ -54,8 +66,33 @@ def ffhq_square(landmarks5: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndar
     return centre, x_axis, y_axis
 
 
+Square = tuple[np.ndarray, np.ndarray, np.ndarray]  # centre, x half-axis, y half-axis (input pixels)
+
+
+def square_frame(square: Square, size: int = CROP_SIZE) -> CropTransform:
+    """The square itself (not widened) as a `size` px image, the frame the head is fitted in."""
+    centre, x_axis, y_axis = square
+    origin = centre - x_axis - y_axis
+    crop_to_input = np.column_stack([2 * x_axis / size, 2 * y_axis / size, origin])
+    corners = np.stack([origin, origin + 2 * x_axis, origin + 2 * x_axis + 2 * y_axis, origin + 2 * y_axis])
+    return CropTransform(matrix=cv2.invertAffineTransform(crop_to_input), corners=corners, size=size)
+
+
+def recentre_square(square: Square, offset: np.ndarray, scale: float) -> Square:
+    """PanoHead's recrop: move the square's centre by `offset` (x, y; in half-sides, y down:
+    where the head's centre projects in the square's frame) and scale it by `scale`."""
+    centre, x_axis, y_axis = square
+    return centre + offset[0] * x_axis + offset[1] * y_axis, x_axis * scale, y_axis * scale
+
+
 def panohead_crop_transform(landmarks5: np.ndarray, size: int = CROP_SIZE) -> CropTransform:
-    centre, x_axis, y_axis = ffhq_square(landmarks5)
+    """The final crop of the FFHQ square of `landmarks5`, without the recrop step."""
+    return widened_crop_transform(ffhq_square(landmarks5), size)
+
+
+def widened_crop_transform(square: Square, size: int = CROP_SIZE) -> CropTransform:
+    """The final crop: `square` widened like PanoHead's (top 10%, sides 5%), as `size` px."""
+    centre, x_axis, y_axis = square
     top_left = centre - x_axis - y_axis
     # The widened square in input coordinates: origin and the two full side vectors.
     origin = top_left - EXPAND_LEFT * 2 * x_axis - EXPAND_TOP * 2 * y_axis

@@ -8,11 +8,13 @@
   the same 68 landmarks.
 
 `make_detector("auto")` picks RetinaFace when its weights are present or can be fetched and
-falls back to dlib otherwise, saying so in `detector.note`.
+falls back to dlib otherwise, saying so in `detector.note`. The head fit wants 68 landmarks:
+`dlib_landmarks68` places dlib's 68-point model on a face RetinaFace found.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from dataclasses import dataclass, field
@@ -195,7 +197,7 @@ class DlibDetector:
             ) from None
         self.note: str | None = None
         self._detector = dlib.get_frontal_face_detector()
-        self._predictor = dlib.shape_predictor(str(dlib_landmark_model_path()))
+        self._predictor = _dlib_predictor()  # loaded once per process (about a second)
 
     def detect(self, rgb: np.ndarray) -> list[FaceDetection]:
         def run(image: np.ndarray) -> list[FaceDetection]:
@@ -236,3 +238,42 @@ def make_detector(
         detector = DlibDetector()
         detector.note = f"using the offline dlib detector: {error}"
         return detector
+
+
+# dlib's face box as its 68-point model was trained on it, in the FFHQ square of the same face
+# seen as a 512 px image (measured on dlib's own detections: x 105-390, y 160-440).
+_DLIB_BOX_IN_SQUARE = (121, 165, 391, 435)
+
+
+@functools.lru_cache(maxsize=1)
+def _dlib_predictor():
+    import dlib
+
+    return dlib.shape_predictor(str(dlib_landmark_model_path()))
+
+
+def dlib_landmarks68(rgb: np.ndarray, landmarks5: np.ndarray) -> np.ndarray | None:
+    """dlib's 68 landmarks of the face whose five landmarks are given (RetinaFace's): dlib's
+    model runs on the face's upright FFHQ square, in the box dlib's detector would give there.
+    None when dlib cannot run or its landmarks disagree with the five (mean distance over 10%
+    of the square's half-side)."""
+    import cv2
+
+    from .align import ffhq_square, square_frame
+    from .face_model import landmarks5_of_68
+
+    try:
+        import dlib
+
+        predictor = _dlib_predictor()
+    except (ImportError, DetectorUnavailableError, RuntimeError):
+        return None
+    square = ffhq_square(landmarks5)
+    frame = square_frame(square, 512)
+    upright = cv2.warpAffine(rgb, frame.matrix, (512, 512), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    shape = predictor(np.ascontiguousarray(upright), dlib.rectangle(*_DLIB_BOX_IN_SQUARE))
+    points = frame.invert(np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64))
+    disagreement = np.linalg.norm(landmarks5_of_68(points) - np.asarray(landmarks5), axis=1).mean()
+    if disagreement > 0.1 * np.linalg.norm(square[1]):
+        return None
+    return points

@@ -1,6 +1,12 @@
-"""The prepare stage: detect the face, crop like PanoHead, estimate the camera, and write
-`crop.png`, `dataset.json` (PanoHead format), `face.json`, `overlay.png` (and `mask.png` when
-the input had transparency) into a folder."""
+"""The prepare stage: detect the face, crop like PanoHead (both steps: the FFHQ square, then
+the recrop on the fitted head), estimate the camera, and write `crop.png`, `dataset.json`
+(PanoHead format), `face.json`, `overlay.png` (and `mask.png` when the input had transparency)
+into a folder.
+
+PanoHead's cropping drops photos whose fitted head is outside its limits and crops under 256 px;
+dp360 refuses the first (unless --force-crop) and faces under 64 px (unless --allow-small), and
+says so in a note when it goes ahead anyway or when the face is under 256 px.
+"""
 
 from __future__ import annotations
 
@@ -17,9 +23,20 @@ from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
 from ..imaging import LoadedImage, save_image_atomic, write_json_atomic
 from ..stage import Stage, StageContext, check_float, check_int
 from ..weights import Need
-from .align import CROP_SIZE, CropTransform, center_square, panohead_crop_transform, warp_crop
-from .detectors import FaceDetection, make_detector
-from .pose import HeadPose, pose_axes_in_crop, pose_from_angles, pose_from_landmarks
+from .align import (
+    CROP_SIZE,
+    EXPAND_LEFT,
+    EXPAND_RIGHT,
+    CropTransform,
+    center_square,
+    ffhq_square,
+    recentre_square,
+    square_frame,
+    warp_crop,
+    widened_crop_transform,
+)
+from .detectors import FaceDetection, dlib_landmarks68, make_detector
+from .pose import HeadFit, HeadPose, fit_head, pose_from_angles, pose_from_fit
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +45,20 @@ DETECTORS = ("auto", "retinaface", "dlib")
 # Orbit cameras look at the origin with y up: at +-90 degrees elevation the view is undefined.
 PITCH_LIMIT = 89.0
 OVERLAY_MAX_SIDE = 1024
+# PanoHead's recrop drops a photo when its fitted head is outside these limits.
+SCALE_RANGE = (0.7, 1.3)  # head size relative to a frontal face filling the FFHQ square
+FIT_YAW_LIMIT, FIT_PITCH_LIMIT, FIT_ROLL_LIMIT = 90.0, 80.0, 50.0  # degrees
+OFFSET_LIMIT = 1.0  # head centre off the FFHQ square's centre, in half-sides
+# Faces whose crop covers fewer input pixels than this are enlarged a lot: a note says so
+# (PanoHead's cropping drops them); below MIN_CROP_SIDE they are refused unless --allow-small.
+SMALL_CROP_SIDE = 256
+MIN_CROP_SIDE = 64
+# The FFHQ square is 1/1.1 of PanoHead's crop, whose intrinsics the fit uses.
+SQUARE_FOCAL_SCALE = 1.0 + EXPAND_LEFT + EXPAND_RIGHT
+
+
+class CropRefusedError(Dp360Error):
+    """The face cannot be cropped like PanoHead's data without an explicit go-ahead."""
 
 
 @dataclass
@@ -40,6 +71,8 @@ class PrepareSettings:
     pitch: float | None = None  # degrees; overrides the estimated elevation (> 0 = camera above)
     face_index: int | None = None  # which face when there are several (0 = largest)
     detector_weights: str | None = None  # folder holding RetinaFace weights
+    force_crop: bool = False  # crop a head outside PanoHead's cropping limits (with a note)
+    allow_small: bool = False  # crop a face smaller than MIN_CROP_SIDE px (with a note)
 
     def key_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +96,8 @@ class PrepareResult:
     detector: str | None
     face_count: int
     notes: list[str] = field(default_factory=list)
+    fit: HeadFit | None = None
+    transform: CropTransform | None = None
 
 
 def _pick_face(
@@ -80,8 +115,83 @@ def _pick_face(
     return detections[0]
 
 
+def crop_limit_problems(fit: HeadFit) -> list[str]:
+    """PanoHead's recrop limits that `fit` (made in the FFHQ square) breaks, one phrase each."""
+    problems = []
+    if not SCALE_RANGE[0] <= fit.scale <= SCALE_RANGE[1]:
+        problems.append(f"head size {fit.scale:.2f} x a frontal face's, outside {SCALE_RANGE[0]:g}-{SCALE_RANGE[1]:g}")
+    for name, value, limit in (
+        ("yaw", fit.yaw, FIT_YAW_LIMIT),
+        ("pitch", fit.elevation, FIT_PITCH_LIMIT),
+        ("roll", fit.roll, FIT_ROLL_LIMIT),
+    ):
+        if abs(value) > limit:
+            problems.append(f"{name} {value:+.0f} degrees, beyond +-{limit:g}")
+    if np.abs(fit.offset).max() > OFFSET_LIMIT:
+        problems.append(
+            f"head centre {np.abs(fit.offset).max():.2f} half-sides off the face square's centre, beyond {OFFSET_LIMIT:g}"
+        )
+    return problems
+
+
+def _fit_landmarks(rgb: np.ndarray, detection: FaceDetection, notes: list[str]) -> np.ndarray:
+    """The landmarks to fit the head to: dlib's 68 (for RetinaFace, which gives five, dlib's
+    68-point model is run on the face they mark), or the five alone when that fails."""
+    if detection.landmarks68 is not None:
+        return detection.landmarks68
+    points = dlib_landmarks68(rgb, detection.landmarks5)
+    if points is None:
+        notes.append(
+            "the head was fitted to five landmarks only (dlib's 68-point model was unavailable or disagreed with "
+            "the detector), so its elevation is rough; set --pitch if you know it"
+        )
+        return detection.landmarks5
+    detection.landmarks68 = points
+    return points
+
+
+def _check_crop_size(side: float, settings: PrepareSettings, image_name: str, notes: list[str]) -> None:
+    factor = CROP_SIZE / side
+    if side < MIN_CROP_SIDE and not settings.allow_small:
+        raise CropRefusedError(
+            f"The face in '{image_name}' is only {side:.0f} px across its crop, so it would be enlarged "
+            f"{factor:.1f}x to {CROP_SIZE} px; use a larger photo of it, or rerun with --allow-small to go ahead anyway."
+        )
+    if side < SMALL_CROP_SIDE:
+        notes.append(
+            f"the face is small: its crop is {side:.0f} px across in the input and was enlarged {factor:.1f}x to "
+            f"{CROP_SIZE} px (PanoHead's own cropping drops crops under {SMALL_CROP_SIDE} px), so expect a soft "
+            "result; a larger photo gives a sharper one"
+        )
+
+
+def _recrop(
+    image: LoadedImage, detection: FaceDetection, settings: PrepareSettings, notes: list[str]
+) -> tuple[CropTransform, HeadFit, CropTransform]:
+    """PanoHead's two crop steps: the FFHQ square, then the square recentred and rescaled on
+    the head fitted in it. Returns the final crop, the fit and the FFHQ square's frame."""
+    square = ffhq_square(detection.landmarks5)
+    frame = square_frame(square, CROP_SIZE)
+    points = _fit_landmarks(image.rgb, detection, notes)
+    fit = fit_head(frame.apply(points), CROP_SIZE, SQUARE_FOCAL_SCALE)
+    problems = crop_limit_problems(fit)
+    if problems and not settings.force_crop:
+        raise CropRefusedError(
+            f"The head fitted in '{image.path.name}' is outside PanoHead's cropping limits ({'; '.join(problems)}), "
+            "so its crop would be unlike PanoHead's data; rerun with --force-crop to crop it anyway, or with "
+            "--no-crop (and --yaw/--pitch) if the image is already aligned."
+        )
+    if problems:
+        notes.append(
+            f"--force-crop: cropped although the head is outside PanoHead's cropping limits ({'; '.join(problems)})"
+        )
+    transform = widened_crop_transform(recentre_square(square, fit.offset, fit.scale), CROP_SIZE)
+    return transform, fit, frame
+
+
 def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes: list[str]):
-    """Returns crop, mask, transform, detection, detector name, face count, pose."""
+    """Returns crop, mask, transform, detection, detector name, face count, pose, estimated
+    pose, the head fit and the frame it was made in (None when nothing was detected)."""
     needs_pose = settings.yaw is None or settings.pitch is None
     detector = None
     if not settings.no_crop or needs_pose:
@@ -96,17 +206,23 @@ def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes:
             notes.append(f"face detector '{settings.detector}' is unavailable, so the pose is not estimated")
 
     detection: FaceDetection | None = None
+    fit: HeadFit | None = None
+    fit_frame: CropTransform | None = None
     face_count = 0
     if settings.no_crop:
         crop, transform = center_square(image.rgb)
         mask = None if image.alpha is None else center_square(image.alpha)[0]
         if image.rgb.shape[0] != image.rgb.shape[1]:
             notes.append("--no-crop: the image is not square, so its centre square was used")
+        _check_crop_size(transform.side, settings, image.path.name, notes)
         if detector is not None:
             found = detector.detect(crop)
             face_count = len(found)
             if found:
                 in_crop = _pick_face(found, settings, image.path.name, notes)
+                # The aligned image is the crop: the head is fitted in it as it is.
+                fit = fit_head(_fit_landmarks(crop, in_crop, notes), CROP_SIZE)
+                fit_frame = transform
                 detection = FaceDetection(
                     box=transform.invert(in_crop.box.reshape(2, 2)).reshape(4),
                     score=in_crop.score,
@@ -126,14 +242,12 @@ def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes:
                 "that detectors miss), rerun with --no-crop, and add --yaw/--pitch if it is not frontal."
             )
         detection = _pick_face(found, settings, image.path.name, notes)
-        transform = panohead_crop_transform(detection.landmarks5)
+        transform, fit, fit_frame = _recrop(image, detection, settings, notes)
+        _check_crop_size(transform.side, settings, image.path.name, notes)
         crop = warp_crop(image.rgb, transform)
         mask = None if image.alpha is None else warp_crop(image.alpha, transform, blur_padding=False)
 
-    if detection is not None:
-        estimated = pose_from_landmarks(transform.apply(detection.landmarks5), CROP_SIZE)
-    else:
-        estimated = pose_from_angles(0.0, 0.0, "default")
+    estimated = pose_from_fit(fit) if fit is not None else pose_from_angles(0.0, 0.0, "default")
     if needs_pose:
         pose = estimated
         if settings.yaw is not None or settings.pitch is not None:
@@ -144,7 +258,8 @@ def _estimate(image: LoadedImage, settings: PrepareSettings, device: str, notes:
             )
     else:
         pose = pose_from_angles(settings.yaw, settings.pitch, "override")
-    return crop, mask, transform, detection, (detector.name if detector else None), face_count, pose, estimated
+    detector_name = detector.name if detector else None
+    return crop, mask, transform, detection, detector_name, face_count, pose, estimated, fit, fit_frame
 
 
 def _draw_overlay(
@@ -152,8 +267,9 @@ def _draw_overlay(
     transform: CropTransform,
     detection: FaceDetection | None,
     pose: HeadPose,
-    estimated: HeadPose,
     detector: str | None,
+    fit: HeadFit | None = None,
+    fit_frame: CropTransform | None = None,
 ) -> np.ndarray:
     canvas = image.rgb.copy()
     longest = max(canvas.shape[:2])
@@ -167,6 +283,14 @@ def _draw_overlay(
     def pt(xy):
         return tuple(int(round(v * factor)) for v in xy)
 
+    if fit_frame is not None and fit_frame is not transform:
+        # grey: the crop of the FFHQ square alone, before the recrop moved it onto the head
+        corners = fit_frame.corners
+        square = (corners.mean(0), (corners[1] - corners[0]) / 2, (corners[3] - corners[0]) / 2)
+        first = widened_crop_transform(square).corners
+        cv2.polylines(
+            canvas, [np.round(first * factor).astype(np.int32)], True, (150, 150, 150), thickness, cv2.LINE_AA
+        )
     cv2.polylines(
         canvas, [np.round(transform.corners * factor).astype(np.int32)], True, (255, 210, 0), thickness, cv2.LINE_AA
     )
@@ -177,11 +301,12 @@ def _draw_overlay(
                 cv2.circle(canvas, pt(point), max(1, thickness // 2), (255, 255, 255), -1, cv2.LINE_AA)
         for point in detection.landmarks5:
             cv2.circle(canvas, pt(point), thickness + 1, (255, 0, 0), -1, cv2.LINE_AA)
-        axes = pose_axes_in_crop(estimated, CROP_SIZE)
-        if axes is not None:
-            axes = transform.invert(axes)
-            for tip, colour in zip(axes[1:], [(255, 0, 0), (0, 255, 0), (0, 80, 255)]):
-                cv2.arrowedLine(canvas, pt(axes[0]), pt(tip), colour, thickness + 1, cv2.LINE_AA, tipLength=0.2)
+    if fit is not None and fit_frame is not None:
+        axes = fit_frame.invert(fit.axes())
+        for tip, colour in zip(axes[1:], [(255, 0, 0), (0, 255, 0), (0, 80, 255)]):
+            cv2.arrowedLine(canvas, pt(axes[0]), pt(tip), colour, thickness + 1, cv2.LINE_AA, tipLength=0.2)
+        centre = fit_frame.invert(fit.centre)[0]  # the head's centre: the crop square's centre
+        cv2.drawMarker(canvas, pt(centre), (255, 0, 255), cv2.MARKER_CROSS, 8 * thickness, thickness + 1, cv2.LINE_AA)
     label = f"yaw {pose.yaw:+.1f}  elev {pose.elevation:+.1f}  ({pose.source}{', ' + detector if detector else ''})"
     scale = max(canvas.shape[:2]) / 900
     origin = (8, int(30 * scale) + 4)
@@ -196,7 +321,9 @@ def prepare_portrait(
     """Run the prepare stage on a loaded image and write its files into `out_dir`."""
     out_dir = Path(out_dir)
     notes: list[str] = []
-    crop, mask, transform, detection, detector, face_count, pose, estimated = _estimate(image, settings, device, notes)
+    crop, mask, transform, detection, detector, face_count, pose, estimated, fit, fit_frame = _estimate(
+        image, settings, device, notes
+    )
 
     label = cameras.panohead_label(pose.cam2world)
     save_image_atomic(out_dir / CROP_NAME, crop)
@@ -209,8 +336,12 @@ def prepare_portrait(
         "pose": pose.as_dict(),
         "estimated_pose": estimated.as_dict() if estimated.source == "landmarks" else None,
         "crop_corners_in_input": transform.corners.round(3).tolist(),
+        "crop_side_in_input_px": round(transform.side, 2),
+        "upscale": round(CROP_SIZE / transform.side, 4),
         "input_to_crop_affine": transform.matrix.round(6).tolist(),
         "camera_label": label,
+        "head_fit": None if fit is None else fit.as_dict(),
+        "head_fit_frame_corners_in_input": None if fit_frame is None else fit_frame.corners.round(3).tolist(),
     }
     if detection is not None:
         face.update(
@@ -222,9 +353,18 @@ def prepare_portrait(
             }
         )
     write_json_atomic(out_dir / "face.json", face)
-    save_image_atomic(out_dir / "overlay.png", _draw_overlay(image, transform, detection, pose, estimated, detector))
+    save_image_atomic(
+        out_dir / "overlay.png", _draw_overlay(image, transform, detection, pose, detector, fit, fit_frame)
+    )
     return PrepareResult(
-        crop=crop, pose=pose, detection=detection, detector=detector, face_count=face_count, notes=notes
+        crop=crop,
+        pose=pose,
+        detection=detection,
+        detector=detector,
+        face_count=face_count,
+        notes=notes,
+        fit=fit,
+        transform=transform,
     )
 
 
@@ -259,4 +399,5 @@ PREPARE_STAGE = Stage(
     inputs=lambda context: {"input": context.image.sha256},
     build=_build,
     weights=_weights,
+    version=2,  # 2: PanoHead's recrop on a fitted 68-landmark head; small-face and crop-limit checks
 )
