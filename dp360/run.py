@@ -58,8 +58,9 @@ def pipeline_stages() -> tuple[Stage, ...]:
     from .nerf.stage import EXPORT_STAGE, FIT_STAGE, RENDER_STAGE
     from .panohead.stage import NOISE_STAGE
     from .prepare.stage import PREPARE_STAGE
+    from .report import REPORT_STAGE
 
-    return (PREPARE_STAGE, NOISE_STAGE, VIEWS_STAGE, FIT_STAGE, RENDER_STAGE, EXPORT_STAGE)
+    return (PREPARE_STAGE, NOISE_STAGE, VIEWS_STAGE, FIT_STAGE, RENDER_STAGE, EXPORT_STAGE, REPORT_STAGE)
 
 
 class Reporter(Protocol):
@@ -340,6 +341,7 @@ class Run:
             "environment": environment(device, dtype),
             "seed": self.options.seed,
             "stages": previous.get("stages", {}),
+            "notes": list(self.notes),  # this run's notes and warnings (the report shows them)
         }
         input_png = out / "input.png"
         if previous.get("input", {}).get("sha256") != image.sha256 or not input_png.is_file():
@@ -358,6 +360,8 @@ class Run:
 
     def _note(self, message: str) -> None:
         self.notes.append(message)
+        if self.manifest:  # once the run has its manifest; earlier notes enter it in `open`
+            self.manifest["notes"] = list(self.notes)
         self.reporter.note(message)
 
     def _save(self) -> None:

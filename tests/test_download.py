@@ -114,13 +114,13 @@ RECONSTRUCT_SETTINGS = (
 )
 
 
-def test_reconstruct_from_an_empty_cache_fetches_everything_and_runs_all_six_stages(cli, hub, tmp_path, astronaut_path):
+def test_reconstruct_from_an_empty_cache_fetches_everything_and_runs_every_stage(cli, hub, tmp_path, astronaut_path):
     out = tmp_path / "head"
     code, stdout, stderr = cli("reconstruct", astronaut_path, "--out", out, *RECONSTRUCT_SETTINGS)
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(
-        ("prepare", "noise", "views", "fit", "render", "export"), "done"
+        ("prepare", "noise", "views", "fit", "render", "export", "report"), "done"
     )
     # every file came once, whole, and was converted or extracted where the stages look
     assert sorted(hub.bytes_sent) == sorted([MAIN, BACK, PANOHEAD, DATA, VGG])
