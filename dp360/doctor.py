@@ -223,6 +223,41 @@ def check_video() -> Check:
         )
 
 
+def check_nerfstudio_commands() -> Check:
+    """nerfstudio's own commands on a run's field: the method is registered (the package's entry
+    point), `ns-export` can import open3d (it loads the system library libusb-1.0 on Linux), and
+    `ns-render` finds an `ffmpeg` on PATH (it asks for one even to write images)."""
+    import ctypes
+    from importlib.metadata import entry_points
+
+    from .nerf.fit import METHOD
+
+    problems, advice = [], []
+    if METHOD not in entry_points(group="nerfstudio.method_configs").names:
+        problems.append(f"the method {METHOD} is not registered with nerfstudio")
+        advice.append("reinstall dp360 (`pip install -e .`, or scripts/setup.sh)")
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libusb-1.0.so.0")
+        except OSError:
+            problems.append("ns-export cannot import open3d (the system library libusb-1.0 is missing)")
+            advice.append("install it (Debian/Ubuntu: `apt-get install libusb-1.0-0`; scripts/setup.sh does this)")
+    if shutil.which("ffmpeg") is None:
+        problems.append("ns-render finds no ffmpeg on PATH")
+        advice.append(
+            "install ffmpeg (Debian/Ubuntu: `apt-get install ffmpeg`), or link imageio-ffmpeg's binary onto PATH as "
+            "`ffmpeg` (`python -c 'import imageio_ffmpeg as f; print(f.get_ffmpeg_exe())'` prints where it is)"
+        )
+    if problems:
+        return Check("nerfstudio commands", WARN, "; ".join(problems), "; ".join(advice))
+    return Check(
+        "nerfstudio commands",
+        OK,
+        f"ns-train {METHOD}, ns-viewer, ns-render and ns-export work on a run (method registered, libusb-1.0 and "
+        "ffmpeg found)",
+    )
+
+
 CHECKS: tuple[Callable[[], Check | list[Check]], ...] = (
     check_python,
     check_torch,
@@ -234,6 +269,7 @@ CHECKS: tuple[Callable[[], Check | list[Check]], ...] = (
     check_weights,
     check_disk,
     check_video,
+    check_nerfstudio_commands,
 )
 
 

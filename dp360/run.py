@@ -226,6 +226,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
         raise damaged
     if not isinstance(manifest.get("input", {}), dict):
         raise damaged
+    notes = manifest.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(note, str) for note in notes):
+        raise damaged
     for record in manifest["stages"].values():
         if not isinstance(record, dict) or not isinstance(record.get("outputs", {}), dict):
             raise damaged
@@ -341,7 +344,9 @@ class Run:
             "environment": environment(device, dtype),
             "seed": self.options.seed,
             "stages": previous.get("stages", {}),
-            "notes": list(self.notes),  # this run's notes and warnings (the report shows them)
+            # the notes of the runs that made what the folder holds (a resumed stage does not say
+            # its notes again), each once: the report shows them
+            "notes": list(dict.fromkeys([*previous.get("notes", []), *self.notes])),
         }
         input_png = out / "input.png"
         if previous.get("input", {}).get("sha256") != image.sha256 or not input_png.is_file():
@@ -360,8 +365,8 @@ class Run:
 
     def _note(self, message: str) -> None:
         self.notes.append(message)
-        if self.manifest:  # once the run has its manifest; earlier notes enter it in `open`
-            self.manifest["notes"] = list(self.notes)
+        if self.manifest and message not in self.manifest["notes"]:  # earlier notes enter it in `open`
+            self.manifest["notes"].append(message)
         self.reporter.note(message)
 
     def _save(self) -> None:

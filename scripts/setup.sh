@@ -10,6 +10,16 @@ VENV="${VENV:-.venv}"
 CONSTRAINTS="${CONSTRAINTS-constraints.txt}"
 pin=()
 if [ -n "$CONSTRAINTS" ]; then pin=(-c "$CONSTRAINTS"); fi
+# nerfstudio's ns-export imports open3d, which loads the system library libusb-1.0 on Linux
+# (a fresh Debian lacks it: "ImportError: libusb-1.0.so.0"). Installed with apt when we are root.
+if [ "$(uname -s)" = Linux ] && ! ldconfig -p 2>/dev/null | grep 'libusb-1\.0\.so\.0' >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libusb-1.0-0 >/dev/null; } \
+      || echo "setup: could not install libusb-1.0-0 with apt; ns-export will not work until it is installed" >&2
+  else
+    echo "setup: the system library libusb-1.0 is missing; ns-export (open3d) needs it: install libusb-1.0-0 (Debian/Ubuntu: sudo apt-get install libusb-1.0-0)" >&2
+  fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
@@ -25,3 +35,11 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 "$VENV/bin/python" -c "import torchvision.ops, diffusers, nerfstudio, cv2, dlib" \
   || { echo "setup: the installed packages do not import; delete .venv and rerun" >&2; exit 1; }
+# Headless Chromium for tests/test_report.py (it renders export/report.html): installed only where
+# apt-get can (Debian/Ubuntu, as root); elsewhere the browser check of that test is skipped.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } \
+    || echo "setup: could not install chromium; tests/test_report.py will skip its browser check" >&2
+fi

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dp360 import cameras
 from dp360.nerf import synthetic
-from dp360.nerf.fit import FitSettings, fit_field, load_field
+from dp360.nerf.fit import load_field
 from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
 from dp360.nerf.render import TurntableSettings, render_pose, render_turntable, write_frames
 from dp360.video import read_mp4
@@ -22,12 +22,7 @@ SIZE = 48
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("field")
-    views = synthetic.write_views(root / "views", size=SIZE)
-    nerf = root / "nerf"
-    nerf.mkdir()
-    summary = fit_field(views, nerf, FitSettings.preset("test", iterations=250), "cpu", progress=False)
-    return views, nerf, summary
+    return synthetic.write_fitted_run(tmp_path_factory.mktemp("field"), size=SIZE, iterations=250)
 
 
 def _structure_correlation(rendered, image):
@@ -189,7 +184,7 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     summary = json.loads(stdout)
     assert summary["status"] == "done"
     assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(
-        ("prepare", "noise", "views", "fit", "render", "export"), "done"
+        ("prepare", "noise", "views", "fit", "render", "export", "report"), "done"
     )
     for rel in (
         "input.png",
@@ -205,16 +200,16 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
         "views/orbit.mp4",
         "views/transforms.json",
         "nerf/fit.json",
-        "nerf/dp360/nerfacto-head/fit/config.yml",
+        "nerf/dp360/dp360-head/fit/config.yml",
         "export/turntable.mp4",
         "export/head.glb",
         "run.json",
     ):
         assert (out / rel).is_file(), rel
-    assert list((out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "nerfstudio_models").glob("step-*.ckpt"))
+    assert list((out / "nerf" / "dp360" / "dp360-head" / "fit" / "nerfstudio_models").glob("step-*.ckpt"))
     import yaml
 
-    config_text = (out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "config.yml").read_text()
+    config_text = (out / "nerf" / "dp360" / "dp360-head" / "fit" / "config.yml").read_text()
     assert (
         Path(yaml.load(config_text, Loader=yaml.Loader).output_dir) == out / "nerf"
     )  # our own file: the full loader is fine
@@ -232,7 +227,7 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
 
     # A deleted checkpoint is refitted; a seeded fit on a CPU reproduces it bit for bit, so the
     # turntable and the mesh, whose keys hash the checkpoint, still match it and are kept.
-    checkpoints = out / "nerf" / "dp360" / "nerfacto-head" / "fit" / "nerfstudio_models"
+    checkpoints = out / "nerf" / "dp360" / "dp360-head" / "fit" / "nerfstudio_models"
     (checkpoint,) = checkpoints.glob("step-*.ckpt")
     original = checkpoint.read_bytes()
     checkpoint.unlink()
@@ -292,3 +287,22 @@ def test_render_and_export_explain_bad_input(cli, tmp_path):
     assert code == 2 and "format" in stderr
     code, _, stderr = cli("export", tmp_path, "--format", "stl", "--device", "cpu")
     assert code == 2 and "stl" in stderr and all(f"'{name}'" in stderr for name in ("glb", "obj", "ply"))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect: short CPU fits saturate the colour head (sigmoid inputs near -125, so RGB is 0 on the "
+    "head); the mesh takes the field's colours correctly once the field has them",
+)
+def test_mesh_colours_are_the_heads_surface_colours(fitted):
+    """Vertex colours match the known scene's colour at the nearest surface point: the broad
+    left/right and top colour casts (the fine texture is below a 48-pixel view's resolution)."""
+    views, nerf, _ = fitted
+    mesh = extract_mesh(load_field(nerf, "cpu", views), MeshSettings(resolution=48, faces=3000))
+    truth = synthetic.head_mesh(subdivisions=4)
+    _, _, nearest = trimesh.proximity.closest_point(truth, mesh.vertices)
+    expected = truth.visual.face_colors[nearest, :3] / 255.0
+    found = mesh.visual.vertex_colors[:, :3] / 255.0
+    assert abs(found.mean() - expected.mean()) < 0.12  # neither black nor the background
+    for channel, axis in ((0, 0), (2, 1)):  # red cast follows x, blue cast follows y
+        assert np.corrcoef(found[:, channel], mesh.vertices[:, axis])[0, 1] > 0.2

@@ -1,19 +1,13 @@
 """Fitting a radiance field to the generated views with nerfstudio, used as a library.
 
-Method ("nerfacto-head", registered in `METHODS`): nerfstudio's nerfacto with settings for an
-object-centric 360-degree orbit with a plain background and exact cameras:
-- the dataparser keeps our world frame as is (no re-orientation, re-centring or auto-scaling),
-  so the field, the turntable and the mesh share the frame of `views/transforms.json`;
-- a bounded scene box (+-1, the head lives in PanoHead's +-0.5 box) without scene contraction;
-- near/far planes around the orbit radius (the cameras sit at 2.7);
-- the background colour is that of the views (median of their borders), composited behind
-  the field in training and rendering, so the background is not modelled as geometry;
-- no camera optimisation (the cameras are exact by construction);
-- nerfacto's LPIPS metric is never built (it would download AlexNet weights): the model is
-  constructed with the metric class replaced by one that refuses to run.
+The method, "dp360-head" (nerfacto for a head on an orbit of exact cameras), is defined once in
+`method.py` (`head_config`) and registered with nerfstudio by `plugin.py`, so nerfstudio's own
+commands (`ns-viewer`, `ns-render`, `ns-export`, `ns-train dp360-head`) work on a run's field.
 
-Run layout (nerfstudio's own, under `nerf/`): `dp360/nerfacto-head/fit/config.yml` and
-`.../nerfstudio_models/step-*.ckpt`, plus our `fit.json` (settings, background, timings).
+Run layout (nerfstudio's own, under `nerf/`): `dp360/dp360-head/fit/config.yml` and
+`.../nerfstudio_models/step-*.ckpt`, plus our `fit.json` (settings, background, timings). Runs
+made before the method was registered used `dp360/nerfacto-head/fit/`; `load_field` still reads
+them.
 """
 
 from __future__ import annotations
@@ -23,7 +17,7 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +29,8 @@ from ..errors import Dp360Error
 
 FIT_FILE = "fit.json"
 MAX_FIT_ITERATIONS = 1_000_000
-EXPERIMENT, METHOD, TIMESTAMP = "dp360", "nerfacto-head", "fit"
+EXPERIMENT, METHOD, TIMESTAMP = "dp360", "dp360-head", "fit"
+LEGACY_METHODS = ("nerfacto-head",)  # the method's folder name in runs of dp360 before its registration
 
 
 # `FitSettings.preset` names -> their overrides of the defaults (gpu)
@@ -101,17 +96,6 @@ class FitSettings:
             raise Dp360Error(f"The fit background must be auto, white or black, not {self.background!r}.")
 
 
-class _NoLPIPS(torch.nn.Module):
-    """Stands in for torchmetrics' LPIPS inside nerfacto: building the real one downloads
-    AlexNet weights; dp360 never evaluates it."""
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__()
-
-    def forward(self, *args: Any, **kwargs: Any):
-        raise RuntimeError("LPIPS is not available inside dp360's nerfstudio models (no downloads at run time)")
-
-
 @contextlib.contextmanager
 def nerfstudio_quietly() -> Iterator[None]:
     """nerfstudio prints its log to stdout; keep stdout for dp360's --json summaries."""
@@ -119,19 +103,6 @@ def nerfstudio_quietly() -> Iterator[None]:
 
     with contextlib.redirect_stdout(sys.stderr):
         yield
-
-
-@contextlib.contextmanager
-def no_download_metrics() -> Iterator[None]:
-    # nerfacto imports the metric class from torchmetrics when it builds the model.
-    import torchmetrics.image.lpip as lpip_module
-
-    original = lpip_module.LearnedPerceptualImagePatchSimilarity
-    lpip_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS
-    try:
-        yield
-    finally:
-        lpip_module.LearnedPerceptualImagePatchSimilarity = original
 
 
 @contextlib.contextmanager
@@ -150,93 +121,19 @@ def deterministic_on(device: str) -> Iterator[None]:
         torch.use_deterministic_algorithms(previous)
 
 
-def nerfacto_head_config(views_dir: Path, output_dir: Path, settings: FitSettings, device: str):
-    """nerfstudio's TrainerConfig for the method (see the module docstring)."""
-    from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
-    from nerfstudio.configs.method_configs import method_configs
-    from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
-    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-    from nerfstudio.engine.trainer import TrainerConfig
-    from nerfstudio.models.nerfacto import NerfactoModelConfig
-    from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
-
-    proposal_args = [
-        {"hidden_dim": 16, "log2_hashmap_size": 17, "num_levels": 5, "max_res": 128, "use_linear": False},
-        {"hidden_dim": 16, "log2_hashmap_size": 17, "num_levels": 5, "max_res": 256, "use_linear": False},
-    ]
-    optimizers = dataclasses.replace(method_configs["nerfacto"]).optimizers
-    optimizers = {name: dict(group) for name, group in optimizers.items() if name != "camera_opt"}
-    for group in optimizers.values():
-        group["scheduler"] = dataclasses.replace(group["scheduler"], max_steps=max(settings.iterations, 1))
-    cuda = device.startswith("cuda")
-    config = TrainerConfig(
-        method_name=METHOD,
-        experiment_name=EXPERIMENT,
-        timestamp=TIMESTAMP,
-        output_dir=Path(output_dir),
-        max_num_iterations=settings.iterations,
-        mixed_precision=cuda,
-        steps_per_save=10**9,
-        save_only_latest_checkpoint=True,
-        vis="tensorboard",
-        pipeline=VanillaPipelineConfig(
-            datamanager=VanillaDataManagerConfig(
-                dataparser=NerfstudioDataParserConfig(
-                    data=Path(views_dir),
-                    orientation_method="none",
-                    center_method="none",
-                    auto_scale_poses=False,
-                    scale_factor=1.0,
-                    scene_scale=settings.scene_half_size,
-                    eval_mode="all",
-                ),
-                train_num_rays_per_batch=settings.rays_per_batch,
-                eval_num_rays_per_batch=settings.rays_per_batch,
-            ),
-            model=NerfactoModelConfig(
-                eval_num_rays_per_chunk=1 << 14,
-                near_plane=settings.near,
-                far_plane=settings.far,
-                background_color="white",  # replaced by the views' colour in `_apply_background`
-                disable_scene_contraction=True,
-                camera_optimizer=CameraOptimizerConfig(mode="off"),
-                num_levels=settings.num_levels,
-                log2_hashmap_size=settings.log2_hashmap_size,
-                max_res=settings.max_res,
-                hidden_dim=settings.hidden_dim,
-                num_nerf_samples_per_ray=settings.num_nerf_samples,
-                num_proposal_samples_per_ray=tuple(settings.proposal_samples),
-                proposal_net_args_list=proposal_args,
-                use_appearance_embedding=settings.appearance_embedding,
-                average_init_density=0.01,
-                proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
-                implementation="tcnn" if cuda and _has_tcnn() else "torch",
-            ),
-        ),
-        optimizers=optimizers,
-    )
-    config.machine.device_type = "cuda" if cuda else "cpu"
-    config.machine.seed = settings.seed
-    return config
-
-
-def _has_tcnn() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tinycudann") is not None
-
-
-METHODS = {METHOD: nerfacto_head_config}  # one place that registers dp360's field methods
-
-
 def border_colour(views_dir: Path) -> np.ndarray:
     """Median colour (0..1) of the one-pixel borders of the view images."""
+    transforms = json.loads((Path(views_dir) / "transforms.json").read_text())
+    return border_colour_of(Path(views_dir) / frame["file_path"] for frame in transforms["frames"])
+
+
+def border_colour_of(images: Iterable[Path]) -> np.ndarray:
+    """Median colour (0..1) of the one-pixel borders of these images."""
     from PIL import Image
 
-    transforms = json.loads((Path(views_dir) / "transforms.json").read_text())
     samples = []
-    for frame in transforms["frames"]:
-        pixels = np.asarray(Image.open(Path(views_dir) / frame["file_path"]).convert("RGB"), dtype=np.float32) / 255
+    for path in images:
+        pixels = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 255
         samples.append(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
     return np.median(np.concatenate(samples), axis=0)
 
@@ -249,11 +146,6 @@ def resolve_background(views_dir: Path, setting: str) -> list[float]:
     if setting != "auto":
         raise Dp360Error(f"background must be auto, white or black, not {setting!r}.")
     return [round(float(x), 4) for x in border_colour(views_dir)]
-
-
-def _apply_background(pipeline, colour: list[float]) -> None:
-    device = next(pipeline.model.parameters()).device
-    pipeline.model.renderer_rgb.background_color = torch.tensor(colour, dtype=torch.float32, device=device)
 
 
 def _check_views(views_dir: Path) -> None:
@@ -277,19 +169,22 @@ def fit_field(
     nerfstudio's config.yml points at the final checkpoint folder."""
     from tqdm.auto import tqdm
 
+    from .method import head_config
+
     _check_views(views_dir)
-    config = METHODS[METHOD](Path(views_dir).resolve(), Path(out_dir), settings, device)
     background = resolve_background(views_dir, settings.background)
+    config = head_config(settings, device, Path(views_dir).resolve(), background)
+    config.output_dir, config.experiment_name, config.timestamp = Path(out_dir), EXPERIMENT, TIMESTAMP
+    config.steps_per_save, config.vis = 10**9, "tensorboard"  # one checkpoint, written after the loop
     # nerfstudio draws from all three generators (weights, pixel sampling, image caching).
     random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     np.random.seed(settings.seed)
     with deterministic_on(device):
-        with no_download_metrics(), nerfstudio_quietly():
+        with nerfstudio_quietly():
             trainer = config.setup(local_rank=0, world_size=1)
             trainer.setup()
             config.save_config()
-        _apply_background(trainer.pipeline, background)
         start = time.perf_counter()
         losses = []
         trainer.pipeline.train()
@@ -382,17 +277,37 @@ def _read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
     return meta, FitSettings(**settings)
 
 
+def checkpoint_numpy_globals() -> list[Any]:
+    """The numpy scalar types nerfstudio's trainer stores next to the tensors of a checkpoint (its
+    schedulers' learning rates): what `torch.load(weights_only=True)` must allow to read one."""
+    import numpy.core.multiarray as multiarray
+
+    return [multiarray.scalar, np.dtype] + [
+        type(np.dtype(kind)) for kind in (np.float64, np.float32, np.int64, np.int32, np.bool_)
+    ]
+
+
+def run_folder(nerf_dir: Path) -> Path:
+    """nerfstudio's folder of the fit in a run's `nerf/` (config.yml, nerfstudio_models/): this
+    version's, or that of a run made before the method was registered, when only that exists."""
+    folder = Path(nerf_dir) / EXPERIMENT / METHOD / TIMESTAMP
+    for legacy in LEGACY_METHODS:
+        old = Path(nerf_dir) / EXPERIMENT / legacy / TIMESTAMP
+        if not folder.is_dir() and old.is_dir():
+            return old
+    return folder
+
+
+def fit_checkpoints(nerf_dir: Path) -> list[Path]:
+    return sorted((run_folder(nerf_dir) / "nerfstudio_models").glob("step-*.ckpt"))
+
+
 def _read_fit_checkpoint(path: Path) -> dict[str, Any]:
     """A nerfstudio checkpoint read with weights_only (plus the numpy scalars nerfstudio's trainer
     stores next to the tensors), checked to hold pipeline weights and a step."""
-    import numpy.core.multiarray as multiarray
-
     from ..safety import load_tensors
 
-    numpy_types = [multiarray.scalar, np.dtype] + [
-        type(np.dtype(kind)) for kind in (np.float64, np.float32, np.int64, np.int32, np.bool_)
-    ]
-    state = load_tensors(path, REFIT, safe_globals=numpy_types)
+    state = load_tensors(path, REFIT, safe_globals=checkpoint_numpy_globals())
     pipeline = state.get("pipeline") if isinstance(state, dict) else None
     step = state.get("step") if isinstance(state, dict) else None
     if (
@@ -415,7 +330,7 @@ def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = Non
     if not meta_path.is_file():
         raise Dp360Error(f"{nerf_dir} holds no fitted field ({FIT_FILE} is missing); run `dp360 reconstruct` first.")
     meta, settings = _read_fit_record(meta_path)
-    checkpoints = sorted((nerf_dir / EXPERIMENT / METHOD / TIMESTAMP / "nerfstudio_models").glob("step-*.ckpt"))
+    checkpoints = fit_checkpoints(nerf_dir)
     if not checkpoints:
         raise Dp360Error(f"{nerf_dir} has no nerfstudio checkpoint; rerun the fit stage (`dp360 reconstruct --force`).")
     state = _read_fit_checkpoint(checkpoints[-1])
@@ -423,8 +338,10 @@ def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = Non
     if not (views / "transforms.json").is_file() and meta.get("views_dir"):
         views = Path(meta["views_dir"])
     _check_views(views)
-    config = METHODS[METHOD](views.resolve(), nerf_dir, settings, device)
-    with no_download_metrics(), nerfstudio_quietly():
+    from .method import head_config
+
+    config = head_config(settings, device, views.resolve(), meta["background"])
+    with nerfstudio_quietly():
         pipeline = config.pipeline.setup(device=device, test_mode="inference")
     try:
         # nerfstudio's load_pipeline, but strict: its default quietly keeps random weights for
@@ -437,5 +354,4 @@ def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = Non
         details = " ".join(line.strip() for line in str(error).splitlines()[1:]) or str(error)
         raise Dp360Error(f"'{checkpoints[-1]}' does not fit this run's field ({one_line(details)}); {REFIT}.") from None
     pipeline.eval()
-    _apply_background(pipeline, meta["background"])
     return LoadedField(pipeline, settings, meta["background"], device, meta)

@@ -51,26 +51,46 @@ def density_grid(field: LoadedField, resolution: int, box_half: float, chunk: in
     return torch.cat(values).reshape(resolution, resolution, resolution).numpy()
 
 
+# Vertex colours are volume-rendered along a short ray that arrives along the vertex's normal:
+# the iso-level may sit in the field's faint outer layer, whose own colour is untrained.
+COLOUR_RAY_LENGTH = 0.08  # a sixth of the head box: from outside the surface to inside it
+COLOUR_RAY_SAMPLES = 48
+
+
 @torch.no_grad()
-def field_colours(field: LoadedField, vertices: np.ndarray, normals: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """The field's colour at each vertex, seen from outside along its normal."""
+def field_colours(field: LoadedField, vertices: np.ndarray, normals: np.ndarray, chunk: int = 1 << 13) -> np.ndarray:
+    """The colour the field shows at each vertex when seen from outside along its (outward) normal:
+    a ray from `vertex + normal * L/2` to `vertex - normal * L/2`, composited over no background."""
     from nerfstudio.cameras.rays import Frustums, RaySamples
     from nerfstudio.field_components.field_heads import FieldHeadNames
 
+    edges = torch.linspace(0, COLOUR_RAY_LENGTH, COLOUR_RAY_SAMPLES + 1, device=field.device)
     colours = []
     for start in range(0, len(vertices), chunk):
-        positions = torch.tensor(vertices[start : start + chunk], dtype=torch.float32, device=field.device)[:, None]
-        directions = -torch.nn.functional.normalize(
+        points = torch.tensor(vertices[start : start + chunk], dtype=torch.float32, device=field.device)
+        outward = torch.nn.functional.normalize(
             torch.tensor(normals[start : start + chunk], dtype=torch.float32, device=field.device), dim=-1
-        )[:, None]
-        zeros = torch.zeros(positions.shape[:-1] + (1,), device=field.device)
+        )
+        count = len(points)
+        origins = (points + outward * COLOUR_RAY_LENGTH / 2)[:, None].expand(count, COLOUR_RAY_SAMPLES, 3)
+        directions = (-outward)[:, None].expand(count, COLOUR_RAY_SAMPLES, 3)
+        starts = edges[:-1].reshape(1, -1, 1).expand(count, COLOUR_RAY_SAMPLES, 1)
+        ends = edges[1:].reshape(1, -1, 1).expand(count, COLOUR_RAY_SAMPLES, 1)
         samples = RaySamples(
             frustums=Frustums(
-                origins=positions, directions=directions, starts=zeros, ends=zeros, pixel_area=torch.ones_like(zeros)
+                origins=origins.contiguous(),
+                directions=directions.contiguous(),
+                starts=starts.contiguous(),
+                ends=ends.contiguous(),
+                pixel_area=torch.ones_like(starts),
             ),
-            camera_indices=torch.zeros(positions.shape[:-1] + (1,), dtype=torch.long, device=field.device),
+            camera_indices=torch.zeros_like(starts, dtype=torch.long),
+            deltas=(ends - starts).contiguous(),
         )
-        colours.append(field.model.field(samples)[FieldHeadNames.RGB][:, 0].clamp(0, 1).float().cpu().numpy())
+        outputs = field.model.field(samples)
+        weights = samples.get_weights(outputs[FieldHeadNames.DENSITY])  # (count, samples, 1)
+        rgb = (weights * outputs[FieldHeadNames.RGB]).sum(dim=1) / weights.sum(dim=1).clamp_min(1e-6)
+        colours.append(rgb.clamp(0, 1).float().cpu().numpy())
     return np.concatenate(colours) if colours else np.zeros((0, 3))
 
 
@@ -107,7 +127,12 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
         # Quadric placement can push a vertex a hair outside the sampled box; keep the box exact.
         mesh.vertices = np.clip(mesh.vertices, -settings.box_half, settings.box_half)
     mesh.fix_normals()
-    colours = field_colours(field, np.asarray(mesh.vertices), np.asarray(mesh.vertex_normals))
+    # normals from the final faces (trimesh may keep normals cached from before the fix), outward
+    fresh = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    if fresh.is_volume and fresh.volume < 0:
+        mesh.invert()
+        fresh = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    colours = field_colours(field, np.asarray(mesh.vertices), np.asarray(fresh.vertex_normals))
     mesh.visual.vertex_colors = np.concatenate(
         [(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1
     ).astype(np.uint8)

@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import Dp360Error
 from ..imaging import file_sha256
 from ..stage import Stage, StageContext
-from .fit import EXPERIMENT, FIT_FILE, METHOD, TIMESTAMP, FitSettings, fit_field, load_field
+from .fit import FIT_FILE, FitSettings, fit_checkpoints, fit_field, load_field
 from .mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
 from .render import TurntableSettings, render_turntable, write_frames
 
@@ -95,7 +95,7 @@ def field_hashes(run_dir: Path) -> dict[str, str]:
     nerf = run_dir / "nerf"
     hashes = {"nerf/" + FIT_FILE: _fit_record_hash(nerf / FIT_FILE)}
     files = [run_dir / "views" / "transforms.json"]
-    files += sorted((nerf / EXPERIMENT / METHOD / TIMESTAMP / "nerfstudio_models").glob("step-*.ckpt"))
+    files += fit_checkpoints(nerf)
     hashes.update({path.relative_to(run_dir).as_posix(): file_sha256(path) for path in files if path.is_file()})
     return hashes
 
@@ -129,6 +129,7 @@ FIT_STAGE = Stage(
         context.progress,
     ),
     needs=("views",),
+    version=2,  # the method registered with nerfstudio as dp360-head (was nerfacto-head)
 )
 
 RENDER_STAGE = Stage(

@@ -91,3 +91,17 @@ def write_views(folder: str | Path, size: int = 256, view_count: int = 32, mesh=
         entries.append(cameras.ViewCamera(name, pose, cameras.normalized_intrinsics()))
     write_json_atomic(folder / "transforms.json", cameras.to_nerfstudio_transforms(entries, size, size))
     return folder
+
+
+def write_fitted_run(root: str | Path, size: int = 48, iterations: int = 250, seed: int = 42):
+    """A run's `views/` (the synthetic head at `size` px) and `nerf/` (a field fitted on a CPU with
+    the "test" preset and `iterations`) under `root`: the tests' tiny fitted run. Returns
+    (views folder, nerf folder, the fit's summary)."""
+    from .fit import FitSettings, fit_field
+
+    root = Path(root)
+    views = write_views(root / "views", size=size)
+    nerf = root / "nerf"
+    nerf.mkdir(parents=True)
+    settings = FitSettings.preset("test", iterations=iterations, seed=seed)
+    return views, nerf, fit_field(views, nerf, settings, "cpu", progress=False)

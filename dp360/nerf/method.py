@@ -1,0 +1,197 @@
+"""dp360's radiance-field method, "dp360-head", as nerfstudio classes and one config builder.
+
+`head_config` is the one definition of the method: `dp360 reconstruct` fits with it (fit.py),
+`load_field` rebuilds it from a run's fit.json, and the plugin (plugin.py, entry point
+`nerfstudio.method_configs`) registers it with nerfstudio, so `ns-train dp360-head`,
+`ns-viewer`, `ns-render` and `ns-export` use the same settings.
+
+The method is nerfstudio's nerfacto with settings for an object-centric 360-degree orbit with a
+plain background and exact cameras:
+- the dataparser keeps our world frame as is (no re-orientation, re-centring or auto-scaling),
+  so the field, the turntable and the mesh share the frame of `views/transforms.json`;
+- a bounded scene box (+-1, the head lives in PanoHead's +-0.5 box) without scene contraction;
+- near/far planes around the orbit radius (the cameras sit at 2.7);
+- the background colour is that of the views, composited behind the field in training and
+  rendering, so the background is not modelled as geometry: a dp360 fit writes the colour into
+  the model config (`background_rgb`); when it is unset (`ns-train dp360-head --data ...`), the
+  pipeline takes the median colour of the training images' borders;
+- no camera optimisation (the cameras are exact by construction);
+- nerfacto's LPIPS metric is never built (it would download AlexNet weights): the model is
+  constructed with the metric class replaced by a stand-in, and reports PSNR and SSIM only.
+
+This module imports nerfstudio at the top; dp360's CLI imports it lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+from nerfstudio.configs.base_config import ViewerConfig
+from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.engine.optimizers import AdamOptimizerConfig
+from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
+from nerfstudio.engine.trainer import TrainerConfig
+from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+
+from .fit import METHOD, FitSettings, border_colour_of
+
+DESCRIPTION = (
+    "dp360's head field: nerfacto for a 360-degree orbit of exact cameras around a bounded head on a plain "
+    "background (world frame kept, no scene contraction, no camera optimisation, background from the views)."
+)
+
+
+class _NoLPIPS(torch.nn.Module):
+    """Stands in for torchmetrics' LPIPS inside nerfacto: building the real one downloads
+    AlexNet weights. It returns NaN, and `HeadModel` leaves it out of its metrics."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__()
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.tensor(float("nan"))
+
+
+@contextlib.contextmanager
+def no_download_metrics() -> Iterator[None]:
+    # nerfacto imports the metric class from torchmetrics when it builds the model.
+    import torchmetrics.image.lpip as lpip_module
+
+    original = lpip_module.LearnedPerceptualImagePatchSimilarity
+    lpip_module.LearnedPerceptualImagePatchSimilarity = _NoLPIPS
+    try:
+        yield
+    finally:
+        lpip_module.LearnedPerceptualImagePatchSimilarity = original
+
+
+@dataclass
+class HeadModelConfig(NerfactoModelConfig):
+    """nerfacto with the views' background colour and without LPIPS."""
+
+    _target: type = field(default_factory=lambda: HeadModel)
+    background_rgb: Optional[tuple[float, float, float]] = None
+    """Background colour (0..1) composited behind the field; None: the median colour of the
+    training images' borders."""
+
+
+class HeadModel(NerfactoModel):
+    config: HeadModelConfig
+
+    def populate_modules(self) -> None:
+        with no_download_metrics():
+            super().populate_modules()
+        if self.config.background_rgb is not None:
+            self.set_background(self.config.background_rgb)
+
+    def set_background(self, colour: Sequence[float]) -> None:
+        device = self.kwargs.get("device") or "cpu"
+        self.renderer_rgb.background_color = torch.tensor([float(x) for x in colour], device=device)
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        metrics.pop("lpips", None)  # the stand-in's NaN
+        return metrics, images
+
+
+@dataclass
+class HeadPipelineConfig(VanillaPipelineConfig):
+    _target: type = field(default_factory=lambda: HeadPipeline)
+
+
+class HeadPipeline(VanillaPipeline):
+    """nerfstudio's pipeline; sets the background from the training images' borders when the
+    model config names no colour."""
+
+    def __init__(self, config: HeadPipelineConfig, device: str, *args: Any, **kwargs: Any):
+        super().__init__(config, device, *args, **kwargs)
+        outputs = getattr(self.datamanager, "train_dataparser_outputs", None)
+        if isinstance(self.model, HeadModel) and self.model.config.background_rgb is None and outputs is not None:
+            self.model.set_background(border_colour_of(outputs.image_filenames))
+
+
+def _has_tcnn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tinycudann") is not None
+
+
+def head_config(
+    settings: FitSettings,
+    device: str = "cuda",
+    views_dir: Path | None = None,
+    background: Sequence[float] | None = None,
+) -> TrainerConfig:
+    """nerfstudio's TrainerConfig of the method (see the module docstring). Defaults are
+    nerfstudio's (output under `outputs/`, the viewer); `fit_field` sets dp360's run layout."""
+    proposal_args = [
+        {"hidden_dim": 16, "log2_hashmap_size": 17, "num_levels": 5, "max_res": 128, "use_linear": False},
+        {"hidden_dim": 16, "log2_hashmap_size": 17, "num_levels": 5, "max_res": 256, "use_linear": False},
+    ]
+    steps = max(settings.iterations, 1)
+    optimizers = {  # nerfacto's, less the camera optimiser, decaying over the fit
+        name: {
+            "optimizer": AdamOptimizerConfig(lr=1e-2, eps=1e-15),
+            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=steps),
+        }
+        for name in ("proposal_networks", "fields")
+    }
+    cuda = device.startswith("cuda")
+    dataparser = NerfstudioDataParserConfig(
+        orientation_method="none",
+        center_method="none",
+        auto_scale_poses=False,
+        scale_factor=1.0,
+        scene_scale=settings.scene_half_size,
+        eval_mode="all",
+    )
+    if views_dir is not None:
+        dataparser.data = Path(views_dir)
+    config = TrainerConfig(
+        method_name=METHOD,
+        max_num_iterations=settings.iterations,
+        steps_per_eval_batch=500,
+        steps_per_save=2000,
+        mixed_precision=cuda,
+        pipeline=HeadPipelineConfig(
+            datamanager=VanillaDataManagerConfig(
+                dataparser=dataparser,
+                train_num_rays_per_batch=settings.rays_per_batch,
+                eval_num_rays_per_batch=settings.rays_per_batch,
+            ),
+            model=HeadModelConfig(
+                eval_num_rays_per_chunk=1 << 14,
+                near_plane=settings.near,
+                far_plane=settings.far,
+                background_color="white",  # under `background_rgb`, or the views' colour (HeadPipeline)
+                background_rgb=None if background is None else tuple(float(x) for x in background),
+                disable_scene_contraction=True,
+                camera_optimizer=CameraOptimizerConfig(mode="off"),
+                num_levels=settings.num_levels,
+                log2_hashmap_size=settings.log2_hashmap_size,
+                max_res=settings.max_res,
+                hidden_dim=settings.hidden_dim,
+                num_nerf_samples_per_ray=settings.num_nerf_samples,
+                num_proposal_samples_per_ray=tuple(settings.proposal_samples),
+                proposal_net_args_list=proposal_args,
+                use_appearance_embedding=settings.appearance_embedding,
+                average_init_density=0.01,
+                proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
+                implementation="tcnn" if cuda and _has_tcnn() else "torch",
+            ),
+        ),
+        optimizers=optimizers,
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        vis="viewer",
+    )
+    config.machine.device_type = "cuda" if cuda else "cpu"
+    config.machine.seed = settings.seed
+    return config

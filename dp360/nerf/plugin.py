@@ -1,0 +1,25 @@
+"""dp360's methods as a nerfstudio plugin: the entry point `dp360-head` of the group
+`nerfstudio.method_configs` (pyproject.toml) names `dp360_head`, so nerfstudio's commands know
+the method: `ns-train dp360-head --data RUN/views`, and `ns-viewer`, `ns-render` and `ns-export`
+with `--load-config RUN/nerf/dp360/dp360-head/fit/config.yml`.
+
+nerfstudio loads this module whenever it lists its methods (every `ns-*` command). Importing it
+also lets `torch.load(weights_only=True)`, torch's default since 2.6, read the numpy scalars
+that nerfstudio's trainer stores in its checkpoints (its schedulers' learning rates): nerfstudio
+1.1.5's `eval_setup` loads checkpoints with the default and fails on every checkpoint otherwise.
+Only numpy's scalar and dtype types are allowed, which build no other objects.
+"""
+
+from __future__ import annotations
+
+import torch
+from nerfstudio.plugins.types import MethodSpecification
+
+from .fit import FitSettings, checkpoint_numpy_globals
+from .method import DESCRIPTION, head_config
+
+torch.serialization.add_safe_globals(checkpoint_numpy_globals())
+
+# The "gpu" preset (FitSettings' defaults), as `dp360 reconstruct` fits on CUDA; on a CPU add
+# `--machine.device-type cpu`, and override any setting on the command line.
+dp360_head = MethodSpecification(config=head_config(FitSettings()), description=DESCRIPTION)
