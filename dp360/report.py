@@ -74,9 +74,9 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _shown_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The parts of run.json the page shows (not its own record, not `updated_at`, not whether a
-    stage was reused this time)."""
-    shown = {key: manifest.get(key) for key in ("dp360_version", "created_at", "input", "environment", "seed", "notes")}
+    """The parts of run.json the page's key follows (not its own record, not `updated_at`, not
+    whether a stage was reused this time, not the notes: a rerun that reuses stages says fewer)."""
+    shown = {key: manifest.get(key) for key in ("dp360_version", "created_at", "input", "environment", "seed")}
     shown["stages"] = {
         name: {key: value for key, value in record.items() if key not in _UNSHOWN_RECORD_FIELDS}
         for name, record in manifest.get("stages", {}).items()

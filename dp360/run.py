@@ -344,9 +344,7 @@ class Run:
             "environment": environment(device, dtype),
             "seed": self.options.seed,
             "stages": previous.get("stages", {}),
-            # the notes of the runs that made what the folder holds (a resumed stage does not say
-            # its notes again), each once: the report shows them
-            "notes": list(dict.fromkeys([*previous.get("notes", []), *self.notes])),
+            "notes": list(self.notes),  # this run's notes and warnings
         }
         input_png = out / "input.png"
         if previous.get("input", {}).get("sha256") != image.sha256 or not input_png.is_file():
@@ -363,9 +361,11 @@ class Run:
                 shutil.rmtree(path)
         previous["stages"] = {}
 
-    def _note(self, message: str) -> None:
+    def _note(self, message: str, record: bool = True) -> None:
+        """Tell the user; with `record`, also keep it in run.json (this run's notes, which the report
+        shows; notes made before `open` enter there)."""
         self.notes.append(message)
-        if self.manifest and message not in self.manifest["notes"]:  # earlier notes enter it in `open`
+        if record and self.manifest:
             self.manifest["notes"].append(message)
         self.reporter.note(message)
 
@@ -627,7 +627,8 @@ def run_pipeline(
                 continue
             run.stage(stage, context)
         if missing:
-            run._note(f"not run: {', '.join(missing)} (see run.json for why)")
+            # a summary for the console: run.json has each stage's reason already
+            run._note(f"not run: {', '.join(missing)} (see run.json for why)", record=False)
         run.finish("incomplete" if missing else "done")
     except BaseException as error:
         failure = error

@@ -216,7 +216,9 @@ def test_complete_run_page_shows_every_result_from_files_of_the_run(complete_run
         assert f"<tr><td>{name}</td><td>done</td>" in text
         assert f"{_record(complete_run, name)['seconds']:.2f} s" in text
     assert "&quot;invert_steps&quot;: 2" in text and "&quot;frames&quot;: 4" in text
-    assert "not run:" not in text and "None: every stage ran." in text
+    assert "not run:" not in text and "<b>warning</b>" not in text
+    # the run's notes from run.json (the astronaut's face is small for PanoHead's crop)
+    assert "<b>note</b>: the face is small" in text
     assert "<span class='status done'>done</span>" in text
     report = _record(complete_run, "report")
     assert report["outputs"] == {"export/report.html": page.stat().st_size}
