@@ -242,7 +242,8 @@ def check_nerfstudio_commands() -> Check:
         except OSError:
             problems.append("ns-export cannot import open3d (the system library libusb-1.0 is missing)")
             advice.append("install it (Debian/Ubuntu: `apt-get install libusb-1.0-0`; scripts/setup.sh does this)")
-    if shutil.which("ffmpeg") is None:
+    # setup.sh links one into the venv's bin folder, which is on PATH when the venv is active
+    if shutil.which("ffmpeg") is None and shutil.which("ffmpeg", path=str(Path(sys.executable).parent)) is None:
         problems.append("ns-render finds no ffmpeg on PATH")
         advice.append(
             "install ffmpeg (Debian/Ubuntu: `apt-get install ffmpeg`), or link imageio-ffmpeg's binary onto PATH as "

@@ -35,6 +35,10 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
 fi
 "$VENV/bin/python" -c "import torchvision.ops, diffusers, nerfstudio, cv2, dlib" \
   || { echo "setup: the installed packages do not import; delete .venv and rerun" >&2; exit 1; }
+# ns-render asks for an `ffmpeg` on PATH: the one imageio-ffmpeg ships (H.264) is linked into the venv.
+if [ ! -e "$VENV/bin/ffmpeg" ]; then
+  ln -s "$("$VENV/bin/python" -c 'import imageio_ffmpeg as f; print(f.get_ffmpeg_exe())')" "$VENV/bin/ffmpeg" || true
+fi
 # Headless Chromium for tests/test_report.py (it renders export/report.html): installed only where
 # apt-get can (Debian/Ubuntu, as root); elsewhere the browser check of that test is skipped.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
