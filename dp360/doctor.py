@@ -162,7 +162,7 @@ def check_weights() -> list[Check]:
         if need.present():
             checks.append(Check(name, OK, f"{what}: present at {need.target}"))
         else:
-            size = f"about {item.size_gb:.1f} GB" if item.size_gb else "size not published"
+            size = weights.size_text(item.size_gb)
             when = " (fetched on first use by `dp360 reconstruct` and `dp360 views`)"
             checks.append(Check(name, WARN, f"{what}: missing ({size}){when}", f"run `{need.command()}`"))
     return checks

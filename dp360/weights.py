@@ -265,7 +265,7 @@ class MissingWeightsError(Dp360Error):
     """Weight files are missing and cannot be fetched now."""
 
 
-def _size_text(gb: float | None) -> str:
+def size_text(gb: float | None) -> str:
     return f"about {gb:.1f} GB" if gb else "size not published"
 
 
@@ -277,7 +277,7 @@ def describe_missing(needs: list[Need], sizes: dict[str, int] | None = None) -> 
     for need in sorted(needs, key=lambda need: order.index(need.name)):
         size = sizes.get(need.name)
         gb = size / 1e9 if size else need.file.size_gb
-        lines.append(f"  {need.name}: {need.file.file_name} ({_size_text(gb)}) - run `{need.command()}`")
+        lines.append(f"  {need.name}: {need.file.file_name} ({size_text(gb)}) - run `{need.command()}`")
     return "\n".join(lines)
 
 

@@ -21,7 +21,9 @@ import torch
 from dp360 import weights
 from dp360.download import DownloadError, partial_path
 from dp360.weights import MissingWeightsError, Need
-from tests.hub import LocalHub
+
+from .conftest import tiny_reconstruct_settings
+from .hub import LocalHub
 
 MAIN, BACK = weights.WEIGHT_FILES["main"].file_name, weights.WEIGHT_FILES["back"].file_name
 PANOHEAD, DATA = weights.WEIGHT_FILES["panohead"].file_name, weights.WEIGHT_FILES["data"].file_name
@@ -87,31 +89,7 @@ def _gets(hub: LocalHub) -> list[str]:
     return [path for method, path, _ in hub.requests if method == "GET"]
 
 
-RECONSTRUCT_SETTINGS = (
-    "--detector",
-    "dlib",
-    "--device",
-    "cpu",
-    "--steps",
-    "2",
-    "--invert-steps",
-    "2",
-    "--pti-steps",
-    "1",
-    "--fit-preset",
-    "test",
-    "--fit-iterations",
-    "20",
-    "--frames",
-    "4",
-    "--resolution",
-    "32",
-    "--mesh-resolution",
-    "32",
-    "--mesh-faces",
-    "2000",
-    "--json",
-)
+RECONSTRUCT_SETTINGS = tiny_reconstruct_settings(20)
 
 
 def test_reconstruct_from_an_empty_cache_fetches_everything_and_runs_every_stage(cli, hub, tmp_path, astronaut_path):

@@ -17,6 +17,8 @@ from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
 from dp360.nerf.render import TurntableSettings, render_pose, render_turntable, write_frames
 from dp360.video import read_mp4
 
+from .conftest import tiny_reconstruct_settings
+
 SIZE = 48
 
 
@@ -150,30 +152,7 @@ def _reconstruct(cli, out, image, tiny_weights, *extra):
         weights,
         "--cameras",
         camera_dir,
-        "--detector",
-        "dlib",
-        "--device",
-        "cpu",
-        "--steps",
-        "2",
-        "--invert-steps",
-        "2",
-        "--pti-steps",
-        "1",
-        "--fit-preset",
-        "test",
-        "--fit-iterations",
-        "30",
-        "--frames",
-        "4",
-        "--resolution",
-        "32",
-        "--mesh-resolution",
-        "32",
-        "--mesh-faces",
-        "2000",
-        "--json",
-        *extra,
+        *tiny_reconstruct_settings(30, *extra),
     )
 
 

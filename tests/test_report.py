@@ -23,38 +23,14 @@ from PIL import Image
 
 from dp360.report import MESH_STILL_SIZE, rasterize, report_inputs
 
+from .conftest import tiny_reconstruct_settings
+
 REPO = Path(__file__).resolve().parents[1]
 ASTRONAUT = REPO / "assets" / "astronaut.png"
 VIEWS = 8
 CHROMIUM = next((found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None)
 NO_CHROMIUM = "headless Chromium is not installed (scripts/setup.sh installs Debian's `chromium` when run as root)"
-TINY_SETTINGS = (
-    "--detector",
-    "dlib",
-    "--device",
-    "cpu",
-    "--views",
-    str(VIEWS),
-    "--steps",
-    "2",
-    "--invert-steps",
-    "2",
-    "--pti-steps",
-    "1",
-    "--fit-preset",
-    "test",
-    "--fit-iterations",
-    "8",
-    "--frames",
-    "4",
-    "--resolution",
-    "32",
-    "--mesh-resolution",
-    "32",
-    "--mesh-faces",
-    "2000",
-    "--json",
-)
+TINY_SETTINGS = tiny_reconstruct_settings(8, "--views", str(VIEWS))
 
 
 @contextmanager

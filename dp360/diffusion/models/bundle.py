@@ -271,30 +271,6 @@ def check_bundle(bundle_dir: str | Path) -> str:
     tensor names and shapes, the scheduler); returns its kind."""
     bundle_dir = Path(bundle_dir)
     manifest_path = bundle_dir / BUNDLE_FILE
-    kind = read_json_object(
-        manifest_path, "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`"
-    ).get("kind")
-    if kind not in KIND_COMPONENTS:
-        raise Dp360Error(
-            f"'{manifest_path}' names an unknown bundle kind {one_line(repr(kind), 40)} (expected main or back); "
-            "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`."
-        )
-    advice = f"convert the checkpoint again with `dp360 weights convert {kind}`"
-    for name in KIND_COMPONENTS[kind]:
-        _check_component(bundle_dir / name, name, advice)
-    scheduler_path = bundle_dir / SCHEDULER_DIR / SCHEDULER_FILE
-    check_bounds(read_json_object(scheduler_path, advice), COMPONENT_BOUNDS, f"'{scheduler_path}'", advice)
-    return kind
-
-
-def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A `BackViewPipeline` or `Portrait360Pipeline` from a bundle folder."""
-    from diffusers import DDIMScheduler
-
-    from ..pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline
-
-    bundle_dir = Path(bundle_dir)
-    manifest_path = bundle_dir / BUNDLE_FILE
     if not manifest_path.is_file():
         raise Dp360Error(
             f"'{bundle_dir}' is not a converted dp360 bundle (no {BUNDLE_FILE}); run `dp360 weights convert KIND --out FOLDER`."
@@ -307,11 +283,27 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype 
             f"'{manifest_path}' names an unknown bundle kind {one_line(repr(kind), 40)} (expected main or back); "
             "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`."
         )
-    advice = f"convert the checkpoint again with `dp360 weights convert {kind}`"
+    advice = _reconvert_advice(kind)
     for name in KIND_COMPONENTS[kind]:
         _check_component(bundle_dir / name, name, advice)
     scheduler_path = bundle_dir / SCHEDULER_DIR / SCHEDULER_FILE
     check_bounds(read_json_object(scheduler_path, advice), COMPONENT_BOUNDS, f"'{scheduler_path}'", advice)
+    return kind
+
+
+def _reconvert_advice(kind: str) -> str:
+    return f"convert the checkpoint again with `dp360 weights convert {kind}`"
+
+
+def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """A `BackViewPipeline` or `Portrait360Pipeline` from a bundle folder."""
+    from diffusers import DDIMScheduler
+
+    from ..pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline
+
+    bundle_dir = Path(bundle_dir)
+    kind = check_bundle(bundle_dir)
+    advice = _reconvert_advice(kind)
     classes = _component_classes()
     kwargs = {"use_safetensors": True} if dtype is None else {"use_safetensors": True, "torch_dtype": dtype}
     try:
