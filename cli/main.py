@@ -77,6 +77,11 @@ class FitPreset(str, Enum):  # dp360.nerf.fit.FIT_PRESETS (not imported here: it
     test = "test"
 
 
+class FieldKind(str, Enum):  # dp360.nerf.stage.FIELDS (not imported here: it loads torch)
+    nerfacto = "nerfacto"
+    splatfacto = "splatfacto"
+
+
 class MeshFormat(str, Enum):  # dp360.nerf.mesh.MESH_FORMATS (not imported here: it loads torch)
     glb = "glb"
     obj = "obj"
@@ -490,6 +495,14 @@ def reconstruct(
             show_default=False,
         ),
     ] = None,
+    field_kind: Annotated[
+        FieldKind,
+        typer.Option(
+            "--field",
+            help="The field fitted to the views: nerfacto (density, meshable) or splatfacto (3D Gaussian splats, "
+            "CUDA only; writes export/head.splat.ply instead of a mesh).",
+        ),
+    ] = FieldKind.nerfacto,
     frames: FramesOption = 120,
     fps: FpsOption = 30,
     resolution: ResolutionOption = 512,
@@ -553,6 +566,7 @@ def reconstruct(
             TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
             MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
             tuple(chosen.value for chosen in mesh_format) if mesh_format else ("glb",),
+            field_kind.value,
         )
         # Every setting is checked once, before the first portrait is touched.
         stages = tuple(stage.name for stage in pipeline_stages())
@@ -793,10 +807,17 @@ def render(
 @app.command(cls=Command)
 def export(
     run_dir: RunDirArgument,
-    output_format: Annotated[MeshFormat, typer.Option("--format", help="Mesh file format.")] = MeshFormat.glb,
+    output_format: Annotated[
+        Optional[MeshFormat],
+        typer.Option("--format", help="Mesh file format (default: glb; a splat field: ply).", show_default=False),
+    ] = None,
     out: Annotated[
         Optional[Path],
-        typer.Option("--out", help="Output file (default: RUN_DIR/export/head.FORMAT).", show_default=False),
+        typer.Option(
+            "--out",
+            help="Output file (default: RUN_DIR/export/head.FORMAT, or head.splat.ply for a splat field).",
+            show_default=False,
+        ),
     ] = None,
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
@@ -814,19 +835,32 @@ def export(
     device: DeviceOption = "auto",
     quiet: QuietNoJsonOption = False,
 ) -> None:
-    """Export a mesh (one connected head, vertex colours) from a run's fitted radiance field."""
-    from dp360.nerf.fit import load_field
+    """Export a mesh (one connected head, vertex colours) from a run's fitted radiance field.
+
+    A splat field (`reconstruct --field splatfacto`) has no density to mesh: its Gaussians are
+    written as a standard 3DGS PLY instead (positions, normals, f_dc/f_rest, opacity, scale,
+    rotation), which splat viewers open; this needs no GPU.
+    """
+    from dp360.errors import Dp360Error
+    from dp360.nerf.fit import is_splat_fit, load_field
     from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
     from dp360.outputs import check_file_target
     from dp360.run import RunLock
     from dp360.runtime import resolve_device
 
     with user_errors():
-        mesh_format = output_format.value
+        mesh_format = output_format.value if output_format else "glb"
         settings = MeshSettings(resolution=mesh_resolution, faces=mesh_faces, density=mesh_density)
         settings.check()
         _check_run_dir(run_dir)
-        target = out or Path(run_dir) / "export" / f"head.{mesh_format}"
+        splats = is_splat_fit(Path(run_dir) / "nerf")
+        if splats and output_format not in (None, MeshFormat.ply):
+            raise Dp360Error(
+                f"'{run_dir}' holds a splat field, which has no density to mesh as {mesh_format}; export its "
+                "Gaussians with --format ply, or refit with `dp360 reconstruct --field nerfacto --force` for a mesh."
+            )
+        default_name = "head.splat.ply" if splats else f"head.{mesh_format}"
+        target = out or Path(run_dir) / "export" / default_name
         # The default target lies inside the run folder, which dp360 owns: it may replace it, under
         # the run's lock so that no run writes there at the same time.
         overwrite = overwrite or out is None
@@ -835,13 +869,21 @@ def export(
         if out is None:
             lock.acquire()
         try:
-            field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
-            mesh = extract_mesh(field, settings)
-            write_mesh(mesh, target, mesh_format, overwrite)
+            if splats:
+                from dp360.nerf.splat import splat_parameters_of_checkpoint, write_splat_ply
+
+                parameters = splat_parameters_of_checkpoint(Path(run_dir) / "nerf")
+                write_splat_ply(parameters, target, overwrite)
+                written = f"{len(parameters['means'])} splats"
+            else:
+                field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
+                mesh = extract_mesh(field, settings)
+                write_mesh(mesh, target, mesh_format, overwrite)
+                written = f"{len(mesh.faces)} faces"
         finally:
             lock.release()
     if not quiet:
-        err_console.print(f"[green]✓[/] {target} ({len(mesh.faces)} faces)")
+        err_console.print(f"[green]✓[/] {target} ({written})")
 
 
 weights_app = typer.Typer(
@@ -1085,6 +1127,42 @@ def report(run_dir: RunDirArgument) -> None:
         finally:
             lock.release()
     typer.echo(str(path))
+
+
+@app.command(cls=Command)
+def view(
+    run_dir: RunDirArgument,
+    port: Annotated[int, typer.Option("--port", help="Port to serve on, 1 to 65535 (0 picks a free one).")] = 7007,
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network)."),
+    ] = "127.0.0.1",
+    device: DeviceOption = "auto",
+) -> None:
+    """Open the interactive viewer (nerfstudio's viser viewer) on a run's fitted radiance field.
+
+    Prints the URL on its own line on stdout and serves until Ctrl-C. On a remote GPU machine, keep
+    the default host and forward the port: `ssh -L 7007:127.0.0.1:7007 MACHINE`.
+    """
+    from dp360.nerf.viewer import check_address, fitted_config, start_viewer
+    from dp360.runtime import resolve_device
+
+    with user_errors():
+        address = check_address(host, port)  # before the (slow) loading
+        fitted_config(run_dir)
+        running = start_viewer(run_dir, address, resolve_device(device))
+    typer.echo(running.url)
+    note = address.network_note()
+    if note:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    err_console.print("Serving the viewer; press Ctrl-C to stop.")
+    running.wait()
+
+
+import cli.batch  # noqa: E402, F401  (registers `dp360 batch`; it imports the options above)
+from cli.eval import eval_command  # noqa: E402 - its own module; it imports this one's helpers when run
+
+app.command("eval", cls=Command)(eval_command)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,11 @@ class ViewModels:
     offload: bool = False  # phase offload: idle networks wait in CPU memory (offload.py)
     low_vram: bool = False  # group offload: weights in CPU memory, moved block by block
     compile_models: bool = False  # torch.compile of the networks run at every step
+    # Keep each loaded pipeline for the next portrait (a batch worker loads each model once);
+    # off by default, so one run frees the back-view model before the 360-view model loads.
+    resident: bool = False
+    loads: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # loads per bundle kind
+    _pipelines: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_memory_options(self.offload, self.low_vram, self.compile_models)
@@ -319,26 +324,32 @@ class ViewModels:
 
         self.check_options(device)
 
-        def pipeline(bundle):
-            resident = not (self.offload or self.low_vram)
-            loaded = load_bundle(bundle, device=device if resident else "cpu", dtype=torch_dtype)
+        def pipeline(kind: str, bundle: Path):
+            key = (kind, str(bundle), device, str(torch_dtype), self.offload, self.low_vram, self.compile_models)
+            if key in self._pipelines:
+                return self._pipelines[key]
+            on_device = not (self.offload or self.low_vram)
+            loaded = load_bundle(bundle, device=device if on_device else "cpu", dtype=torch_dtype)
+            self.loads[kind] = self.loads.get(kind, 0) + 1
             if self.offload:
                 loaded.enable_phase_offload(device)
             elif self.low_vram:
                 loaded.enable_low_vram(device)
             if self.compile_models:
                 loaded.enable_compile()
+            if self.resident:
+                self._pipelines[key] = loaded
             return loaded
 
         with BackgroundWriter() as writer:
-            back_pipeline = pipeline(self.back_bundle)
+            back_pipeline = pipeline("back", self.back_bundle)
             back = generate_back_view(back_pipeline, front, camera_images, settings)
             # The back-view model is done: with --offload its call ended with every network in CPU
-            # memory; either way its memory is freed before the 360-view model loads.
+            # memory; either way (unless resident) its memory is freed before the 360-view model loads.
             del back_pipeline
             writer.submit(save_image_atomic, folder / "back_ref.png", np.asarray(back))
             summary = generate_views(
-                pipeline(self.main_bundle), front, back, camera_images, noise_frames, settings, folder, writer
+                pipeline("main", self.main_bundle), front, back, camera_images, noise_frames, settings, folder, writer
             )
         if noise_frames is None:
             summary["note"] = "no 3D-aware noise (the PanoHead stage is not available): Gaussian start"

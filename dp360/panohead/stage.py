@@ -12,7 +12,7 @@ without official `sphere32` images (or when those are absent).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from ..errors import Dp360Error
 from ..imaging import atomic_directory, file_sha256, save_image_atomic, write_json_atomic
 from ..stage import Stage, StageContext, Unavailable, check_int
 from ..weights import Need
-from .inversion import InversionSettings, canonical_ws, invert, render_views, to_uint8
+from .inversion import InversionSettings, canonical_ws, invert, render_views, render_views_with_depth, to_uint8
 
 CONDITION_FPS = 30
+DEPTH_FILE = "depth.npz"  # depth and opacity of the fitted head at the orbit cameras (seeds splats)
 MAX_INVERSION_STEPS = 10_000
 
 
@@ -83,9 +84,8 @@ def build_noise(
         generator, target, label, lpips, inversion, progress=progress, frontal_camera=_frontal_label(device)
     )
     fitted = render_views(result.generator, result.ws, result.camera, seed=settings.seed)
-    frames = render_views(
-        result.generator, result.ws, torch.from_numpy(cameras.orbit_labels(settings.views)), seed=settings.seed
-    )
+    orbit = torch.from_numpy(cameras.orbit_labels(settings.views))
+    frames, depth, opacity = render_views_with_depth(result.generator, result.ws, orbit, seed=settings.seed)
     del result.generator
 
     frames_dir = folder / "frames"
@@ -98,6 +98,14 @@ def build_noise(
     write_mp4(folder / "condition.mp4", pixels, fps=CONDITION_FPS)
     save_image_atomic(folder / "fit.png", np.concatenate([to_uint8(target)[0], to_uint8(fitted)[0]], axis=1))
     torch.save({"ws": result.ws.cpu(), "camera": result.camera.cpu()}, folder / "w.pt")
+    # the fitted head's surface at the orbit cameras: what a splat field (`--field splatfacto`) starts from
+    with open(folder / DEPTH_FILE, "wb") as handle:
+        np.savez_compressed(
+            handle,
+            depth=depth[:, 0].numpy().astype(np.float32),
+            opacity=opacity[:, 0].clamp(0, 1).numpy().astype(np.float32),
+            labels=orbit.numpy().astype(np.float32),
+        )
     error = float((fitted - target).abs().mean())
     summary = {
         "frames": len(pixels),
@@ -136,6 +144,21 @@ class NoiseModels:
 
     generator_dir: Path
     lpips_backbone: Path
+    # Keep the loaded generator and LPIPS for the next portrait (a batch worker loads each once).
+    # The inversion fine-tunes a copy of the generator (PTI), so the kept one stays pristine.
+    resident: bool = False
+    loads: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # loads per model
+    _models: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+
+    def _load(self, name: str, device: str, load):
+        key = (name, str(device))
+        if key in self._models:
+            return self._models[key]
+        model = load()
+        self.loads[name] = self.loads.get(name, 0) + 1
+        if self.resident:
+            self._models[key] = model
+        return model
 
     @classmethod
     def locate(cls, weights_dir: Path | None = None) -> NoiseModels:
@@ -175,14 +198,14 @@ class NoiseModels:
     def generator(self, device: str):
         from .store import load_generator
 
-        return load_generator(self.generator_dir, device=device)
+        return self._load("panohead", device, lambda: load_generator(self.generator_dir, device=device))
 
     def build(
         self, prepared_dir: Path, folder: Path, settings: NoiseSettings, device: str, progress: bool = True
     ) -> dict[str, Any]:
         from .perceptual import load_lpips
 
-        lpips = load_lpips(device, self.lpips_backbone)
+        lpips = self._load("lpips", device, lambda: load_lpips(device, self.lpips_backbone))
         return build_noise(prepared_dir, folder, self.generator(device), lpips, settings, device, progress)
 
     def camera_images(self, view_count: int, device: str) -> Path:
@@ -248,5 +271,5 @@ NOISE_STAGE = Stage(
     check=_check,
     needs=("prepare",),
     weights=_weights,
-    version=2,  # 2: importance sampling as PanoHead's (smoothed weights, S-3 intervals)
+    version=3,  # 2: importance sampling as PanoHead's (smoothed weights, S-3 intervals); 3: depth.npz
 )

@@ -1,0 +1,391 @@
+"""`dp360 batch`: many portraits on Ray (argument parsing and presentation over `dp360.batch`).
+
+Registered on the `dp360` app by cli/main.py, which imports this module at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.markup import escape
+
+from cli.main import (
+    INCOMPLETE_EXIT,
+    AllowSmallOption,
+    BackCameraOption,
+    CamerasOption,
+    Command,
+    CompileOption,
+    Detector,
+    DetectorOption,
+    DetectorWeightsOption,
+    DType,
+    DTypeOption,
+    ElevationOption,
+    EtaOption,
+    FitPreset,
+    ForceCropOption,
+    FpsOption,
+    FramesOption,
+    GuidanceOption,
+    InvertStepsOption,
+    JsonOption,
+    KeepCheckpointsOption,
+    LowVramOption,
+    MaxPixelsOption,
+    MeshFacesOption,
+    MeshFormat,
+    MeshResolutionOption,
+    No3DNoiseOption,
+    NoCropOption,
+    NoDownloadOption,
+    OffloadOption,
+    PitchOption,
+    PtiStepsOption,
+    QuietOption,
+    ResolutionOption,
+    SeedOption,
+    StepsOption,
+    ViewsOption,
+    WeightsDirOption,
+    YawOption,
+    _prepare_settings,
+    app,
+    err_console,
+    interrupt_exit_code,
+    user_errors,
+)
+
+
+class Until(str, Enum):
+    reconstruct = "reconstruct"
+    views = "views"
+
+
+class BatchDevice(str, Enum):
+    auto = "auto"
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class ProgressReporter:
+    """A rich progress bar over the portraits (done, incomplete, failed, running, mean seconds of
+    each stage) on stderr; each failure is printed as it ends."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.counts = {"done": 0, "incomplete": 0, "failed": 0}
+        self.running = 0
+        self.stage_spans: dict[str, list[float]] = {}
+        self.progress = None
+        self.bar = None
+
+    def _text(self) -> str:
+        counts = ", ".join(f"{count} {status}" for status, count in self.counts.items())
+        stages = " · ".join(
+            f"{name} {sum(spans) / len(spans):.1f} s" for name, spans in self.stage_spans.items() if spans
+        )
+        return f"{counts}, {self.running} running" + (f" [dim]| per portrait: {stages}[/]" if stages else "")
+
+    def batch_started(self, total: int, workers: int, kind: str) -> None:
+        if self.quiet:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        err_console.print(
+            f"[bold]batch[/]: {total} portraits on {workers} {'GPU' if kind == 'cuda' else 'CPU'} workers"
+        )
+        self.progress = Progress(
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            console=err_console,
+            transient=False,
+        )
+        self.progress.start()
+        self.bar = self.progress.add_task(self._text(), total=total)
+
+    def _refresh(self, advance: int = 0) -> None:
+        if self.progress is not None:
+            self.progress.update(self.bar, advance=advance, description=self._text())
+
+    def portrait_started(self, task, worker: int, pid: int | None) -> None:
+        self.running += 1
+        self._refresh()
+
+    def portrait_retried(self, result) -> None:
+        self.running -= 1
+        if not self.quiet:
+            err_console.print(
+                f"[yellow]note:[/] {escape(result.input)}: {escape(result.error or '')}; trying again", soft_wrap=True
+            )
+        self._refresh()
+
+    def portrait_finished(self, result) -> None:
+        self.running -= result.status != "interrupted"
+        if result.status in self.counts:
+            self.counts[result.status] += 1
+        for name, seconds in result.seconds.items():
+            self.stage_spans.setdefault(name, []).append(seconds)
+        if result.status == "failed":
+            err_console.print(f"[red]error:[/] {escape(result.input)}: {escape(result.error or '')}", soft_wrap=True)
+        self._refresh(advance=int(result.status != "interrupted"))
+
+    def note(self, message: str) -> None:
+        if not self.quiet:
+            err_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
+
+    def stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def _print_table(summary) -> None:
+    from rich.table import Table
+
+    counts = summary.counts()
+    table = Table(title=f"dp360 batch: {summary.out_dir}", title_justify="left")
+    for column in ("portraits", *[status for status in counts if counts[status] or status != "interrupted"]):
+        table.add_column(column, justify="right")
+    table.add_column("portraits/h", justify="right")
+    shown = [status for status in counts if counts[status] or status != "interrupted"]
+    table.add_row(
+        str(len(summary.results)), *[str(counts[status]) for status in shown], f"{summary.portraits_per_hour():.1f}"
+    )
+    err_console.print(table)
+    stage_seconds = summary.stage_seconds()
+    if stage_seconds:
+        stages = Table(title="mean seconds per portrait (stages that ran)", title_justify="left")
+        for name in stage_seconds:
+            stages.add_column(name, justify="right")
+        stages.add_row(*[f"{seconds:.1f}" for seconds in stage_seconds.values()])
+        err_console.print(stages)
+    unfinished = [result for result in summary.results if result.status != "done"]
+    if unfinished:
+        problems = Table(title="portraits not done", title_justify="left")
+        for column in ("input", "status", "tries", "why"):
+            problems.add_column(column)
+        for result in unfinished:
+            problems.add_row(escape(result.input), result.status, str(result.attempts), escape(result.error or ""))
+        err_console.print(problems)
+
+
+@app.command(cls=Command)
+def batch(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Portraits: image files, folders (their images), glob patterns (quoted; ** recurses), or .txt/.csv "
+            "lists of image paths (CSV: a 'path' column, else the first).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Batch folder: OUT/<stem>/ per portrait, OUT/batch.jsonl, OUT/batch.json (created; resumed if it "
+            "holds this batch).",
+            show_default=False,
+        ),
+    ],
+    until: Annotated[
+        Until, typer.Option("--until", help="reconstruct: the whole pipeline; views: stop after the 360-degree views.")
+    ] = Until.reconstruct,
+    address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--address",
+            help="A running Ray cluster to join (`ray start --head` printed it; 'auto' finds one on this machine); "
+            "default: start one on this machine.",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            "--workers",
+            help="At most this many workers, 1 to 100000 (default: as many as the GPUs or CPUs allow).",
+            show_default=False,
+        ),
+    ] = None,
+    gpus_per_task: Annotated[
+        float, typer.Option("--gpus-per-task", help="GPUs each worker holds, 0.01 to 64 (0.5: two workers a GPU).")
+    ] = 1.0,
+    cpus_per_task: Annotated[
+        float,
+        typer.Option("--cpus-per-task", help="CPU cores each worker holds, 0.01 to 1024 (CPU workers: their threads)."),
+    ] = 1.0,
+    retries: Annotated[
+        int,
+        typer.Option(
+            "--retries",
+            help="Tries after the first for a portrait that crashed or whose worker died, 0 to 100 (a bad input is "
+            "not retried).",
+        ),
+    ] = 2,
+    device: Annotated[
+        BatchDevice, typer.Option(help="Workers on GPUs (cuda), on CPUs, or auto (GPUs when the cluster has them).")
+    ] = BatchDevice.auto,
+    dtype: DTypeOption = DType.auto,
+    seed: SeedOption = 42,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Redo every portrait's stages even when their inputs and settings are unchanged."),
+    ] = False,
+    detector: DetectorOption = Detector.auto,
+    detector_weights: DetectorWeightsOption = None,
+    no_crop: NoCropOption = False,
+    force_crop: ForceCropOption = False,
+    allow_small: AllowSmallOption = False,
+    yaw: YawOption = None,
+    pitch: PitchOption = None,
+    max_pixels: MaxPixelsOption = None,
+    no_download: NoDownloadOption = False,
+    keep_checkpoints: KeepCheckpointsOption = False,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+    steps: StepsOption = 50,
+    guidance: GuidanceOption = 3.0,
+    eta: EtaOption = 0.5,
+    view_count: ViewsOption = 32,
+    back_camera: BackCameraOption = None,
+    no_3d_noise: No3DNoiseOption = False,
+    invert_steps: InvertStepsOption = 200,
+    pti_steps: PtiStepsOption = 5,
+    weights_dir: WeightsDirOption = None,
+    cameras: CamerasOption = None,
+    offload: OffloadOption = False,
+    low_vram: LowVramOption = False,
+    compile_models: CompileOption = False,
+    fit_preset: Annotated[
+        Optional[FitPreset],
+        typer.Option(
+            "--fit-preset",
+            help="Radiance-field settings (default: gpu on GPU workers, else cpu; test: a quick rough fit).",
+            show_default=False,
+        ),
+    ] = None,
+    fit_iterations: Annotated[
+        Optional[int],
+        typer.Option(
+            "--fit-iterations",
+            help="Radiance-field training iterations, 1 to 1000000 (default: the preset's).",
+            show_default=False,
+        ),
+    ] = None,
+    frames: FramesOption = 120,
+    fps: FpsOption = 30,
+    resolution: ResolutionOption = 512,
+    elevation: ElevationOption = 0.0,
+    mesh_resolution: MeshResolutionOption = 256,
+    mesh_faces: MeshFacesOption = 200_000,
+    mesh_format: Annotated[
+        Optional[list[MeshFormat]],
+        typer.Option("--mesh-format", help="Mesh file format; repeat for several (default: glb).", show_default=False),
+    ] = None,
+) -> None:
+    """Many portraits: `reconstruct` (or `--until views`) on each, spread over Ray workers.
+
+    Each worker holds a GPU (CPU cores when there is none), keeps its models loaded and takes portraits from the queue.
+
+    Every portrait gets its own run folder OUT/<stem>/: a rerun skips finished portraits and resumes partial ones.
+
+    A bad input is recorded in OUT/batch.jsonl and the others go on; a crash, or a worker that dies, is retried (--retries).
+
+    Exit status: 0 when every portrait is done, 2 when one failed, 3 when one is incomplete.
+    """
+    from dp360.batch import BatchRecipe, ClusterSettings, run_batch
+    from dp360.diffusion.stage import ViewSettings
+    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.mesh import MeshSettings
+    from dp360.nerf.render import TurntableSettings
+    from dp360.nerf.stage import FieldStageSettings
+    from dp360.panohead.stage import NoiseSettings
+    from dp360.run import RunOptions
+
+    reporter = ProgressReporter(quiet or json_output)
+    try:
+        with user_errors():
+            fit = None
+            if fit_preset is not None or fit_iterations is not None:
+                import torch
+
+                on_gpus = device is BatchDevice.cuda or (device is BatchDevice.auto and torch.cuda.is_available())
+                preset = fit_preset.value if fit_preset else ("gpu" if on_gpus else "cpu")
+                fit = FitSettings.preset(
+                    preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed
+                )
+            settings = dict(
+                options=RunOptions(
+                    device=device.value,
+                    dtype=None if dtype is DType.auto else dtype.value,
+                    seed=seed,
+                    force=force,
+                    progress=not (quiet or json_output),
+                    max_pixels=max_pixels,
+                    download=not no_download,
+                    keep_checkpoints=keep_checkpoints,
+                ),
+                prepare=_prepare_settings(
+                    detector, detector_weights, no_crop, yaw, pitch, None, force_crop, allow_small
+                ),
+                views=ViewSettings(
+                    steps=steps,
+                    guidance=guidance,
+                    eta=eta,
+                    views=view_count,
+                    back_camera_index=back_camera,
+                    seed=seed,
+                    use_3d_noise=not no_3d_noise,
+                ),
+                noise=NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed),
+                field=FieldStageSettings(
+                    fit,
+                    TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
+                    MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
+                    tuple(chosen.value for chosen in mesh_format) if mesh_format else ("glb",),
+                ),
+                weights_dir=weights_dir,
+                camera_dir=cameras,
+                offload=offload,
+                low_vram=low_vram,
+                compile_models=compile_models,
+            )
+            recipe = (BatchRecipe.until_views if until is Until.views else BatchRecipe.reconstruct)(**settings)
+            cluster = ClusterSettings(address, gpus_per_task, cpus_per_task, workers, retries)
+            try:
+                summary = run_batch(inputs, out, recipe, cluster, reporter)
+            except KeyboardInterrupt as interrupt:
+                reporter.stop()
+                ended = sum(reporter.counts.values())
+                err_console.print(
+                    f"[red]interrupted[/]: {ended} portraits had ended ({', '.join(f'{n} {s}' for s, n in reporter.counts.items())}); "
+                    f"see {out / 'batch.jsonl'}; rerun the same command to resume (finished portraits and stages are "
+                    "reused).",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(interrupt_exit_code(interrupt)) from None
+    finally:
+        reporter.stop()
+    if json_output:
+        sys.stdout.write(json.dumps(summary.as_dict(), indent=2) + "\n")
+    elif not quiet:
+        _print_table(summary)
+    counts = summary.counts()
+    if counts["failed"] or counts["incomplete"]:
+        err_console.print(
+            f"[red]{counts['done']} done, {counts['incomplete']} incomplete, {counts['failed']} failed[/] of "
+            f"{len(summary.results)} portraits; fix what is listed above and rerun the same command (finished "
+            "portraits and stages are reused).",
+            soft_wrap=True,
+        )
+        raise typer.Exit(2 if counts["failed"] else INCOMPLETE_EXIT)
