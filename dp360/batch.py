@@ -56,7 +56,6 @@ FORWARDED_PREFIXES = ("DP360_", "HF_")
 FORWARDED_VARIABLES = ("XDG_CACHE_HOME", "TORCH_HOME")
 WORKER_START_SECONDS = 600.0  # a (re)started worker answers within this, or it is given up
 POLL_SECONDS = 0.5  # how often the progress is refreshed while portraits run
-CANCEL_SECONDS = 15.0  # how long cancelled portraits get to record their interruption
 MAX_RETRIES = 100
 STATUSES = ("done", "incomplete", "failed", "interrupted")
 
@@ -689,11 +688,28 @@ def _worker_count(kind: str, cluster: ClusterSettings, resources: dict[str, floa
     return max(1, min(fits, cluster.workers or fits, portraits))
 
 
+def _restarted_pid(worker: _Worker) -> int | None:
+    """The pid of the process Ray restarted the worker in, or None when it is gone for good. Calls
+    made while it restarts fail with ActorUnavailableError; they are repeated until it answers."""
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + WORKER_START_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            return ray.get(worker.handle.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        except ActorUnavailableError:
+            time.sleep(POLL_SECONDS)
+        except (RayActorError, GetTimeoutError):
+            return None
+    return None
+
+
 def _outcome(reference, worker: _Worker, task: PortraitTask, reporter: BatchReporter) -> tuple[PortraitResult, bool]:
     """The result of one try, and whether its worker is still there. A worker that died (killed,
     out of memory) gives a retryable failure; Ray restarts the actor, whose new pid is awaited."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError
 
     try:
         result = ray.get(reference)
@@ -711,9 +727,8 @@ def _outcome(reference, worker: _Worker, task: PortraitTask, reporter: BatchRepo
             pid=worker.pid,
             finished_at=_now(),
         )
-        try:
-            worker.pid = ray.get(worker.handle.pid.remote(), timeout=WORKER_START_SECONDS)
-        except (RayActorError, GetTimeoutError):
+        worker.pid = _restarted_pid(worker)
+        if worker.pid is None:
             reporter.note(f"worker {worker.index} was lost and could not be restarted")
             return result, False
     result.attempts = task.attempt
@@ -752,8 +767,8 @@ def _start_workers(
 
 
 def _dispatch(tasks: list[PortraitTask], workers: list[_Worker], retries: int, finish, reporter) -> None:
-    """Keep every worker busy with one portrait until each has ended; on KeyboardInterrupt cancel
-    the running ones (their runs record the interruption) and raise it."""
+    """Keep every worker busy with one portrait until each has ended; on KeyboardInterrupt record
+    the running ones as interrupted and raise it."""
     import ray
 
     pending, idle = deque(tasks), deque(workers)
@@ -785,10 +800,10 @@ def _dispatch(tasks: list[PortraitTask], workers: list[_Worker], retries: int, f
                 )
             )
     except KeyboardInterrupt:
+        # A running actor method cannot be interrupted: the caller kills the workers (as a crash would
+        # end them); each run keeps its finished stages and a rerun resumes it.
         for reference in running:
             ray.cancel(reference)
-        if running:
-            ray.wait(list(running), num_returns=len(running), timeout=CANCEL_SECONDS)
         for _, task in running.values():
             finish(
                 PortraitResult(
@@ -815,8 +830,8 @@ def run_batch(
     Every setting, the inputs and the folder are checked before anything starts. Uses the Ray
     cluster this process is connected to, else the one at `cluster.address`, else starts one here
     (and stops it at the end). Each portrait's line goes to batch.jsonl as it ends. On
-    KeyboardInterrupt the running portraits are cancelled and recorded as interrupted, then it is
-    raised; a re-run resumes them."""
+    KeyboardInterrupt the workers are killed and their portraits recorded as interrupted, then it
+    is raised; a re-run resumes them (their runs take over the locks the killed workers held)."""
     import ray
 
     cluster = cluster or ClusterSettings()

@@ -81,3 +81,43 @@ def roomy_disk(monkeypatch):
 
     usage = shutil.disk_usage("/")
     monkeypatch.setattr(doctor.shutil, "disk_usage", lambda path: usage._replace(free=500 * 2**30))
+
+
+class TinyWeights:
+    """Tiny bundles and a tiny PanoHead in a `--weights-dir` folder, their camera-condition images
+    (`--cameras`) and a random perceptual backbone: what a tiny run reads instead of the real weights."""
+
+    def __init__(self, root: Path, view_count: int):
+        from dp360.diffusion.models.tiny import write_tiny_bundles
+        from dp360.panohead.perceptual import write_random_backbone
+        from dp360.panohead.tiny import write_tiny_panohead
+
+        bundles = write_tiny_bundles(root / "bundles", view_count=view_count)
+        self.weights_dir = root / "weights"
+        self.weights_dir.mkdir()
+        for kind in ("main", "back"):
+            (self.weights_dir / f"{kind}-fp32").symlink_to(bundles[kind], target_is_directory=True)
+        (self.weights_dir / "panohead").symlink_to(write_tiny_panohead(root / "panohead"), target_is_directory=True)
+        self.cameras = bundles["cameras"]
+        self.backbone = write_random_backbone(root / "vgg16.pth")
+
+    def args(self) -> tuple[str, ...]:
+        return ("--weights-dir", str(self.weights_dir), "--cameras", str(self.cameras))
+
+    def into_cache(self, cache: Path) -> None:
+        """Link the perceptual backbone where the noise stage looks for it in dp360's cache `cache`."""
+        from dp360.panohead.perceptual import VGG16_FILE
+
+        link = Path(cache) / "perceptual" / VGG16_FILE
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(self.backbone)
+
+
+@pytest.fixture(scope="session")
+def fitted(tmp_path_factory):
+    """The synthetic head's views (48 px) and a field fitted to them on the CPU (the "test" preset,
+    250 iterations): (views folder, nerf folder, the fit's summary). Read it only; copy to change."""
+    from dp360.nerf import synthetic
+
+    return synthetic.write_fitted_run(tmp_path_factory.mktemp("field"), size=48, iterations=250)
