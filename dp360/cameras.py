@@ -266,3 +266,88 @@ def pixel_rays(cam2world, intrinsics, resolution: int):
 def orbit_labels(view_count: int = DP360_VIEW_COUNT, radius: float = CAMERA_RADIUS) -> np.ndarray:
     """(n, 25) PanoHead labels of the DP360 orbit (view 0 frontal)."""
     return np.array([panohead_label(pose) for pose in dp360_orbit(view_count, radius)], dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation: aligning a ground-truth capture's cameras to the orbit, and resampling its images
+# --------------------------------------------------------------------------------------------
+
+
+def axes_meeting_point(cam2worlds: Sequence[np.ndarray]) -> np.ndarray:
+    """The point nearest (least squares) to every camera's optical axis: where a rig of cameras
+    around a head looks. Raises ValueError when the axes are all parallel (no single point)."""
+    system, right_side = np.zeros((3, 3)), np.zeros(3)
+    for cam2world in cam2worlds:
+        cam2world = np.asarray(cam2world, dtype=np.float64)
+        forward = cam2world[:3, 2] / np.linalg.norm(cam2world[:3, 2])
+        across = np.eye(3) - np.outer(forward, forward)  # projects onto the plane across the axis
+        system += across
+        right_side += across @ cam2world[:3, 3]
+    if len(cam2worlds) < 2 or np.linalg.cond(system) > 1e8:
+        raise ValueError("the cameras' optical axes do not meet: they need at least two different directions")
+    return np.linalg.solve(system, right_side)
+
+
+def orbit_alignment(
+    cam2worlds: Sequence[np.ndarray], reference: int, radius: float = CAMERA_RADIUS
+) -> tuple[np.ndarray, float]:
+    """The similarity that puts a capture's cameras (OpenCV cam2world, any world frame) on dp360's
+    orbit: the point the cameras look at goes to the origin, their mean up direction to +y, the
+    `reference` camera (the input's view) to yaw 0 in front of the face (+z), at `radius`.
+    Returns (rotation 3x3 and translation as a 4x4 `world -> orbit world` rigid map, scale)."""
+    poses = [np.asarray(pose, dtype=np.float64) for pose in cam2worlds]
+    centre = axes_meeting_point(poses)
+    up = -np.mean([pose[:3, 1] for pose in poses], axis=0)  # OpenCV y points down
+    if np.linalg.norm(up) < 1e-6:
+        up = -poses[reference][:3, 1]
+    up /= np.linalg.norm(up)
+    front = poses[reference][:3, 3] - centre
+    distance = float(np.linalg.norm(front))
+    front = front - (front @ up) * up
+    if np.linalg.norm(front) < 1e-6 * max(distance, 1e-12):
+        raise ValueError("the reference camera looks straight down or up at the head; choose a frontal one")
+    front /= np.linalg.norm(front)
+    rotation = np.stack([np.cross(up, front), up, front])  # rows: orbit x, y, z in capture axes
+    transform = np.eye(4)
+    transform[:3, :3] = rotation
+    transform[:3, 3] = -rotation @ centre
+    return transform, radius / distance
+
+
+def align_cam2world(cam2world: np.ndarray, transform: np.ndarray, scale: float) -> np.ndarray:
+    """A capture's OpenCV cam2world moved by `orbit_alignment`'s (transform, scale)."""
+    aligned = np.asarray(transform, dtype=np.float64) @ np.asarray(cam2world, dtype=np.float64)
+    aligned[:3, 3] *= scale
+    return aligned
+
+
+def angle_between_cameras(first: np.ndarray, second: np.ndarray, lookat: Sequence[float] = (0.0, 0.0, 0.0)) -> float:
+    """Degrees between two cameras' directions from `lookat` (how far apart they are on the orbit)."""
+    a = np.asarray(first)[:3, 3] - np.asarray(lookat, dtype=np.float64)
+    b = np.asarray(second)[:3, 3] - np.asarray(lookat, dtype=np.float64)
+    cosine = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    return math.degrees(math.acos(min(max(cosine, -1.0), 1.0)))
+
+
+def rotation_homography(
+    source_cam2world: np.ndarray,
+    source_pixel_intrinsics: np.ndarray,
+    target_cam2world: np.ndarray,
+    target_pixel_intrinsics: np.ndarray,
+) -> np.ndarray:
+    """3x3 map from a target image's pixels to a source image's pixels for the same viewing rays
+    (exact when both cameras share a centre; otherwise it ignores the parallax between them).
+    Pixel coordinates are OpenCV's `warpPerspective` ones: pixel (0, 0)'s centre is (0, 0), while
+    dp360's intrinsics put it at (0.5, 0.5), hence the half-pixel shifts."""
+    half = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    source_rotation = np.asarray(source_cam2world, dtype=np.float64)[:3, :3]
+    target_rotation = np.asarray(target_cam2world, dtype=np.float64)[:3, :3]
+    homography = (
+        np.linalg.inv(half)
+        @ np.asarray(source_pixel_intrinsics, dtype=np.float64)
+        @ source_rotation.T
+        @ target_rotation
+        @ np.linalg.inv(np.asarray(target_pixel_intrinsics, dtype=np.float64))
+        @ half
+    )
+    return homography / homography[2, 2]

@@ -604,6 +604,30 @@ class _Page:
             )
         self.add(f"<div class='mesh'>{''.join(cells)}</div>")
 
+    def consistency(self) -> None:
+        """The view-consistency score (dp360.eval.consistency): the field re-rendered at the views."""
+        self.add("<h2 id='consistency'>View consistency</h2>")
+        problem = self.problem("consistency")
+        if problem is not None:
+            self.notice(problem)
+            return
+        summary = self.records["consistency"].get("summary") or {}
+
+        def number(key: str, digits: int) -> str:
+            value = summary.get(key)
+            return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "n/a"
+
+        self.add(
+            f"<p>The fitted field rendered at the {_e(summary.get('views', '?'))} view cameras "
+            f"({_e(summary.get('resolution', '?'))} px) against the generated views: PSNR <b>{number('psnr', 2)} dB</b>, "
+            f"LPIPS <b>{number('lpips', 3)}</b> (low PSNR and high LPIPS: views that disagree in 3D). Identity "
+            f"similarity of the views to the input's front view: CSIM <b>{number('csim', 3)}</b> over "
+            f"{_e(summary.get('csim_views', 0))} views with a face. Per view: <code>eval/consistency.json</code>.</p>"
+        )
+        unavailable = summary.get("unavailable")
+        for name, reason in unavailable.items() if isinstance(unavailable, dict) else ():
+            self.notice(f"not available: {name.upper()}: {reason}")
+
     def stages(self) -> None:
         from .run import pipeline_stages
 
@@ -661,6 +685,7 @@ class _Page:
         self.views()
         self.turntable()
         self.mesh()
+        self.consistency()
         self.stages()
         self.environment()
         source = self.manifest.get("input") if isinstance(self.manifest.get("input"), dict) else {}

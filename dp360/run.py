@@ -55,12 +55,22 @@ DEVICE_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp16", "bf16", "fp32"), "mps
 def pipeline_stages() -> tuple[Stage, ...]:
     """The stages of the full pipeline, in order."""
     from .diffusion.stage import VIEWS_STAGE
+    from .eval.consistency import CONSISTENCY_STAGE
     from .nerf.stage import EXPORT_STAGE, FIT_STAGE, RENDER_STAGE
     from .panohead.stage import NOISE_STAGE
     from .prepare.stage import PREPARE_STAGE
     from .report import REPORT_STAGE
 
-    return (PREPARE_STAGE, NOISE_STAGE, VIEWS_STAGE, FIT_STAGE, RENDER_STAGE, EXPORT_STAGE, REPORT_STAGE)
+    return (
+        PREPARE_STAGE,
+        NOISE_STAGE,
+        VIEWS_STAGE,
+        FIT_STAGE,
+        RENDER_STAGE,
+        EXPORT_STAGE,
+        CONSISTENCY_STAGE,
+        REPORT_STAGE,
+    )
 
 
 class Reporter(Protocol):

@@ -98,7 +98,7 @@ def test_reconstruct_from_an_empty_cache_fetches_everything_and_runs_every_stage
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(
-        ("prepare", "noise", "views", "fit", "render", "export", "report"), "done"
+        ("prepare", "noise", "views", "fit", "render", "export", "consistency", "report"), "done"
     )
     # every file came once, whole, and was converted or extracted where the stages look
     assert sorted(hub.bytes_sent) == sorted([MAIN, BACK, PANOHEAD, DATA, VGG])

@@ -22,11 +22,6 @@ from .conftest import tiny_reconstruct_settings
 SIZE = 48
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    return synthetic.write_fitted_run(tmp_path_factory.mktemp("field"), size=SIZE, iterations=250)
-
-
 def _structure_correlation(rendered, image):
     """Correlation of the colour layout on the head (blurred: the synthetic texture is finer
     than a 48-pixel view resolves), over pixels where both show the head."""
@@ -163,7 +158,7 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     summary = json.loads(stdout)
     assert summary["status"] == "done"
     assert {name: stage["status"] for name, stage in summary["stages"].items()} == dict.fromkeys(
-        ("prepare", "noise", "views", "fit", "render", "export", "report"), "done"
+        ("prepare", "noise", "views", "fit", "render", "export", "consistency", "report"), "done"
     )
     for rel in (
         "input.png",

@@ -52,9 +52,11 @@ def lpips_heads_path() -> Path:
 class LPIPS(nn.Module):
     def __init__(self):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
-        self.features = vgg16(weights=None).features[: SLICE_ENDS[-1]]
+        # VGG16's feature layers alone: the whole network's random init (its 120M-weight
+        # classifier) took seconds, for weights that are loaded over it anyway.
+        self.features = make_layers(cfgs["D"])[: SLICE_ENDS[-1]]
         channels = (64, 128, 256, 512, 512)
         self.heads = nn.ModuleList(nn.Conv2d(count, 1, 1, bias=False) for count in channels)
         self.register_buffer("shift", torch.tensor(SHIFT).reshape(1, 3, 1, 1))
