@@ -240,3 +240,63 @@ def resample(
     ones = np.ones(image.shape[:2], np.float32)
     covered = cv2.warpPerspective(ones, homography, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT)
     return warped, covered
+
+
+# -- writing captures (the dataset scripts) -------------------------------------------------------
+
+
+def looks_inward(cam2worlds: list[np.ndarray], share: float = 0.8) -> bool:
+    """Whether the cameras (OpenCV cam2world) look at the point their optical axes meet, as a rig
+    around a head does: it lies in front of at least `share` of them. A wrong pose convention
+    (world-to-camera read as camera-to-world) fails this."""
+    try:
+        centre = cameras.axes_meeting_point(cam2worlds)
+    except ValueError:
+        return False
+    ahead = [float((centre - pose[:3, 3]) @ pose[:3, 2]) > 0 for pose in cam2worlds]
+    return sum(ahead) >= share * len(ahead)
+
+
+def check_new_folder(out: str | Path) -> Path:
+    """A capture goes into a new or empty folder (a dataset script never replaces anything)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise Dp360Error(f"'{out}' exists and is not an empty folder; choose a new --out folder for the capture.")
+    return out
+
+
+def export_capture(out: str | Path, frames: list[dict[str, Any]]) -> Path:
+    """Write a capture: images/NAME.png, masks/NAME.png (where a frame has a mask) and
+    transforms.json. Each frame: name, image (uint8 RGB), mask (uint8, 255 = subject, or None),
+    cam2world (OpenCV), intrinsics (pixels)."""
+    from ..imaging import save_image_atomic
+
+    out = check_new_folder(out)
+    if not frames:
+        raise Dp360Error("No camera frames to write; check the source folder and the --frame and --cameras options.")
+    if not looks_inward([frame["cam2world"] for frame in frames]):
+        raise Dp360Error(
+            "The cameras do not look at a common point in front of them, so their poses were read in the wrong "
+            "convention; report this with the dataset's release name."
+        )
+    entries = []
+    for frame in frames:
+        image = np.ascontiguousarray(frame["image"])
+        save_image_atomic(out / "images" / f"{frame['name']}.png", image)
+        entry = {
+            "file_path": f"images/{frame['name']}.png",
+            "cam2world": frame["cam2world"],
+            "intrinsics": frame["intrinsics"],
+            "width": image.shape[1],
+            "height": image.shape[0],
+        }
+        if frame.get("mask") is not None:
+            save_image_atomic(out / "masks" / f"{frame['name']}.png", np.ascontiguousarray(frame["mask"]))
+            entry["mask_path"] = f"masks/{frame['name']}.png"
+        entries.append(entry)
+    return write_capture(out, entries)
+
+
+def scaled_intrinsics(intrinsics: np.ndarray, scale_x: float, scale_y: float) -> np.ndarray:
+    """Pixel intrinsics of an image resized by (scale_x, scale_y) (pixel centres at +0.5)."""
+    return np.diag([scale_x, scale_y, 1.0]) @ np.asarray(intrinsics, dtype=np.float64)

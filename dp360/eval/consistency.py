@@ -80,7 +80,7 @@ def consistency(
     elif reference is None:
         identity_reason = identity_reason or "no reference image (prepared/crop.png or views/000.png)"
 
-    rows = []
+    rows, pairs = [], []
     for frame in views.frames:
         image = load_image(frame.image_path)[0]
         small = cv2.resize(image, (resolution, resolution), interpolation=cv2.INTER_AREA)
@@ -92,17 +92,19 @@ def consistency(
             "yaw": round(yaw, 3),
             "elevation": round(elevation, 3),
             "psnr": round(metrics.psnr(small, rendered), 4),
-            "lpips": lpips(small, rendered),
+            "lpips": None,
             "csim": None,
         }
-        if row["lpips"] is not None:
-            row["lpips"] = round(row["lpips"], 5)
+        pairs.append((small, rendered))
         if reference_embedding is not None:
             similarity, why = metrics.identity_similarity(identity, reference_embedding, image)
             row["csim"] = None if similarity is None else round(similarity, 5)
             if why:
                 row["csim_note"] = why.removeprefix("compared image: ")
         rows.append(row)
+    distances = lpips.many([pair[0] for pair in pairs], [np.asarray(pair[1], np.float32) for pair in pairs])
+    for row, distance in zip(rows, distances or ()):
+        row["lpips"] = round(distance, 5)
     faces = [row["csim"] for row in rows if row["csim"] is not None]
     summary = {
         "views": len(rows),

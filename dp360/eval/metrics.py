@@ -93,16 +93,25 @@ class Lpips:
         self.model = _loaded_lpips(device, str(path.resolve()), path.stat().st_mtime_ns)
 
     def __call__(self, truth: np.ndarray, image: np.ndarray) -> float | None:
+        distances = self.many([truth], [image])
+        return None if distances is None else distances[0]
+
+    def many(self, truths: list[np.ndarray], images: list[np.ndarray], batch: int = 16) -> list[float] | None:
+        """Distances of same-sized image pairs, in batches (one forward for many small images)."""
         if self.model is None:
             return None
         import torch
 
-        def tensor(array: np.ndarray) -> torch.Tensor:
-            pixels = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).permute(2, 0, 1)[None]
+        def tensor(arrays: list[np.ndarray]) -> torch.Tensor:
+            pixels = torch.from_numpy(np.ascontiguousarray(np.stack(arrays), dtype=np.float32)).permute(0, 3, 1, 2)
             return pixels.to(self.device) * 2 - 1
 
+        distances: list[float] = []
         with torch.no_grad():
-            return float(self.model(tensor(truth), tensor(image))[0])
+            for start in range(0, len(truths), batch):
+                chunk = slice(start, start + batch)
+                distances += [float(d) for d in self.model(tensor(truths[chunk]), tensor(images[chunk]))]
+        return distances
 
 
 # -- identity -------------------------------------------------------------------------------------
