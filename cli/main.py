@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -1157,6 +1158,12 @@ def view(
         err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     err_console.print("Serving the viewer; press Ctrl-C to stop.")
     running.wait()
+    # Stopped, with nothing left to write. After nerfstudio has rendered in its worker threads,
+    # the interpreter's teardown sometimes aborts in native code ("terminate called without an
+    # active exception", SIGABRT, about every other run): end the process here instead.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 import cli.batch  # noqa: E402, F401  (registers `dp360 batch`; it imports the options above)

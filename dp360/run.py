@@ -538,7 +538,7 @@ def check_run_settings(
         if settings is not None and used_by & set(stages):
             settings.check()
     if field is not None and {"fit", "render", "export"} & set(stages):
-        field.check()
+        field.check(device)
     return device, dtype
 
 

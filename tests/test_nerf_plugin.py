@@ -181,3 +181,110 @@ def test_runs_made_before_the_registration_still_load(run, tmp_path):
     before = render_pose(load_field(run / "nerf", "cpu", run / "views"), pose, 16)
     after = render_pose(load_field(old / "nerf", "cpu", old / "views"), pose, 16)
     np.testing.assert_array_equal(before, after)
+
+
+# -- dp360 view: nerfstudio's viewer on the run, over loopback -------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _read_line(stream, seconds: float) -> str:
+    """The first line of a subprocess's stream, or '' after `seconds`."""
+    import threading
+
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(seconds)
+    return line[0].strip() if line else ""
+
+
+def test_dp360_view_serves_the_viewer_on_loopback_and_stops(run, tmp_path):
+    import signal
+    import urllib.request
+
+    import psutil
+
+    from dp360.nerf.viewer import check_address
+
+    from .browser import CHROMIUM, chromium
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "viewer.log"
+    with open(log, "w") as errors:
+        viewer = subprocess.Popen(
+            [str(BIN / "dp360"), "view", str(run), "--port", str(port), "--device", "cpu"],
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+            env=env,
+        )
+        try:
+            url = _read_line(viewer.stdout, 120)
+            assert url == f"http://127.0.0.1:{port}", (url, log.read_text()[-2000:])
+            # loopback only: the server is not bound to the machine's other addresses
+            listening = [conn.laddr for conn in psutil.Process(viewer.pid).net_connections() if conn.status == "LISTEN"]
+            assert listening and all(address.ip in ("127.0.0.1", "::1") for address in listening), listening
+            page = urllib.request.urlopen(url, timeout=30).read().decode()
+            assert "<html" in page.lower() and "<script" in page.lower()
+
+            if CHROMIUM is not None:  # a person's look: the page connects and shows the fitted head
+                shot = tmp_path / "viewer.png"
+                result = chromium(
+                    tmp_path / "profile",
+                    "--use-gl=swiftshader",
+                    "--enable-unsafe-swiftshader",
+                    "--window-size=1000,700",
+                    "--virtual-time-budget=10000",
+                    f"--screenshot={shot}",
+                    url,
+                )
+                assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+                assert "Connection opened" in log.read_text()  # the page's websocket reached our server
+                pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
+                viewport = pixels[100:600, 150:550]  # the 3D view, where the head is drawn
+                saturation = pixels.max(-1) - pixels.min(-1)
+                # the synthetic head's texture is saturated; the views' grey background and the panel are not
+                assert (saturation[100:600, 150:550] > 60).mean() > 0.05, "the field is not drawn"
+                assert viewport.std() > 20
+        finally:
+            viewer.send_signal(signal.SIGINT)
+            try:
+                code = viewer.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                viewer.kill()
+                raise
+    assert code == 0, log.read_text()[-2000:]
+    assert check_address("127.0.0.1", port).port == port  # the port is free again for the next server
+
+
+def test_dp360_view_refuses_bad_addresses_and_runs_without_a_field_before_loading(cli, run, tmp_path):
+    import socket
+
+    from dp360.nerf.viewer import check_address
+
+    code, _, stderr = cli("view", tmp_path / "missing")
+    assert code == 2 and "does not exist" in stderr
+    (tmp_path / "views-only" / "views").mkdir(parents=True)
+    code, _, stderr = cli("view", tmp_path / "views-only", "--port", "0")
+    assert code == 2 and "no fitted radiance field" in stderr and "dp360 reconstruct" in stderr
+    code, _, stderr = cli("view", run, "--port", "70000")
+    assert code == 2 and "--port must be 1 to 65535" in stderr
+    code, _, stderr = cli("view", run, "--host", "no-such-host.invalid", "--port", "0")
+    assert code == 2 and "--host no-such-host.invalid" in stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _, stderr = cli("view", run, "--port", str(taken.getsockname()[1]))
+        assert code == 2 and "already in use" in stderr
+    assert check_address("127.0.0.1", 0).loopback and check_address("127.0.0.1", 0).network_note() is None
+    everywhere = check_address("0.0.0.0", 0)
+    assert not everywhere.loopback and "--host 127.0.0.1" in everywhere.network_note()
+    assert everywhere.url.startswith("http://127.0.0.1:")

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 from contextlib import contextmanager
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,13 +22,13 @@ from PIL import Image
 
 from dp360.report import MESH_STILL_SIZE, rasterize, report_inputs
 
+from .browser import CHROMIUM, NO_CHROMIUM
+from .browser import chromium as _chromium
 from .conftest import tiny_reconstruct_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ASTRONAUT = REPO / "assets" / "astronaut.png"
 VIEWS = 8
-CHROMIUM = next((found for name in ("chromium", "chromium-browser") if (found := shutil.which(name))), None)
-NO_CHROMIUM = "headless Chromium is not installed (scripts/setup.sh installs Debian's `chromium` when run as root)"
 TINY_SETTINGS = tiny_reconstruct_settings(8, "--views", str(VIEWS))
 
 
@@ -311,12 +310,6 @@ def test_report_command_rewrites_the_page_and_refuses_other_folders(incomplete_r
 
 
 # -- in a browser --------------------------------------------------------------------------------
-
-
-def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-    command += ["--no-first-run", "--hide-scrollbars", "--mute-audio", f"--user-data-dir={profile}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)

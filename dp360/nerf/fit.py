@@ -30,6 +30,7 @@ from ..errors import Dp360Error
 FIT_FILE = "fit.json"
 MAX_FIT_ITERATIONS = 1_000_000
 EXPERIMENT, METHOD, TIMESTAMP = "dp360", "dp360-head", "fit"
+SPLAT_METHOD = "dp360-splat"  # `--field splatfacto` (splat.py); its folder replaces METHOD's
 LEGACY_METHODS = ("nerfacto-head",)  # the method's folder name in runs of dp360 before its registration
 
 
@@ -289,13 +290,22 @@ def checkpoint_numpy_globals() -> list[Any]:
 
 def run_folder(nerf_dir: Path) -> Path:
     """nerfstudio's folder of the fit in a run's `nerf/` (config.yml, nerfstudio_models/): this
-    version's, or that of a run made before the method was registered, when only that exists."""
+    version's, or that of a splat fit (`--field splatfacto`) or of a run made before the method was
+    registered, when only that exists."""
     folder = Path(nerf_dir) / EXPERIMENT / METHOD / TIMESTAMP
-    for legacy in LEGACY_METHODS:
+    for legacy in (SPLAT_METHOD, *LEGACY_METHODS):
         old = Path(nerf_dir) / EXPERIMENT / legacy / TIMESTAMP
         if not folder.is_dir() and old.is_dir():
             return old
     return folder
+
+
+def is_splat_fit(nerf_dir: Path) -> bool:
+    """Whether a run's `nerf/` holds a splat field (its fit.json names dp360-splat)."""
+    try:
+        return json.loads((Path(nerf_dir) / FIT_FILE).read_text()).get("method") == SPLAT_METHOD
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def fit_checkpoints(nerf_dir: Path) -> list[Path]:
@@ -338,9 +348,19 @@ def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = Non
     if not (views / "transforms.json").is_file() and meta.get("views_dir"):
         views = Path(meta["views_dir"])
     _check_views(views)
-    from .method import head_config
+    if meta.get("method") == SPLAT_METHOD:
+        from .splat import require_cuda, splat_config
 
-    config = head_config(settings, device, views.resolve(), meta["background"])
+        require_cuda(
+            device,
+            "This run's field (3D Gaussian splats)",
+            "use --device cuda on a CUDA GPU, or rerun `dp360 reconstruct` with --field nerfacto",
+        )
+        config = splat_config(settings, device, views.resolve(), meta["background"])
+    else:
+        from .method import head_config
+
+        config = head_config(settings, device, views.resolve(), meta["background"])
     with nerfstudio_quietly():
         pipeline = config.pipeline.setup(device=device, test_mode="inference")
     try:

@@ -1,7 +1,7 @@
-"""dp360's methods as a nerfstudio plugin: the entry point `dp360-head` of the group
-`nerfstudio.method_configs` (pyproject.toml) names `dp360_head`, so nerfstudio's commands know
-the method: `ns-train dp360-head --data RUN/views`, and `ns-viewer`, `ns-render` and `ns-export`
-with `--load-config RUN/nerf/dp360/dp360-head/fit/config.yml`.
+"""dp360's methods as a nerfstudio plugin: the entry points `dp360-head` and `dp360-splat` of the
+group `nerfstudio.method_configs` (pyproject.toml) name `dp360_head` and `dp360_splat`, so
+nerfstudio's commands know the methods: `ns-train dp360-head --data RUN/views`, and `ns-viewer`,
+`ns-render` and `ns-export` with `--load-config RUN/nerf/dp360/dp360-head/fit/config.yml`.
 
 nerfstudio loads this module whenever it lists its methods (every `ns-*` command). Importing it
 also lets `torch.load(weights_only=True)`, torch's default since 2.6, read the numpy scalars
@@ -17,9 +17,13 @@ from nerfstudio.plugins.types import MethodSpecification
 
 from .fit import FitSettings, checkpoint_numpy_globals
 from .method import DESCRIPTION, head_config
+from .splat import DESCRIPTION as SPLAT_DESCRIPTION
+from .splat import splat_config
 
 torch.serialization.add_safe_globals(checkpoint_numpy_globals())
 
 # The "gpu" preset (FitSettings' defaults), as `dp360 reconstruct` fits on CUDA; on a CPU add
 # `--machine.device-type cpu`, and override any setting on the command line.
 dp360_head = MethodSpecification(config=head_config(FitSettings()), description=DESCRIPTION)
+# `--field splatfacto`: splatfacto for the head orbit (CUDA only, as gsplat), `ns-train dp360-splat --data RUN/views`.
+dp360_splat = MethodSpecification(config=splat_config(FitSettings()), description=SPLAT_DESCRIPTION)

@@ -11,12 +11,16 @@ from typing import Any
 from ..errors import Dp360Error
 from ..imaging import file_sha256
 from ..stage import Stage, StageContext
-from .fit import FIT_FILE, FitSettings, fit_checkpoints, fit_field, load_field
+from .fit import FIT_FILE, FitSettings, fit_checkpoints, fit_field, is_splat_fit, load_field
 from .mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
 from .render import TurntableSettings, render_turntable, write_frames
 
 TURNTABLE_NAME = "turntable.mp4"
 MESH_STEM = "head"
+
+
+FIELDS = ("nerfacto", "splatfacto")  # `--field`: dp360-head (method.py) or dp360-splat (splat.py)
+SPLAT_FILE = "head.splat.ply"
 
 
 @dataclass
@@ -25,6 +29,7 @@ class FieldStageSettings:
     turntable: TurntableSettings = field(default_factory=TurntableSettings)
     mesh: MeshSettings = field(default_factory=MeshSettings)
     mesh_formats: tuple[str, ...] = ("glb",)
+    field: str = "nerfacto"  # one of FIELDS
 
     def fit_for(self, device: str, seed: int = 42) -> FitSettings:
         """The fit's settings: as given, else the device's preset with the run's seed."""
@@ -32,7 +37,15 @@ class FieldStageSettings:
             return self.fit
         return FitSettings.preset("gpu" if device.startswith("cuda") else "cpu", seed=seed)
 
-    def check(self) -> None:
+    def check(self, device: str | None = None) -> None:
+        """Every setting; with `device`, also that the field can be fitted there (splats: CUDA)."""
+        if self.field not in FIELDS:
+            raise Dp360Error(f"--field must be one of {', '.join(FIELDS)}, not {self.field!r}.")
+        if self.field == "splatfacto" and device is not None and not device.startswith("cuda"):
+            raise Dp360Error(
+                f"--field splatfacto needs a CUDA GPU (gsplat rasterises splats on CUDA only) but the device is "
+                f"{device}; run on a CUDA GPU (--device cuda) or use --field nerfacto."
+            )
         if self.fit is not None:
             self.fit.check()
         self.turntable.check()
@@ -45,8 +58,15 @@ class FieldStageSettings:
 
 
 def build_fit(
-    views_dir: Path, folder: Path, final_dir: Path, settings: FitSettings, device: str, progress: bool
+    run_dir: Path, folder: Path, settings: FitSettings, field_name: str, device: str, progress: bool
 ) -> dict[str, Any]:
+    views_dir, final_dir = run_dir / "views", run_dir / "nerf"
+    if field_name == "splatfacto":
+        from .splat import fit_splat, pick_seed_points
+
+        # read before the staging folder replaces nerf/: a nerfacto field fitted there earlier can seed the splats
+        seeds = pick_seed_points(run_dir, settings.seed, device)
+        return fit_splat(views_dir, folder, settings, device, progress, final_dir=final_dir, seed_points=seeds)
     return fit_field(views_dir, folder, settings, device, progress, final_dir=final_dir)
 
 
@@ -62,6 +82,13 @@ def build_render(
 def build_export(
     run_dir: Path, folder: Path, settings: MeshSettings, formats: tuple[str, ...], device: str
 ) -> dict[str, Any]:
+    if is_splat_fit(run_dir / "nerf"):
+        from .splat import NO_MESH, splat_parameters_of_checkpoint, write_splat_ply
+
+        # the Gaussians come straight from the checkpoint (no CUDA needed); splats have no density to mesh
+        parameters = splat_parameters_of_checkpoint(run_dir / "nerf")
+        write_splat_ply(parameters, folder / SPLAT_FILE)
+        return {"splats": int(len(parameters["means"])), "formats": ["splat.ply"], "mesh": f"not written: {NO_MESH}"}
     loaded = load_field(run_dir / "nerf", device, run_dir / "views")
     mesh = extract_mesh(loaded, settings)
     for mesh_format in formats:
@@ -114,19 +141,33 @@ def _fit_settings(context: StageContext) -> FitSettings:
     return context.config.field.fit_for(context.device, context.seed)
 
 
+def _fit_key(context: StageContext) -> dict[str, Any]:
+    key = _fit_settings(context).key_dict()
+    field_name = context.config.field.field
+    if field_name != "nerfacto":  # only named when not the default, so nerfacto runs keep their keys
+        key["field"] = field_name
+    return key
+
+
+def _fit_inputs(context: StageContext) -> dict[str, str]:
+    """The views, and for splats the PanoHead depth they start from (`splat.pick_seed_points`)."""
+    from ..panohead.stage import DEPTH_FILE
+
+    hashes = view_hashes(context.run_dir)
+    depth = context.run_dir / "noise" / DEPTH_FILE
+    if context.config.field.field == "splatfacto" and depth.is_file():
+        hashes[f"noise/{DEPTH_FILE}"] = file_sha256(depth)
+    return hashes
+
+
 FIT_STAGE = Stage(
     name="fit",
     folder="nerf",
     description="radiance field fit (nerfstudio)",
-    settings=lambda context: _fit_settings(context).key_dict(),
-    inputs=lambda context: view_hashes(context.run_dir),
+    settings=_fit_key,
+    inputs=_fit_inputs,
     build=lambda context, folder: build_fit(
-        context.run_dir / "views",
-        folder,
-        context.run_dir / "nerf",
-        _fit_settings(context),
-        context.device,
-        context.progress,
+        context.run_dir, folder, _fit_settings(context), context.config.field.field, context.device, context.progress
     ),
     needs=("views",),
     version=2,  # the method registered with nerfstudio as dp360-head (was nerfacto-head)

@@ -160,16 +160,24 @@ def render_views(
     generator: PanoHeadGenerator, ws: torch.Tensor, labels: torch.Tensor, batch_size: int = 4, seed: int = 0
 ) -> torch.Tensor:
     """Images (N, 3, R, R) in [-1, 1] of one W+ code at N cameras (const noise, seeded ray jitter)."""
+    return render_views_with_depth(generator, ws, labels, batch_size, seed)[0]
+
+
+@torch.no_grad()
+def render_views_with_depth(
+    generator: PanoHeadGenerator, ws: torch.Tensor, labels: torch.Tensor, batch_size: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`render_views`' images plus the volume renderer's depth (distance along each unit ray) and
+    opacity, (N, 1, r, r) at the neural rendering resolution: the head's surface seen from N cameras."""
     device = next(generator.parameters()).device
     rng = torch.Generator(device=device).manual_seed(seed)
-    outputs = []
+    images, depths, masks = [], [], []
     for chunk in labels.to(device, torch.float32).split(batch_size):
-        outputs.append(
-            generator.synthesis(ws.expand(chunk.shape[0], -1, -1), chunk, noise_mode="const", generator=rng)["image"]
-            .float()
-            .cpu()
-        )
-    return torch.cat(outputs)
+        output = generator.synthesis(ws.expand(chunk.shape[0], -1, -1), chunk, noise_mode="const", generator=rng)
+        images.append(output["image"].float().cpu())
+        depths.append(output["image_depth"].float().cpu())
+        masks.append(output["image_mask"].float().cpu())
+    return torch.cat(images), torch.cat(depths), torch.cat(masks)
 
 
 @torch.no_grad()

@@ -1,0 +1,327 @@
+"""The interactive viewer of a run's fitted field: nerfstudio's viser viewer (the one `ns-viewer`
+starts), served on a local port.
+
+`check_address` validates the host and port before any work, `start_viewer` loads the field with
+dp360's checked loader (`load_field`: the same pipeline as nerfstudio's eval setup, rebuilt from
+fit.json rather than from unpickling config.yml) and starts the viewer, and `RunningViewer.wait`
+blocks until Ctrl-C or SIGTERM, then closes the server so that the port is free again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import Dp360Error, Terminated
+from .fit import FIT_FILE, run_folder
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7007
+MAX_PORT = 65535
+MAKE_RUN = "`dp360 reconstruct PORTRAIT --out {run}`"
+NERFSTUDIO_NOISE = "Using a non-tuple sequence"  # torch's deprecation note on nerfstudio's camera indexing
+CLOSE_SECONDS = 10.0  # how long a stop waits for the server's connections to close
+
+
+@dataclass(frozen=True)
+class ViewerAddress:
+    """Where the viewer listens (`port` is never 0 here: 0 asks for a free port, chosen by `check_address`)."""
+
+    host: str
+    port: int
+    loopback: bool  # reachable from this machine only
+
+    @property
+    def url(self) -> str:
+        """The address to open in a browser on this machine."""
+        host = self.host
+        with contextlib.suppress(ValueError):
+            address = ipaddress.ip_address(host)
+            if address.is_unspecified:  # listening everywhere: this machine reaches it over loopback
+                host = "127.0.0.1" if address.version == 4 else "::1"
+            if ipaddress.ip_address(host).version == 6:
+                host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    def network_note(self) -> str | None:
+        """What to tell the user when other machines can reach the viewer; None on loopback."""
+        if self.loopback:
+            return None
+        return (
+            f"the viewer listens on {self.host}, so other machines on the network can open it at "
+            f"http://{socket.gethostname()}:{self.port} (or this machine's address); "
+            f"use --host {DEFAULT_HOST} to keep it to this machine."
+        )
+
+
+def _resolved(host: str, port: int) -> list[tuple[int, tuple]]:
+    """(family, socket address) of every address `host` names, as a server binds them."""
+    if not isinstance(host, str) or not host.strip():
+        raise Dp360Error(f"--host must name an address of this machine, not {host!r}; use {DEFAULT_HOST}.")
+    try:
+        found = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise Dp360Error(
+            f"--host {host} is not an address or name this machine can resolve ({reason}); "
+            f"use {DEFAULT_HOST} (this machine only) or 0.0.0.0 (every network interface)."
+        ) from None
+    unique: dict[tuple, int] = {}
+    for family, _, _, _, address in found:
+        if family in (socket.AF_INET, socket.AF_INET6):
+            unique.setdefault(address[:2], family)
+    return [(family, address) for address, family in unique.items()]
+
+
+def _try_bind(family: int, address: tuple, host: str) -> int:
+    """Binds a throw-away socket the way the server will (address reuse on, IPv6 only for IPv6)
+    and returns the port it got; a refusal becomes one sentence."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            port = address[1]
+            if error.errno == errno.EADDRINUSE:
+                raise Dp360Error(
+                    f"Port {port} on {host} is already in use; stop what uses it or choose another with --port "
+                    "(0 picks a free one)."
+                ) from None
+            if error.errno == errno.EADDRNOTAVAIL:
+                raise Dp360Error(
+                    f"--host {host} is not an address of this machine; use {DEFAULT_HOST} (this machine only) "
+                    "or 0.0.0.0 (every network interface)."
+                ) from None
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise Dp360Error(
+                f"Cannot listen on {host} port {port} ({reason.lower()}); choose another with --port "
+                "(ports below 1024 need administrator rights)."
+            ) from None
+        return probe.getsockname()[1]
+
+
+def check_address(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> ViewerAddress:
+    """The viewer's address, checked before any work: `port` 1 to 65535 and free on every address
+    `host` names (0: pick a free one), `host` an address or name of this machine."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= MAX_PORT:
+        raise Dp360Error(f"--port must be 1 to {MAX_PORT} (or 0 to pick a free one), not {port!r}.")
+    addresses = _resolved(host, port)
+    if not addresses:
+        raise Dp360Error(f"--host {host} names no IPv4 or IPv6 address; use {DEFAULT_HOST}.")
+    if port == 0:
+        family, address = addresses[0]
+        port = _try_bind(family, address, host)
+        addresses = [(family, (address[0], port, *address[2:])) for family, address in addresses]
+    for family, address in addresses:
+        _try_bind(family, address, host)
+    loopback = all(ipaddress.ip_address(address[0].split("%")[0]).is_loopback for _, address in addresses)
+    return ViewerAddress(host, port, loopback)
+
+
+def fitted_config(run_dir: str | Path) -> Path:
+    """nerfstudio's config.yml of the run's fitted field; one sentence, naming the command that
+    makes one, when `run_dir` is not a run or has no fitted field."""
+    run = Path(run_dir)
+    make = MAKE_RUN.format(run=run)
+    if not run.is_dir():
+        state = "is not a folder" if run.exists() else "does not exist"
+        raise Dp360Error(f"Run folder '{run}' {state}; pass a folder written by {make}.")
+    nerf = run / "nerf"
+    if not any((run / name).exists() for name in ("run.json", "views", "nerf")):
+        raise Dp360Error(f"'{run}' is not a dp360 run folder (no run.json, views/ or nerf/); make one with {make}.")
+    config = run_folder(nerf) / "config.yml"
+    if not (nerf / FIT_FILE).is_file() or not config.is_file():
+        raise Dp360Error(
+            f"'{run}' has no fitted radiance field (nerf/{FIT_FILE} or {config.relative_to(run)} is missing); "
+            f"fit one with {make} (it resumes the run)."
+        )
+    return config
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """nerfstudio and viser print banners (viser's repeats the URL), dataset notes and deprecation
+    warnings while they start and stop; keep the console for the URL and real errors."""
+    from nerfstudio.utils.rich_utils import CONSOLE
+
+    was_quiet = CONSOLE.quiet
+    CONSOLE.quiet = True
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message=NERFSTUDIO_NOISE, category=UserWarning)
+            yield
+    finally:
+        CONSOLE.quiet = was_quiet
+
+
+@dataclass
+class RunningViewer:
+    """nerfstudio's viewer serving a run's field; `stop()` (or `wait()`'s end) closes it."""
+
+    address: ViewerAddress
+    viewer: Any  # nerfstudio.viewer.viewer.Viewer
+    config: Path
+
+    @property
+    def url(self) -> str:
+        return self.address.url
+
+    def wait(self) -> None:
+        """Serves until Ctrl-C or SIGTERM, then stops the viewer."""
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main else None
+        if main and previous in (signal.SIG_DFL, None):
+            # a library caller without a handler: SIGTERM unwinds like Ctrl-C, so the port is closed
+            signal.signal(signal.SIGTERM, _raise_terminated)
+        stopped = threading.Event()
+        try:
+            # viser's connection log off stdout; torch's deprecation notes from nerfstudio's render threads hidden
+            with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=NERFSTUDIO_NOISE, category=UserWarning)
+                while not stopped.wait(0.5):
+                    pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if main and previous in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self.stop()
+
+    def stop(self) -> None:
+        """Closes the server (its port is free afterwards) and ends the viewer's render threads."""
+        server = self.viewer.viser_server
+        machines = list(self.viewer.render_statemachines.values())
+        for machine in machines:
+            machine.running = False
+        for machine in machines:  # they wake every 0.2 s; a render in flight ends first
+            machine.join(CLOSE_SECONDS)
+        with _quiet():
+            _close_server(server)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+async def _close_and_wait(websocket_server) -> threading.Thread:
+    websocket_server.close()
+    await websocket_server.wait_closed()
+    return threading.current_thread()  # viser's server thread, which runs this loop
+
+
+def _close_server(server) -> None:
+    """viser 0.2's `stop()` asks the server's event loop to close from this thread without waking
+    it, so the port can stay open; close it on its loop and wait, then let viser stop the rest."""
+    websocket_server = getattr(getattr(server, "_websock_server", None), "_ws_server", None)
+    loop = websocket_server.get_loop() if websocket_server is not None else None
+    server_thread = None
+    if loop is not None and loop.is_running():
+        with contextlib.suppress(Exception):
+            future = asyncio.run_coroutine_threadsafe(_close_and_wait(websocket_server), loop)
+            server_thread = future.result(CLOSE_SECONDS)
+    with contextlib.suppress(AssertionError):  # already stopped
+        server.stop()
+    if loop is not None and loop.is_running():
+        loop.call_soon_threadsafe(loop.stop)
+    # the thread ends with its loop: wait for it, so that the interpreter never exits under it
+    # (a daemon thread still in native code at exit aborts the process)
+    if server_thread is not None and server_thread is not threading.current_thread():
+        server_thread.join(CLOSE_SECONDS)
+
+
+def _look_at_the_face(client) -> None:
+    """A new browser starts at the front view of the orbit, head-filling, rather than at viser's
+    default camera (inside the orbit, nearer than the field's near plane, so all background)."""
+    import numpy as np
+    from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
+
+    from .. import cameras
+
+    front = cameras.orbit_pose(0.0, 0.0)  # OpenCV cam2world in the run's world frame
+    with client.atomic():
+        client.camera.up_direction = -front[:3, 1]  # OpenCV's y axis points down the image
+        client.camera.position = front[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO
+        client.camera.look_at = np.zeros(3)
+        # a little wider than the views (vertical field of view), so the whole head shows
+        client.camera.fov = 1.5 * 2 * np.arctan(cameras.PRINCIPAL_NORMALIZED / cameras.FOCAL_NORMALIZED)
+
+
+def start_viewer(run_dir: str | Path, address: ViewerAddress, device: str = "cpu") -> RunningViewer:
+    """Loads the run's fitted field on `device` and serves nerfstudio's viewer of it at `address`
+    (from `check_address`). Returns at once; call `wait()` or `stop()`."""
+    config = fitted_config(run_dir)
+    with _quiet():  # nerfstudio's imports warn too
+        from nerfstudio.configs.base_config import LoggingConfig, ViewerConfig
+        from nerfstudio.utils import writer
+        from nerfstudio.viewer.viewer import Viewer
+
+        from .fit import load_field
+
+        viewer_config = ViewerConfig(
+            websocket_host=address.host,
+            websocket_port=address.port,
+            num_rays_per_chunk=1 << 15,
+        )
+        field = load_field(Path(run_dir) / "nerf", device, Path(run_dir) / "views")
+        pipeline = field.pipeline
+        # nerfstudio's render threads time themselves into its writer's buffer (it sizes the
+        # preview by the measured speed): set the buffer up, without its console writer.
+        logging = LoggingConfig()
+        logging.local_writer.enable = False
+        writer.setup_local_writer(logging, max_iter=max(field.settings.iterations, 1))
+        # the render tab offers `ns-render` commands with the config next to the viewer's log file
+        viewer = Viewer(
+            viewer_config,
+            log_filename=config.parent / viewer_config.relative_log_filename,
+            datapath=pipeline.datamanager.get_datapath(),
+            pipeline=pipeline,
+            train_lock=threading.Lock(),
+        )
+        running = RunningViewer(address, viewer, config)
+        try:
+            if viewer.viser_server.get_port() != address.port:
+                # viser moves on to the next port when the asked one is taken (it was free a moment ago)
+                raise Dp360Error(
+                    f"Port {address.port} on {address.host} was taken while the field loaded; choose another with "
+                    "--port (0 picks a free one)."
+                )
+            viewer.init_scene(
+                train_dataset=pipeline.datamanager.train_dataset,
+                train_state="completed",
+                eval_dataset=pipeline.datamanager.eval_dataset,
+            )
+            viewer.update_scene(step=int(field.meta.get("iterations", 0)))
+            # a finished fit: nerfstudio's viewer offers to pause training when no trainer is given
+            viewer.pause_train.visible = viewer.resume_train.visible = False
+            viewer.viser_server.on_client_connect(_look_at_the_face)
+        except BaseException:
+            running.stop()
+            raise
+    return running
+
+
+def serve(run_dir: str | Path, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto") -> None:
+    """`dp360 view` as a library call: checks, starts the viewer, prints its URL and serves until
+    Ctrl-C or SIGTERM."""
+    from ..runtime import resolve_device
+
+    address = check_address(host, port)
+    fitted_config(run_dir)
+    running = start_viewer(run_dir, address, resolve_device(device))
+    print(running.url, flush=True)
+    running.wait()
