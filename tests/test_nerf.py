@@ -167,6 +167,7 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
         "prepared/dataset.json",
         "noise/frames/000.png",
         "noise/w.pt",
+        "noise/depth.npz",
         "views/back_ref.png",
         "views/000.png",
         "views/031.png",
@@ -190,6 +191,15 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     meta, frames = read_mp4(out / "export" / "turntable.mp4")
     assert len(frames) == 4 and tuple(meta["size"]) == (32, 32)
     assert np.all(np.abs(trimesh.load(out / "export" / "head.glb", force="mesh").vertices) <= 0.5 + 1e-4)
+    # the inversion's head, as a splat field would start from it: the orbit's cameras, points inside the head
+    # box coloured by the noise frames (the random tiny generator renders a faint fog, hence the low threshold)
+    from dp360.nerf.splat import depth_seed_points
+
+    with np.load(out / "noise" / "depth.npz") as depth:
+        assert np.allclose(depth["labels"], cameras.orbit_labels(32)) and depth["depth"].shape[0] == 32
+    seeds = depth_seed_points(out / "noise" / "depth.npz", 500, seed=0, opacity_threshold=0.1)
+    assert len(seeds.points) > 50 and np.all(np.abs(seeds.points) <= 0.5)
+    assert len(np.unique(seeds.colours, axis=0)) > 10
 
     code, stdout, _ = _reconstruct(cli, out, astronaut_path, tiny_weights)
     assert code == 0 and all(stage["last_run"] == "reused" for stage in json.loads(stdout)["stages"].values())
