@@ -53,6 +53,7 @@ GRID_FILE = "views/grid.png"
 ORBIT_FILE = "views/orbit.mp4"
 TURNTABLE_FILE = "export/turntable.mp4"
 MESH_FILE = "export/head.glb"
+SPLAT_FILE = "export/head.splat.ply"  # instead of the mesh, for a splat field (`--field splatfacto`)
 # Record fields that change when nothing shown changes (a reused stage's `last_run`).
 _UNSHOWN_RECORD_FIELDS = ("last_run",)
 
@@ -101,7 +102,7 @@ def report_inputs(run_dir: str | Path) -> dict[str, str]:
     shown = json.dumps(_shown_manifest(manifest if isinstance(manifest, dict) else {}), sort_keys=True, default=str)
     hashes = {MANIFEST: hashlib.sha256(shown.encode()).hexdigest()}
     files = [INPUT_FILE, OVERLAY_FILE, CROP_FILE, FACE_FILE, BACK_FILE, TRANSFORMS_FILE, GRID_FILE, ORBIT_FILE]
-    files += [*_view_files(run_dir), TURNTABLE_FILE, MESH_FILE]
+    files += [*_view_files(run_dir), TURNTABLE_FILE, MESH_FILE, SPLAT_FILE]
     for rel in files:
         path = run_dir / rel
         hashes[rel] = file_sha256(path) if path.is_file() else "missing"
@@ -572,6 +573,16 @@ class _Page:
 
     def mesh(self) -> None:
         self.add("<h2 id='mesh'>Mesh</h2>")
+        summary = (self.records.get("export") or {}).get("summary") or {}
+        if "splats" in summary and self.problem("export", (SPLAT_FILE,)) is None:
+            # a splat field (`--field splatfacto`): its Gaussians instead of a mesh
+            self.add(
+                f"<p>{_e(str(summary['splats']))} Gaussian splats in "
+                f'<a href="{_href(SPLAT_FILE)}">{_e(Path(SPLAT_FILE).name)}</a> (the standard 3DGS PLY layout, '
+                "which splat viewers open).</p>"
+            )
+            self.notice(summary.get("mesh") or "not written: a splat field has no density to mesh")
+            return
         problem = self.problem("export", (MESH_FILE,))
         if problem is not None:
             self.notice(problem)

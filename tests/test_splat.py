@@ -288,3 +288,18 @@ def test_a_fit_key_names_the_field_only_when_it_is_splats():
     nerfacto, splats = FIT_STAGE.settings(Context("nerfacto")), FIT_STAGE.settings(Context("splatfacto"))
     assert "field" not in nerfacto  # runs fitted before the choice existed keep their key
     assert splats == {**nerfacto, "field": "splatfacto"}
+
+
+def test_the_report_links_the_splats_and_says_why_there_is_no_mesh(tmp_path):
+    from dp360.nerf.stage import SPLAT_FILE, build_export
+    from dp360.report import render_report
+
+    run, _ = _splat_run(tmp_path / "run", count=32)
+    (run / "export").mkdir()
+    summary = build_export(run, run / "export", None, ("glb",), "cpu")
+    size = (run / "export" / SPLAT_FILE).stat().st_size
+    record = {"status": "done", "summary": summary, "outputs": {f"export/{SPLAT_FILE}": size}}
+    page = render_report(run, {"stages": {"export": record}})
+    mesh_section = page[page.index("id='mesh'") :]
+    assert f'href="../export/{SPLAT_FILE}"' in mesh_section and "32 Gaussian splats" in mesh_section  # from export/
+    assert "no density to mesh" in mesh_section and "<img" not in mesh_section.split("<h2")[0]
