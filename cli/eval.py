@@ -58,6 +58,14 @@ def eval_command(
             "--inception", help="torch-fidelity's Inception-v3 weight file, for FID (default: the dp360 cache's)."
         ),
     ] = None,
+    arcface: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--arcface",
+            help="insightface's ArcFace IResNet weights (arcface_torch backbone.pth) for CSIM instead of dlib's network.",
+            show_default=False,
+        ),
+    ] = None,
     table: Annotated[
         Optional[Path],
         typer.Option("--table", help="Write a comparison table as NAME.md and NAME.csv.", show_default=False),
@@ -85,6 +93,7 @@ def eval_command(
             reference=reference,
             framing=framing.value,
             inception=inception,
+            arcface=arcface,
         )
         settings.check()
         settings.device = resolve_device(device)

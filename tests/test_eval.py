@@ -370,3 +370,58 @@ def test_fid_is_computed_with_inception_weights_through_the_loading_path(fitted,
     with pytest.raises(Dp360Error):
         metrics.InceptionFeatures("cpu", damaged, required=True)
     assert os.path.getsize(weights) > 1_000_000
+
+
+def test_crop_framing_zooms_the_truth_as_the_prepare_crop_zoomed_the_reference(fitted, models, vgg, tmp_path):
+    """A wide-angle truth camera (focal 2.0 at 96 px) at the orbit's cameras: a crop whose side in
+    the reference image spans the views' field of view (96 * 2.0 / 4.2647 = 45 px) is zoom 1,
+    the truth's own angles; a crop twice or half that size is the wrong zoom, and scores far lower."""
+    views, _, _ = fitted
+    mesh = synthetic.head_mesh(subdivisions=4)
+    capture = tmp_path / "wide"
+    capture.mkdir()
+    intrinsics = cameras.normalized_intrinsics(2.0)
+    frames = []
+    for index in (0, 8, 16, 24):
+        pose = cameras.dp360_orbit(32)[index]
+        image = (synthetic.render(mesh, pose, 96, intrinsics) * 255).round().astype(np.uint8)
+        Image.fromarray(image).save(capture / f"{index}.png")
+        pixel = cameras.pixel_intrinsics(intrinsics, 96, 96)
+        frames.append({"file_path": f"{index}.png", "cam2world": pose, "intrinsics": pixel, "width": 96, "height": 96})
+    write_capture(capture, frames)
+    run = tmp_path / "run"
+    (run / "prepared").mkdir(parents=True)
+    (run / "views").symlink_to(views, target_is_directory=True)
+    (run / "run.json").write_text(json.dumps({"stages": {}}))
+    Image.new("RGB", (96, 96)).save(run / "input.png")  # the reference image was the run's input
+    truth = read_capture(capture)
+    scores = {}
+    for side in (22.5, 45.0, 90.0):
+        (run / "prepared" / "face.json").write_text(json.dumps({"crop_side_in_input_px": side}))
+        result = evaluate(Candidate.open(run), truth, _settings(vgg, framing="auto"), models)
+        assert result["framing"] == "crop" and result["zoom"] == pytest.approx(side / 45.0, rel=0.01)
+        scores[side] = result["summary"]["front"]["psnr"]
+    camera = evaluate(Candidate.open(run), truth, _settings(vgg), models)
+    assert camera["framing"] == "camera" and camera["summary"]["front"]["psnr"] == pytest.approx(scores[45.0], abs=0.1)
+    assert scores[45.0] > 16 and scores[22.5] < scores[45.0] - 6 and scores[90.0] < scores[45.0] - 6
+
+
+def test_arcface_weights_given_by_the_user_replace_dlibs_network(astronaut, tmp_path):
+    from dp360.eval.arcface import TEMPLATE, similarity, write_random_arcface
+
+    weights = write_random_arcface(tmp_path / "backbone.pth")  # iresnet18, random, arcface_torch's layout
+    model = Models.load(EvalSettings(arcface=weights, lpips_backbone=None)).identity
+    assert model.name == "arcface-iresnet18"
+    face = np.asarray(Image.fromarray(astronaut).resize((256, 256)))
+    assert metrics.identity_similarity(model, face, face)[0] == pytest.approx(1.0, abs=1e-6)
+    assert metrics.identity_similarity(model, face, np.zeros((128, 128, 3), np.uint8))[1].endswith("no face found")
+    # the alignment: a rotated, scaled and moved copy of the template maps back onto it exactly
+    turn = np.array([[np.cos(0.3), -np.sin(0.3)], [np.sin(0.3), np.cos(0.3)]])
+    points = (TEMPLATE - 5) @ turn.T * 2.5 + [100, 40]
+    matrix = similarity(points, TEMPLATE)
+    assert np.allclose(points @ matrix[:, :2].T + matrix[:, 2], TEMPLATE, atol=1e-9)
+    (tmp_path / "other.pth").write_bytes(open(weights, "rb").read()[:1000])
+    with pytest.raises(Dp360Error, match="--arcface|damaged"):
+        Models.load(EvalSettings(arcface=tmp_path / "other.pth"))
+    with pytest.raises(Dp360Error, match="--arcface"):
+        EvalSettings(arcface=tmp_path / "absent.pth").check()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-# (key, label, better) per panel; truth metrics first, then the consistency score's
+# (key, label) per panel: the truth metrics, then the consistency score's
 _TRUTH_PANELS = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("lpips", "LPIPS"), ("csim", "CSIM (front)"))
 _CONSISTENCY_PANELS = (("psnr", "field vs view PSNR (dB)"), ("lpips", "field vs view LPIPS"), ("csim", "CSIM vs input"))
 
@@ -17,10 +17,8 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
 
 def plot_metrics(path: str | Path, truth: dict[str, Any] | None, consistency: dict[str, Any] | None) -> Path | None:
     """Write the plot; None when there is nothing to plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot): no global backend switch in the caller's process, no display.
+    from matplotlib.figure import Figure
 
     from ..imaging import atomic_path
 
@@ -33,7 +31,8 @@ def plot_metrics(path: str | Path, truth: dict[str, Any] | None, consistency: di
         return None
     columns = 4 if truth else 3
     rows = (len(panels) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows), squeeze=False)
+    figure = Figure(figsize=(3.4 * columns, 2.6 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat[len(panels) :]:
         axis.set_visible(False)
     for axis, (title, data, key) in zip(axes.flat, panels):
@@ -55,5 +54,4 @@ def plot_metrics(path: str | Path, truth: dict[str, Any] | None, consistency: di
     path = Path(path)
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
-    plt.close(figure)
     return path

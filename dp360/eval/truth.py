@@ -49,7 +49,8 @@ class EvalSettings:
     device: str = "cpu"
     lpips_backbone: str | Path | None = None  # default: the dp360 cache's VGG16
     inception: str | Path | None = None  # default: the dp360 cache's Inception weights
-    identity: bool = True  # CSIM (dlib)
+    identity: bool = True  # CSIM: dlib's face ResNet, or ArcFace when `arcface` names its weights
+    arcface: str | Path | None = None
 
     def check(self) -> None:
         from ..stage import check_float, check_int
@@ -58,7 +59,12 @@ class EvalSettings:
         check_float("--tolerance", self.tolerance, 0.0, 180.0)
         if self.framing not in FRAMINGS:
             raise Dp360Error(f"--framing must be one of {', '.join(FRAMINGS)}, not {self.framing!r}.")
-        for option, value in (("--lpips-backbone", self.lpips_backbone), ("--inception", self.inception)):
+        given = (
+            ("--lpips-backbone", self.lpips_backbone),
+            ("--inception", self.inception),
+            ("--arcface", self.arcface),
+        )
+        for option, value in given:
             if value is not None and not Path(value).is_file():
                 raise Dp360Error(f"{option} '{value}' is not a file; give the weight file's path.")
 
@@ -96,14 +102,18 @@ class Models:
     """The metric networks, loaded once for several candidates; each None with a reason when absent."""
 
     lpips: metrics.Lpips
-    identity: metrics.IdentityModel | None
+    identity: metrics.IdentityModel | None  # or an ArcFaceModel (the same interface)
     identity_reason: str | None
     inception: metrics.InceptionFeatures
 
     @classmethod
     def load(cls, settings: EvalSettings) -> Models:
         identity, reason = None, "turned off"
-        if settings.identity:
+        if settings.identity and settings.arcface is not None:
+            from .arcface import ArcFaceModel
+
+            identity, reason = ArcFaceModel(settings.arcface, settings.device), None  # given: its errors stop
+        elif settings.identity:
             try:
                 identity, reason = metrics.IdentityModel(), None
             except (Dp360Error, ImportError, RuntimeError) as error:
@@ -237,14 +247,11 @@ def evaluate(
             )
         framing = "crop" if zoom is not None else "camera"
     reference_distance = float(np.linalg.norm(poses[reference][:3, 3] - centre))
-    field_model = None
-    if candidate.has_field and candidate.run_dir is not None:
-        from ..nerf.fit import load_field
-
-        field_model = load_field(candidate.run_dir / "nerf", settings.device, candidate.run_dir / "views")
+    field_model = None  # loaded when a truth camera first needs it
     view_poses = [frame.cam2world for frame in candidate.views.frames]
     view_directions = np.stack([_view_direction(pose) for pose in view_poses])
-    target_intrinsics = cameras.pixel_intrinsics(cameras.normalized_intrinsics(), settings.size, settings.size)
+    # render_pose's camera: dp360's focal length, centred
+    field_intrinsics = cameras.pixel_intrinsics(cameras.normalized_intrinsics(), settings.size, settings.size)
 
     results: list[FrameResult] = []
     features: dict[str, dict[str, list[np.ndarray]]] = {
@@ -264,13 +271,21 @@ def evaluate(
             distance = float(np.linalg.norm(frame.cam2world[:3, 3] - centre))
             source_intrinsics[:2, :2] *= zoom * reference_distance / max(distance, 1e-12)
         view = candidate.views.frames[nearest]
-        if gap <= settings.tolerance or field_model is None:
+        has_field = candidate.has_field and candidate.run_dir is not None
+        if gap <= settings.tolerance or not has_field:
             target_pose = view.cam2world
+            # the view's own focal length, at the compared size
+            normalized = cameras.normalize_intrinsics(view.intrinsics, view.width, view.height)
+            target_intrinsics = cameras.pixel_intrinsics(normalized, settings.size, settings.size)
             prediction = _resize(load_image(view.image_path)[0], settings.size)
             source = f"view {view.name}" if gap <= settings.tolerance else f"view {view.name} (no field)"
         else:
+            from ..nerf.fit import load_field
             from ..nerf.render import render_pose
 
+            if field_model is None:
+                field_model = load_field(candidate.run_dir / "nerf", settings.device, candidate.run_dir / "views")
+            target_intrinsics = field_intrinsics
             radius = cameras.CAMERA_RADIUS if framing == "crop" else float(np.linalg.norm(aligned[:3, 3]))
             target_pose = _look_at_or_pose(direction * radius, aligned)
             prediction = render_pose(field_model, target_pose, settings.size)
