@@ -108,6 +108,12 @@ BENCHMARKS = [
         ],
     ),
     Benchmark(
+        "batch_throughput",
+        "batch_throughput.py",
+        ["--portraits", "16", "--repeats", "2"],  # one worker per GPU, tiny models
+        ["--portraits", "6", "--repeats", "2", "--workers", "2"],  # 2 CPU workers against the sequential loop
+    ),
+    Benchmark(
         "reconstruct_e2e_low_vram",
         "reconstruct_e2e.py",
         ["--low-vram", "--repeats", "1"],

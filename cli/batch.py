@@ -5,6 +5,7 @@ Registered on the `dp360` app by cli/main.py, which imports this module at its e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from enum import Enum
@@ -128,7 +129,7 @@ class ProgressReporter:
         self._refresh()
 
     def portrait_finished(self, result) -> None:
-        self.running -= result.status != "interrupted"
+        self.running -= 1
         if result.status in self.counts:
             self.counts[result.status] += 1
         for name, seconds in result.seconds.items():
@@ -151,11 +152,10 @@ def _print_table(summary) -> None:
     from rich.table import Table
 
     counts = summary.counts()
+    shown = [status for status, count in counts.items() if count or status != "interrupted"]
     table = Table(title=f"dp360 batch: {summary.out_dir}", title_justify="left")
-    for column in ("portraits", *[status for status in counts if counts[status] or status != "interrupted"]):
+    for column in ("portraits", *shown, "portraits/h"):
         table.add_column(column, justify="right")
-    table.add_column("portraits/h", justify="right")
-    shown = [status for status in counts if counts[status] or status != "interrupted"]
     table.add_row(
         str(len(summary.results)), *[str(counts[status]) for status in shown], f"{summary.portraits_per_hour():.1f}"
     )
@@ -363,7 +363,9 @@ def batch(
             recipe = (BatchRecipe.until_views if until is Until.views else BatchRecipe.reconstruct)(**settings)
             cluster = ClusterSettings(address, gpus_per_task, cpus_per_task, workers, retries)
             try:
-                summary = run_batch(inputs, out, recipe, cluster, reporter)
+                # Ray prints its raylet's messages (a worker died, ...) on stdout: keep that for --json
+                with contextlib.redirect_stdout(sys.stderr):
+                    summary = run_batch(inputs, out, recipe, cluster, reporter)
             except KeyboardInterrupt as interrupt:
                 reporter.stop()
                 ended = sum(reporter.counts.values())

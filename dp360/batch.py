@@ -599,6 +599,7 @@ class BatchSummary:
     workers: int
     results: list[PortraitResult]
     wall_seconds: float
+    startup_seconds: float = 0.0  # of wall_seconds: until every worker had started (Ray, processes, imports)
 
     def counts(self) -> dict[str, int]:
         return {status: sum(result.status == status for result in self.results) for status in STATUSES}
@@ -622,6 +623,7 @@ class BatchSummary:
             "device": self.kind,
             "counts": self.counts(),
             "wall_seconds": round(self.wall_seconds, 3),
+            "startup_seconds": round(self.startup_seconds, 3),
             "portraits_per_hour": round(self.portraits_per_hour(), 1),
             "stage_seconds": self.stage_seconds(),
             "runs": [result.log_line() for result in self.results],
@@ -857,10 +859,11 @@ def run_batch(
     try:
         started_ray = _connect(cluster)
         kind, workers = _start_workers(recipe, cluster, not joined, folder.out_dir, len(portraits), reporter)
+        startup = time.perf_counter() - clock
         reporter.batch_started(len(portraits), len(workers), kind)
         tasks = [PortraitTask(str(path), str(run_dirs[str(path)])) for path in portraits]
         _dispatch(tasks, workers, cluster.retries, finish, reporter)
-        return BatchSummary(folder.out_dir, kind, len(workers), results, time.perf_counter() - clock)
+        return BatchSummary(folder.out_dir, kind, len(workers), results, time.perf_counter() - clock, startup)
     finally:
         for worker in workers:
             with contextlib.suppress(Exception):

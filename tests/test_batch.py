@@ -34,8 +34,9 @@ from dp360.run import RunOptions
 from .conftest import ASTRONAUT, TinyWeights
 
 VIEWS = 8
-TINY_VIEWS = ("--until", "views", "--views", str(VIEWS), "--steps", "2", "--invert-steps", "2", "--pti-steps", "1")
-TINY_VIEWS += ("--detector", "dlib", "--device", "cpu")
+# --no-crop with both angles: the prepare stage detects nothing (no detector to load in each worker)
+TINY_VIEWS = ("--until", "views", "--views", str(VIEWS), "--steps", "1", "--invert-steps", "2", "--pti-steps", "1")
+TINY_VIEWS += ("--no-crop", "--yaw", "0", "--pitch", "0", "--device", "cpu")
 WAIT_SECONDS = 120  # every wait on a stage of a portrait gives up after this
 
 pytestmark = pytest.mark.timeout(300)
@@ -65,8 +66,8 @@ def _recipe(tiny: TinyWeights, use_3d_noise: bool = False) -> BatchRecipe:
     """`--until views` at the tiny settings, without the PanoHead stage unless asked (faster)."""
     return BatchRecipe.until_views(
         options=RunOptions(device="cpu", progress=False),
-        prepare=PrepareSettings(detector="dlib"),
-        views=ViewSettings(steps=2, views=VIEWS, use_3d_noise=use_3d_noise),
+        prepare=PrepareSettings(no_crop=True, yaw=0.0, pitch=0.0),
+        views=ViewSettings(steps=1, views=VIEWS, use_3d_noise=use_3d_noise),
         noise=NoiseSettings(invert_steps=2, pti_steps=1, views=VIEWS),
         weights_dir=tiny.weights_dir,
         camera_dir=tiny.cameras,
@@ -154,10 +155,22 @@ def test_folders_and_settings_are_refused_before_anything_starts(cli, tmp_path):
 # -- on Ray --------------------------------------------------------------------------------------
 
 
+def _kill_the_run_holder(run_dir: Path, killed: list[int]):
+    """SIGKILL the process that holds the run's lock (it wrote its pid there): the worker."""
+
+    def kill():
+        pid = int((run_dir / ".dp360.lock").read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    return kill
+
+
 @pytest.fixture(scope="module")
 def four_portraits(ray_cluster, tiny, tmp_path_factory):
     """`dp360 batch --until views` on a folder of 3 portraits and a corrupt file, 2 workers, with
-    the PanoHead stage (so that both model sets are loaded)."""
+    the PanoHead stage (so that both model sets are loaded); the worker running the first portrait
+    is killed with SIGKILL while it makes the views."""
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -167,17 +180,20 @@ def four_portraits(ray_cluster, tiny, tmp_path_factory):
     (root / "in" / "broken.png").write_bytes(ASTRONAUT.read_bytes()[:200])  # a truncated PNG
     tiny.into_cache(root / "cache")
     out = root / "batch"
+    killed: list[int] = []
+    watcher = _when_stage_runs(out / "ann", "views", _kill_the_run_holder(out / "ann", killed))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DP360_CACHE", str(root / "cache"))
         patch.setenv("DP360_OFFLINE", "1")
         result = CliRunner().invoke(
             app, ["batch", str(root / "in"), "--out", str(out), *tiny.args(), *TINY_VIEWS, "--json"]
         )
-    return images, out, result
+    watcher.join(timeout=WAIT_SECONDS)
+    return images, out, result, killed
 
 
 def test_one_corrupt_file_fails_alone_with_its_reason(four_portraits):
-    images, out, result = four_portraits
+    images, out, result, _ = four_portraits
     assert result.exit_code == 2, result.stderr
     summary = json.loads(result.stdout)
     assert summary["counts"] == {"done": 3, "incomplete": 0, "failed": 1, "interrupted": 0}
@@ -186,18 +202,28 @@ def test_one_corrupt_file_fails_alone_with_its_reason(four_portraits):
     for image in images:
         run = by_name[image.stem]
         assert run["status"] == "done" and (Path(run["run"]) / "views" / "007.png").is_file()
-        assert Path(run["run"]) == out / image.stem and set(run["seconds"]) == {"prepare", "noise", "views"}
+        assert Path(run["run"]) == out / image.stem
     assert sorted(line["status"] for line in _log(out)) == ["done", "done", "done", "failed"]
     assert json.loads((out / "batch.json").read_text())["runs"][str(images[0])] == images[0].stem
     assert "broken.png" in result.stderr and "1 failed" in " ".join(result.stderr.split())
 
 
+def test_a_killed_worker_is_replaced_and_its_portrait_completes(four_portraits):
+    _, out, _, killed = four_portraits
+    assert killed, "the worker was not killed"
+    (ann,) = [line for line in _log(out) if Path(line["input"]).stem == "ann"]
+    assert ann["status"] == "done" and ann["attempts"] == 2 and ann["worker"]["pid"] != killed[0]
+    assert ann["reused"] == ["prepare", "noise"] and set(ann["seconds"]) == {"views"}  # kept what it had finished
+    manifest = json.loads((out / "ann" / "run.json").read_text())
+    assert any("took over the lock" in note for note in manifest["notes"])
+
+
 def test_models_are_loaded_once_per_worker(four_portraits):
-    _, out, _ = four_portraits
+    _, out, _, killed = four_portraits
     ran = [line for line in _log(out) if line["status"] == "done"]
     workers = {line["worker"]["pid"] for line in ran}
-    assert len(workers) <= 2 < len(ran)  # some worker ran several portraits
-    for line in ran:  # the loads so far of the worker that ran it
+    assert killed[0] not in workers and len(workers) == 2 < len(ran)  # a worker ran several portraits
+    for line in ran:  # the loads so far of the worker that ran it: one of each model
         assert line["worker"]["loads"] == {"back": 1, "main": 1, "panohead": 1, "lpips": 1}
 
 
@@ -228,28 +254,3 @@ def test_an_interrupted_batch_finishes_the_rest_without_redoing_finished_stages(
     assert by_name["second"].reused == ["prepare"] and set(by_name["second"].seconds) == {"views"}
     assert set(by_name["third"].seconds) == {"prepare", "views"}
     assert len(_log(out)) == 5  # a line per ended portrait, appended by each batch
-
-
-def test_a_killed_worker_is_replaced_and_its_portrait_completes(ray_cluster, tiny, tmp_path):
-    image = _portraits(tmp_path / "in", "solo")[0]
-    out = tmp_path / "batch"
-    killed: list[int] = []
-
-    class KillDuringViews(LogBatchReporter):
-        def portrait_started(self, task, worker, pid):
-            if not killed and task.attempt == 1:
-
-                def kill():
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-
-                _when_stage_runs(Path(task.run_dir), "views", kill)
-
-    summary = run_batch([image], out, _recipe(tiny), ClusterSettings(workers=1, retries=1), KillDuringViews())
-    (result,) = summary.results
-    assert killed and result.status == "done" and result.attempts == 2
-    assert result.pid != killed[0] and result.loads["main"] == 1  # a new process, which loaded the model once
-    assert result.reused == ["prepare"] and set(result.seconds) == {"views"}
-    assert any("took over the lock" in note for note in result.notes)
-    assert (out / "solo" / "views" / "007.png").is_file()
-    assert [(line["status"], line["attempts"]) for line in _log(out)] == [("done", 2)]
