@@ -8,9 +8,10 @@ fits a field to them (the "test" preset), then a ground-truth capture of the sam
 front (the input's camera, the reference) and 16 cameras off the orbit (yaw 5.6 + 22.5 k
 degrees, 10 degrees above eye level), at twice the views' size, with masks, in another world
 frame (rotated, moved and scaled). It evaluates, as
-`dp360 eval --table` does: the run (every truth camera is off its views, so the field is rendered
-there), the views mirrored left-right (no field: nearest views), and prints the comparison table
-and the run's consistency score. LPIPS needs the VGG16 backbone in dp360's cache, CSIM a face
+`dp360 eval --table` does: the run (every truth camera but the front is off its views, so the
+field is rendered there), the same views without the field (each truth frame meets its nearest
+view) and the views put at the wrong cameras (turned by 45 degrees), and prints the comparison
+table and the run's consistency score. LPIPS needs the VGG16 backbone in dp360's cache, CSIM a face
 (the synthetic head has none) and FID the Inception weights: without them they read n/a.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -81,17 +83,19 @@ def main() -> None:
         (run / "nerf").mkdir()
         fit = fit_field(views, run / "nerf", FitSettings.preset("test", iterations=args.iterations), device, False)
         (run / "run.json").write_text(json.dumps({"stages": {}}))
-        mirrored = root / "mirrored"
-        mirrored.mkdir()
-        for path in sorted(views.iterdir()):
-            if path.suffix == ".png" and path.stem.isdigit():
-                Image.fromarray(np.asarray(Image.open(path))[:, ::-1].copy()).save(mirrored / path.name)
-        (mirrored / "transforms.json").write_text((views / "transforms.json").read_text())
+        # the views alone (a capture: no field, so each truth frame meets its nearest view), and the
+        # views put at the wrong cameras (turned by 4 views, 45 degrees): what inconsistent views cost
+        alone, turned = root / "views-only", root / "turned-45"
+        shutil.copytree(views, alone)
+        turned.mkdir()
+        for index in range(32):
+            shutil.copy(views / f"{(index + 4) % 32:03d}.png", turned / f"{index:03d}.png")
+        (turned / "transforms.json").write_text((views / "transforms.json").read_text())
         truth = root / "truth"
         truth.mkdir()
         truth_capture(truth, mesh, 2 * args.size)
         settings = EvalSettings(size=args.size, framing="camera", device=device)
-        results = evaluate_paths([run, mirrored], truth, settings, table=root / "comparison")
+        results = evaluate_paths([run, alone, turned], truth, settings, table=root / "comparison")
         print(f"device {device}; views {args.size} px, fit {args.iterations} iterations in {fit['fit_seconds']} s")
         print((root / "comparison.md").read_text())
         score = results[0]["consistency"]["summary"]

@@ -351,3 +351,36 @@ def rotation_homography(
         @ half
     )
     return homography / homography[2, 2]
+
+
+def plane_homography(
+    source_cam2world: np.ndarray,
+    source_pixel_intrinsics: np.ndarray,
+    target_cam2world: np.ndarray,
+    target_pixel_intrinsics: np.ndarray,
+    point: Sequence[float] = (0.0, 0.0, 0.0),
+) -> np.ndarray:
+    """3x3 map from a target image's pixels to a source image's pixels through the plane that
+    passes through `point` (the head's centre) facing the target camera: exact for points on that
+    plane, so two cameras that both look at the head from nearby positions are matched at the head
+    (a pure rotation ignores the parallax between them). It is `rotation_homography` when both
+    cameras share a centre. OpenCV pixel coordinates, as `rotation_homography`'s."""
+    half = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    source, target = np.asarray(source_cam2world, np.float64), np.asarray(target_cam2world, np.float64)
+    normal = target[:3, 2]  # the target's optical axis
+    offset = float(normal @ (np.asarray(point, np.float64) - target[:3, 3]))  # the plane's depth before the target
+    if offset <= 1e-12:
+        raise ValueError("the plane lies behind the target camera")
+    # a target ray D meets the plane at C_t + (offset / n.D) D; seen from the source that is
+    # proportional to (I + (C_t - C_s) n^T / offset) D
+    through_plane = np.eye(3) + np.outer(target[:3, 3] - source[:3, 3], normal) / offset
+    homography = (
+        np.linalg.inv(half)
+        @ np.asarray(source_pixel_intrinsics, dtype=np.float64)
+        @ source[:3, :3].T
+        @ through_plane
+        @ target[:3, :3]
+        @ np.linalg.inv(np.asarray(target_pixel_intrinsics, dtype=np.float64))
+        @ half
+    )
+    return homography / homography[2, 2]

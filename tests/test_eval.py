@@ -163,6 +163,25 @@ def test_rotation_homography_maps_pixels_of_the_same_rays():
     assert np.allclose(mapped[:, :2] / mapped[:, 2:], in_source - 0.5, atol=1e-9)
 
 
+def test_plane_homography_matches_two_cameras_at_the_heads_centre_plane():
+    target, source = cameras.orbit_pose(0.0), cameras.orbit_pose(8.0, 10.0)  # apart, both looking at the head
+    target_k, source_k = cameras.normalized_intrinsics(), cameras.normalized_intrinsics(3.0)
+    on_plane = np.array([[0.1, 0.05, 0.0], [-0.12, 0.1, 0.0], [0.0, -0.2, 0.0]])  # z = 0 faces the target
+    in_target = cameras.project_points(on_plane, target, target_k, 64, 64)
+    in_source = cameras.project_points(on_plane, source, source_k, 100, 80)
+    homography = cameras.plane_homography(
+        source, cameras.pixel_intrinsics(source_k, 100, 80), target, cameras.pixel_intrinsics(target_k, 64, 64)
+    )
+    mapped = np.column_stack([in_target - 0.5, np.ones(3)]) @ homography.T
+    assert np.allclose(mapped[:, :2] / mapped[:, 2:], in_source - 0.5, atol=1e-9)
+    turned = cameras.look_at_cam2world(target[:3, 3], (0.1, 0.2, 0.0))  # same centre: a pure rotation
+    pixel = cameras.pixel_intrinsics(source_k, 100, 80), cameras.pixel_intrinsics(target_k, 64, 64)
+    assert np.allclose(
+        cameras.plane_homography(turned, pixel[0], target, pixel[1]),
+        cameras.rotation_homography(turned, pixel[0], target, pixel[1]),
+    )
+
+
 # -- against a ground truth ---------------------------------------------------------------------
 
 

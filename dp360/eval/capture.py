@@ -215,14 +215,14 @@ def resample(
     size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`image` (seen by the source camera) as a `size` px image of the target camera, and the
-    target pixels it covers (1 inside, 0 outside), by the rotation homography between the two
-    (`cameras.rotation_homography`). A much larger source is first shrunk by area averaging, so
-    that the resampling does not alias."""
+    target pixels it covers (1 inside, 0 outside), through the plane at the head's centre facing
+    the target (`cameras.plane_homography`; a pure rotation when both share a centre). A much
+    larger source is first shrunk by area averaging, so that the resampling does not alias."""
     import cv2
 
     image = np.asarray(image, dtype=np.float32)
     source_intrinsics = np.asarray(source_intrinsics, dtype=np.float64).copy()
-    homography = cameras.rotation_homography(source_cam2world, source_intrinsics, target_cam2world, target_intrinsics)
+    homography = cameras.plane_homography(source_cam2world, source_intrinsics, target_cam2world, target_intrinsics)
     if image.shape[:2] == (size, size) and np.allclose(homography, np.eye(3), atol=1e-9):
         return image.copy(), np.ones((size, size), np.float32)  # the same camera: no resampling at all
     shrink = float(source_intrinsics[0, 0] / target_intrinsics[0, 0])
@@ -232,9 +232,7 @@ def resample(
         scale = np.diag([small[0] / width, small[1] / height, 1.0])
         image = cv2.resize(image, small, interpolation=cv2.INTER_AREA)
         source_intrinsics = scale @ source_intrinsics
-        homography = cameras.rotation_homography(
-            source_cam2world, source_intrinsics, target_cam2world, target_intrinsics
-        )
+        homography = cameras.plane_homography(source_cam2world, source_intrinsics, target_cam2world, target_intrinsics)
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     warped = cv2.warpPerspective(image, homography, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT)
     ones = np.ones(image.shape[:2], np.float32)

@@ -116,7 +116,9 @@ def consistency(
         "csim_reference": reference[0] if reference else None,
         "identity_model": identity.name if identity is not None else None,
     }
-    unavailable = {"lpips": lpips.reason, "csim": None if faces or reference_embedding is not None else identity_reason}
+    if not faces and reference_embedding is not None:
+        identity_reason = "no view shows a face the identity model finds"
+    unavailable = {"lpips": lpips.reason, "csim": None if faces else identity_reason}
     return {
         "kind": "consistency",
         "summary": summary,

@@ -8,8 +8,8 @@ protocol of the paper's Table 1.
    run's nearest view when it lies within `tolerance` degrees of the truth camera (seen from the
    head's centre); otherwise, when a field was fitted, the field rendered at the truth camera's
    direction; otherwise still the nearest view, with its gap recorded. `source` says which.
-3. The truth image is resampled into that camera by the rotation homography between the two
-   (`capture.resample`). Framing `crop` zooms it as the prepare stage zoomed the reference image
+3. The truth image is resampled into that camera through the plane at the head's centre
+   (`capture.resample`: exact where both cameras share a centre, matched at the head otherwise). Framing `crop` zooms it as the prepare stage zoomed the reference image
    (the crop's side in the reference image's pixels), so the head has the size of the run's
    crop; framing `camera` keeps the truth cameras' own angles (a capture in dp360's own framing,
    such as the synthetic head or another method rendered at dp360's cameras).
@@ -265,11 +265,14 @@ def evaluate(
         gaps = np.degrees(np.arccos(np.clip(view_directions @ direction, -1.0, 1.0)))
         nearest = int(np.argmin(gaps))
         gap = float(gaps[nearest])
-        source_intrinsics = frame.intrinsics.copy()
+        source_intrinsics, source_pose = frame.intrinsics.copy(), aligned
         if framing == "crop":
-            # the zoom that gives the reference the crop's head size, corrected for this camera's distance
+            # the zoom that gives the reference the crop's head size, corrected for this camera's
+            # distance; so zoomed, the camera stands in for one on the orbit's radius
             distance = float(np.linalg.norm(frame.cam2world[:3, 3] - centre))
             source_intrinsics[:2, :2] *= zoom * reference_distance / max(distance, 1e-12)
+            source_pose = aligned.copy()
+            source_pose[:3, 3] = direction * cameras.CAMERA_RADIUS
         view = candidate.views.frames[nearest]
         has_field = candidate.has_field and candidate.run_dir is not None
         if gap <= settings.tolerance or not has_field:
@@ -291,10 +294,10 @@ def evaluate(
             prediction = render_pose(field_model, target_pose, settings.size)
             source = "field"
         image, alpha = load_image(frame.image_path)
-        warped, covered = resample(image, aligned, source_intrinsics, target_pose, target_intrinsics, settings.size)
+        warped, covered = resample(image, source_pose, source_intrinsics, target_pose, target_intrinsics, settings.size)
         mask = load_mask(frame, alpha)
         if mask is not None:
-            mask = resample(mask, aligned, source_intrinsics, target_pose, target_intrinsics, settings.size)[0]
+            mask = resample(mask, source_pose, source_intrinsics, target_pose, target_intrinsics, settings.size)[0]
             covered = covered * mask
         weight = np.clip(covered, 0.0, 1.0)[..., None]
         truth_image = warped * weight + BACKGROUND * (1 - weight)
