@@ -423,6 +423,12 @@ def test_crop_framing_zooms_the_truth_as_the_prepare_crop_zoomed_the_reference(f
     camera = evaluate(Candidate.open(run), truth, _settings(vgg), models)
     assert camera["framing"] == "camera" and camera["summary"]["front"]["psnr"] == pytest.approx(scores[45.0], abs=0.1)
     assert scores[45.0] > 16 and scores[22.5] < scores[45.0] - 6 and scores[90.0] < scores[45.0] - 6
+    # a reference image of another size than the run's input was not the input: auto keeps the
+    # truth cameras' angles (and says so); --framing crop still zooms
+    Image.new("RGB", (200, 150)).save(run / "input.png")
+    result = evaluate(Candidate.open(run), truth, _settings(vgg, framing="auto"), models)
+    assert result["framing"] == "camera" and "not the size of the run's input" in result["notes"][-1]
+    assert evaluate(Candidate.open(run), truth, _settings(vgg, framing="crop"), models)["framing"] == "crop"
 
 
 def test_arcface_weights_given_by_the_user_replace_dlibs_network(astronaut, tmp_path):

@@ -33,6 +33,9 @@ RESOLUTION_DIVISOR, MIN_RESOLUTION, MAX_RESOLUTION = 8, 16, 64
 CONSISTENCY_FILE = "consistency.json"
 FOLDER = "eval"
 REFERENCE_FILES = ("prepared/crop.png", "views/000.png")  # the input's front view, in this order
+# Below this view size the face in a PanoHead-framed view (about 40% of its width) is smaller than
+# dlib's detector finds even upsampled: CSIM is skipped without loading the face models.
+FACE_VIEW_MIN = 128
 
 
 def score_resolution(view_size: int) -> int:
@@ -62,10 +65,14 @@ def consistency(
 
     run_dir = Path(run_dir)
     views = read_capture(run_dir / "views")
-    resolution = resolution or score_resolution(min(views.frames[0].width, views.frames[0].height))
+    view_size = min(views.frames[0].width, views.frames[0].height)
+    resolution = resolution or score_resolution(view_size)
     field = load_field(run_dir / "nerf", device, run_dir / "views")
     lpips = lpips if lpips is not None else metrics.Lpips(device)
-    if identity is None and identity_reason is None:
+    if view_size < FACE_VIEW_MIN:
+        identity = None
+        identity_reason = f"views of {view_size} px are too small to find faces in ({FACE_VIEW_MIN} px at least)"
+    elif identity is None and identity_reason is None:
         try:
             identity = metrics.IdentityModel()
         except (ImportError, RuntimeError, Dp360Error) as error:

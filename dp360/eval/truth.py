@@ -137,23 +137,25 @@ def side_of(yaw: float) -> str:
     return "front" if abs(yaw) <= FRONT_LIMIT_DEG + _ROUNDING_DEG else "back"
 
 
-def crop_zoom(run_dir: Path, reference: CaptureFrame) -> float | None:
-    """The zoom of framing `crop`: how much larger the truth cameras' focal length must be taken
-    for the reference image to show the head at the size of the run's crop. None when the run
-    has no prepare crop to take it from."""
+def crop_zoom(run_dir: Path, reference: CaptureFrame) -> tuple[float | None, bool]:
+    """(zoom, same size) of framing `crop`: how much larger the truth cameras' focal length must be
+    taken for the reference image to show the head at the size of the run's crop, and whether
+    the reference image has the size of the run's input (as it has when it was the input). Zoom
+    None when the run has no prepare crop to take it from."""
     try:
         face = json.loads((run_dir / "prepared" / "face.json").read_text())
         side = float(face["crop_side_in_input_px"])
         from PIL import Image
 
         with Image.open(run_dir / "input.png") as image:
-            input_width = image.width
+            input_size = image.size
     except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return None, False
     if not (math.isfinite(side) and side > 0):
-        return None
-    side_in_reference = side * reference.width / input_width  # the run's input is the reference image
-    return cameras.FOCAL_NORMALIZED * side_in_reference / float(reference.intrinsics[0, 0])
+        return None, False
+    side_in_reference = side * reference.width / input_size[0]  # the run's input is the reference image
+    zoom = cameras.FOCAL_NORMALIZED * side_in_reference / float(reference.intrinsics[0, 0])
+    return zoom, input_size == (reference.width, reference.height)
 
 
 def _view_direction(cam2world: np.ndarray) -> np.ndarray:
@@ -239,12 +241,20 @@ def evaluate(
     framing = settings.framing
     zoom = None
     if framing in ("auto", "crop"):
-        zoom = crop_zoom(candidate.run_dir, truth.frames[reference]) if candidate.run_dir else None
+        zoom, same_size = crop_zoom(candidate.run_dir, truth.frames[reference]) if candidate.run_dir else (None, False)
         if zoom is None and framing == "crop":
             raise Dp360Error(
                 f"--framing crop needs the run's prepare crop (prepared/face.json), which '{candidate.label}' lacks; "
                 "use --framing camera."
             )
+        if framing == "auto" and zoom is not None and not same_size:
+            # a reference image of another size than the run's input was not its input (the run's
+            # own views, say): zooming it like the input's crop would be wrong
+            notes.append(
+                f"framing camera: the reference frame {truth.frames[reference].name} is not the size of the run's "
+                "input image, so it was not the input; pass --framing crop to zoom it like the input's crop anyway"
+            )
+            zoom = None
         framing = "crop" if zoom is not None else "camera"
     reference_distance = float(np.linalg.norm(poses[reference][:3, 3] - centre))
     field_model = None  # loaded when a truth camera first needs it
