@@ -142,6 +142,8 @@ def _show(console, result: dict[str, Any]) -> None:
         )
         for name, reason in truth["unavailable"].items():
             console.print(f"[yellow]no {name.upper()}[/]: {escape(reason)}", soft_wrap=True)
+        if "csim" not in truth["unavailable"] and truth["summary"]["front"].get("csim_note"):
+            console.print(f"[yellow]no CSIM[/]: {escape(truth['summary']['front']['csim_note'])}", soft_wrap=True)
         for note in truth["notes"]:
             console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     score = result.get("consistency")

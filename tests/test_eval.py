@@ -199,7 +199,7 @@ def test_truth_against_itself_is_perfect_and_split_by_yaw(fitted, models, vgg):
         assert side["lpips"] == pytest.approx(0.0, abs=1e-6)
     assert all(frame["source"] == f"view {frame['name']}" and frame["gap_deg"] < 1e-6 for frame in result["frames"])
     # no face to describe in 48 px views of the synthetic head: CSIM is missing, with the reason
-    assert front["csim"] is None and front["csim_frames"] == 0
+    assert front["csim"] is None and front["csim_frames"] == 0 and "too small" in front["csim_note"]
     assert all("too small" in frame["csim_note"] for frame in result["frames"] if frame["side"] == "front")
     assert all(frame["csim"] is None and frame["csim_note"] is None for frame in result["frames"][9:24])  # back
     assert result["summary"]["front"]["fid"] is None and "Inception" in result["summary"]["front"]["fid_note"]

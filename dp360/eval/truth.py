@@ -379,6 +379,9 @@ def summarize(results: list[FrameResult], features: dict[str, list[np.ndarray]],
     faces = [result.csim for result in results if result.csim is not None]
     summary["csim"] = round(float(np.mean(faces)), 5) if faces else None
     summary["csim_frames"] = len(faces)
+    reasons = [result.csim_note for result in results if result.csim is None and result.csim_note]
+    if reasons and not faces:  # the commonest reason, for the console
+        summary["csim_note"] = max(set(reasons), key=reasons.count)
     count = len(features["truth"])
     summary["fid_samples"] = count
     if models.inception.model is None:
