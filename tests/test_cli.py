@@ -179,7 +179,7 @@ def test_reconstruct_runs_what_exists_and_lists_the_rest(cli, tmp_path, astronau
     assert summary["status"] == "incomplete"
     assert summary["stages"]["prepare"]["status"] == "done"
     missing = [name for name, stage in summary["stages"].items() if stage["status"] == "not_available"]
-    assert missing == ["noise", "views", "fit", "render", "export"]
+    assert missing == ["noise", "views", "fit", "render", "export", "consistency"]
     assert any("not run" in note for note in summary["notes"])
     assert json.loads((out / "run.json").read_text())["seed"] == 7
 
