@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -85,15 +86,20 @@ class ProgressReporter:
         self.stage_spans: dict[str, list[float]] = {}
         self.progress = None
         self.bar = None
+        self.started = 0.0  # time.monotonic() when the workers had started
 
     def _text(self) -> str:
         counts = ", ".join(f"{count} {status}" for status, count in self.counts.items())
         stages = " · ".join(
             f"{name} {sum(spans) / len(spans):.1f} s" for name, spans in self.stage_spans.items() if spans
         )
-        return f"{counts}, {self.running} running" + (f" [dim]| per portrait: {stages}[/]" if stages else "")
+        ended = self.counts["done"] + self.counts["incomplete"]
+        hours = (time.monotonic() - self.started) / 3600 if self.started else 0.0
+        rate = f", {ended / hours:.0f}/h" if ended and hours > 0 else ""
+        return f"{counts}, {self.running} running{rate}" + (f" [dim]| per portrait: {stages}[/]" if stages else "")
 
     def batch_started(self, total: int, workers: int, kind: str) -> None:
+        self.started = time.monotonic()
         if self.quiet:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -738,16 +738,11 @@ def _outcome(reference, worker: _Worker, task: PortraitTask, reporter: BatchRepo
 
 
 def _start_workers(
-    recipe: BatchRecipe, cluster: ClusterSettings, fetch_here: bool, out_dir: Path, portraits: int, reporter
-) -> tuple[str, list[_Worker]]:
-    """The workers' device kind and the started workers (each has answered with its pid)."""
+    recipe: BatchRecipe, kind: str, dtype: str, cluster: ClusterSettings, resources: dict[str, float], portraits: int
+) -> list[_Worker]:
+    """The started workers (each has answered with its pid)."""
     import ray
 
-    resources = ray.cluster_resources()
-    kind = _kind(recipe, cluster, resources)
-    dtype = recipe.check_device(kind)
-    if fetch_here:  # one node, one cache: fetch before the workers start, with the driver's progress bars
-        recipe.fetch_weights(kind, dtype, out_dir, reporter.note)
     count = _worker_count(kind, cluster, resources, portraits)
     actor = ray.remote(PortraitWorker).options(
         num_cpus=cluster.cpus_per_task,
@@ -765,7 +760,7 @@ def _start_workers(
         ) from None
     for worker, pid in zip(workers, pids):
         worker.pid = pid
-    return kind, workers
+    return workers
 
 
 def _dispatch(tasks: list[PortraitTask], workers: list[_Worker], retries: int, finish, reporter) -> None:
@@ -846,7 +841,6 @@ def run_batch(
     joined = ray.is_initialized() or bool(cluster.address)
     if not joined:  # this machine's device kind is known before Ray starts
         recipe.check_device(_kind(recipe, cluster, None))
-    run_dirs = folder.open(portraits, "views" if recipe.promised == ("views",) else "reconstruct")
     results: list[PortraitResult] = []
 
     def finish(result: PortraitResult) -> None:
@@ -855,19 +849,27 @@ def run_batch(
         reporter.portrait_finished(result)
 
     clock = time.perf_counter()
-    started_ray, workers = False, []
+    started_ray = _connect(cluster)
     try:
-        started_ray = _connect(cluster)
-        kind, workers = _start_workers(recipe, cluster, not joined, folder.out_dir, len(portraits), reporter)
-        startup = time.perf_counter() - clock
-        reporter.batch_started(len(portraits), len(workers), kind)
-        tasks = [PortraitTask(str(path), str(run_dirs[str(path)])) for path in portraits]
-        _dispatch(tasks, workers, cluster.retries, finish, reporter)
-        return BatchSummary(folder.out_dir, kind, len(workers), results, time.perf_counter() - clock, startup)
+        resources = ray.cluster_resources()
+        kind = _kind(recipe, cluster, resources)
+        dtype = recipe.check_device(kind)
+        run_dirs = folder.open(portraits, "views" if recipe.promised == ("views",) else "reconstruct")
+        workers: list[_Worker] = []
+        try:
+            if not joined:  # one node, one cache: fetch before the workers start, with the driver's progress bars
+                recipe.fetch_weights(kind, dtype, folder.out_dir, reporter.note)
+            workers = _start_workers(recipe, kind, dtype, cluster, resources, len(portraits))
+            startup = time.perf_counter() - clock
+            reporter.batch_started(len(portraits), len(workers), kind)
+            tasks = [PortraitTask(str(path), str(run_dirs[str(path)])) for path in portraits]
+            _dispatch(tasks, workers, cluster.retries, finish, reporter)
+            return BatchSummary(folder.out_dir, kind, len(workers), results, time.perf_counter() - clock, startup)
+        finally:
+            for worker in workers:
+                with contextlib.suppress(Exception):
+                    ray.kill(worker.handle, no_restart=True)
+            folder.close({status: sum(result.status == status for result in results) for status in STATUSES})
     finally:
-        for worker in workers:
-            with contextlib.suppress(Exception):
-                ray.kill(worker.handle, no_restart=True)
         if started_ray:
             ray.shutdown()
-        folder.close({status: sum(result.status == status for result in results) for status in STATUSES})

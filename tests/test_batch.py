@@ -223,8 +223,11 @@ def test_models_are_loaded_once_per_worker(four_portraits):
     ran = [line for line in _log(out) if line["status"] == "done"]
     workers = {line["worker"]["pid"] for line in ran}
     assert killed[0] not in workers and len(workers) == 2 < len(ran)  # a worker ran several portraits
-    for line in ran:  # the loads so far of the worker that ran it: one of each model
-        assert line["worker"]["loads"] == {"back": 1, "main": 1, "panohead": 1, "lpips": 1}
+    for line in ran:  # the loads so far of the worker that ran it: each model once (the restarted
+        # worker may have reused its portrait's noise, and so not have loaded PanoHead)
+        loads = line["worker"]["loads"]
+        assert {"back", "main"} <= set(loads) <= {"back", "main", "panohead", "lpips"} and set(loads.values()) == {1}
+    assert any(len(line["worker"]["loads"]) == 4 for line in ran)
 
 
 def test_an_interrupted_batch_finishes_the_rest_without_redoing_finished_stages(ray_cluster, tiny, tmp_path):
