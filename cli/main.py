@@ -838,9 +838,9 @@ def export(
 ) -> None:
     """Export a mesh (one connected head, vertex colours) from a run's fitted radiance field.
 
-    A splat field (`reconstruct --field splatfacto`) has no density to mesh: its Gaussians are
-    written as a standard 3DGS PLY instead (positions, normals, f_dc/f_rest, opacity, scale,
-    rotation), which splat viewers open; this needs no GPU.
+    A splat field (`dp360 reconstruct PORTRAIT --out RUN_DIR --field splatfacto`) has no density
+    to mesh: its Gaussians are written as a standard 3DGS PLY instead (positions, normals,
+    f_dc/f_rest, opacity, scale, rotation), which splat viewers open; this needs no GPU.
     """
     from dp360.errors import Dp360Error
     from dp360.nerf.fit import is_splat_fit, load_field
