@@ -292,13 +292,17 @@ def test_a_fitted_field_has_a_finite_consistency_score(fitted, vgg):
     from dp360.eval.consistency import consistency
 
     views, nerf, _ = fitted
-    result = consistency(views.parent, "cpu", lpips=metrics.Lpips("cpu", vgg))
+    lpips = metrics.Lpips("cpu", vgg)
+    result = consistency(views.parent, "cpu", lpips=lpips)
     summary = result["summary"]
-    assert summary["views"] == 32 and summary["resolution"] == 16  # an eighth of 48 px, at least 16
-    assert 12 < summary["psnr"] < metrics.PSNR_CAP and 0 < summary["lpips"] < 1
+    assert summary["views"] == 32 and summary["resolution"] == 8  # an eighth of 48 px, at least 8
+    assert 12 < summary["psnr"] < metrics.PSNR_CAP
     assert [row["yaw"] for row in result["views"][:3]] == pytest.approx([0.0, 11.25, 22.5])
-    # 48 px views are too small for a face descriptor: no CSIM, and the reason says why
+    # too small for LPIPS and for a face descriptor: neither, and the reasons say why
+    assert summary["lpips"] is None and "too small for LPIPS" in result["unavailable"]["lpips"]
     assert summary["csim"] is None and "too small" in result["unavailable"]["csim"]
+    larger = consistency(views.parent, "cpu", resolution=16, lpips=lpips)["summary"]
+    assert larger["resolution"] == 16 and 12 < larger["psnr"] < metrics.PSNR_CAP and 0 < larger["lpips"] < 1
 
 
 def test_the_consistency_stage_runs_after_export_and_needs_a_field(tmp_path):

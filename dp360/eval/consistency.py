@@ -26,10 +26,12 @@ from ..stage import Stage, StageContext, Unavailable
 from . import metrics
 from .capture import load_image, read_capture
 
-# The renders' size: an eighth of the views' (64 px for 512 px views), at least 16 px. Views
+# The renders' size: an eighth of the views' (64 px for 512 px views), at least 8 px. Views
 # that disagree in 3D already disagree at that size, and 32 renders of 64 px cost little next to
-# the turntable (120 of 512 px).
-RESOLUTION_DIVISOR, MIN_RESOLUTION, MAX_RESOLUTION = 8, 16, 64
+# the turntable (120 of 512 px). LPIPS needs LPIPS_MIN px (VGG16 halves the image four times
+# before its last layer), so tiny runs (64 px views, 8 px renders) get PSNR only, in half a second.
+RESOLUTION_DIVISOR, MIN_RESOLUTION, MAX_RESOLUTION = 8, 8, 64
+LPIPS_MIN = 16
 CONSISTENCY_FILE = "consistency.json"
 FOLDER = "eval"
 REFERENCE_FILES = ("prepared/crop.png", "views/000.png")  # the input's front view, in this order
@@ -109,7 +111,11 @@ def consistency(
             if why:
                 row["csim_note"] = why.removeprefix("compared image: ")
         rows.append(row)
-    distances = lpips.many([pair[0] for pair in pairs], [np.asarray(pair[1], np.float32) for pair in pairs])
+    lpips_reason = lpips.reason
+    if resolution < LPIPS_MIN:
+        lpips_reason, distances = f"renders of {resolution} px are too small for LPIPS ({LPIPS_MIN} px at least)", None
+    else:
+        distances = lpips.many([pair[0] for pair in pairs], [np.asarray(pair[1], np.float32) for pair in pairs])
     for row, distance in zip(rows, distances or ()):
         row["lpips"] = round(distance, 5)
     faces = [row["csim"] for row in rows if row["csim"] is not None]
@@ -125,7 +131,7 @@ def consistency(
     }
     if not faces and reference_embedding is not None:
         identity_reason = "no view shows a face the identity model finds"
-    unavailable = {"lpips": lpips.reason, "csim": None if faces else identity_reason}
+    unavailable = {"lpips": lpips_reason, "csim": None if faces else identity_reason}
     return {
         "kind": "consistency",
         "summary": summary,
@@ -181,7 +187,7 @@ def _settings(context: StageContext) -> dict[str, Any]:
 
     # the backbone's presence is a setting: fetching it later turns LPIPS on when the run is redone
     return {
-        "resolution": [RESOLUTION_DIVISOR, MIN_RESOLUTION, MAX_RESOLUTION],
+        "resolution": [RESOLUTION_DIVISOR, MIN_RESOLUTION, MAX_RESOLUTION, LPIPS_MIN],
         "lpips": backbone_path().is_file(),
         "identity": metrics.IdentityModel.name,
     }
