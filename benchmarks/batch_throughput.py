@@ -80,6 +80,18 @@ def settings(args, tiny: bool) -> dict:
     )
 
 
+def stage_seconds(out: Path) -> dict[str, float]:
+    """Mean seconds of each stage over the run folders under `out`, as their run.json records them."""
+    import json
+
+    spans: dict[str, list[float]] = {}
+    for manifest in sorted(out.glob("*/run.json")):
+        for name, record in json.loads(manifest.read_text())["stages"].items():
+            if "seconds" in record:
+                spans.setdefault(name, []).append(record["seconds"])
+    return {name: round(sum(values) / len(values), 2) for name, values in spans.items()}
+
+
 def sequential(images: list[Path], out: Path, recipe) -> dict:
     """`dp360 reconstruct a.png b.png ...`: one portrait after another, models located (and so
     loaded) afresh for each, as the command's loop does."""
@@ -109,7 +121,7 @@ def sequential(images: list[Path], out: Path, recipe) -> dict:
         )
         statuses.append(summary.status)
         loads += sum(models.loads.values()) + sum(noise_models.loads.values())
-    return {"statuses": statuses, "model_loads": loads}
+    return {"statuses": statuses, "model_loads": loads, "stage_seconds": stage_seconds(out)}
 
 
 def batch(images: list[Path], out: Path, recipe, workers: int, cpus_per_task: float) -> dict:
@@ -121,6 +133,7 @@ def batch(images: list[Path], out: Path, recipe, workers: int, cpus_per_task: fl
         "statuses": [result.status for result in summary.results],
         "model_loads": sum(per_worker.values()),
         "startup_seconds": summary.startup_seconds,  # until every Ray actor had started and answered
+        "stage_seconds": stage_seconds(out),
     }
 
 
@@ -148,7 +161,10 @@ def main() -> None:
     cores = os.cpu_count() or 1
     cpus_per_task = 1.0 if gpus else max(1.0, float(cores // workers))
     torch.set_num_threads(cores)  # the sequential loop uses every core, as `dp360 reconstruct` does
-    print(benchlib.device_description("cuda" if gpus else "cpu"), f"| {cores} cores | {workers} workers")
+    print(
+        benchlib.device_description("cuda" if gpus else "cpu"),
+        f"| {cores} cores | {workers} workers | load average {os.getloadavg()[0]:.1f} before",
+    )
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         tiny = args.weights_dir is None
@@ -187,7 +203,9 @@ def main() -> None:
             f"{args.portraits} portraits over {args.repeats} runs: {benchlib.spread(spans, digits=1)}), "
             f"{repeats[-1]['model_loads']} model loads, statuses {sorted({s for run in repeats for s in run['statuses']})}"
         )
+        print(f"  mean seconds per stage: {repeats[-1]['stage_seconds']}")
     batch_name = f"batch x{workers}"
+    print(f"load average {os.getloadavg()[0]:.1f} after (the machine's other work shares its cores)")
     ratio = results[batch_name]["portraits_per_hour"] / results["sequential"]["portraits_per_hour"]
     startup = benchlib.median(run["startup_seconds"] for run in runs[batch_name])
     steady = args.portraits * 3600 / (results[batch_name]["median_seconds"] - startup)

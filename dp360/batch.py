@@ -493,6 +493,9 @@ class PortraitWorker:
 
     def __init__(self, recipe: BatchRecipe, kind: str, dtype: str, environment: dict[str, str], threads: int):
         os.environ.update(environment)
+        from .run import pipeline_stages
+
+        pipeline_stages()  # imports every stage's code (torch, diffusers, nerfstudio) while the worker starts
         if kind == "cpu":
             import torch
 
