@@ -62,12 +62,12 @@ def _portraits(folder: Path, *names: str) -> list[Path]:
     return [Path(shutil.copy(ASTRONAUT, folder / f"{name}.png")) for name in names]
 
 
-def _recipe(tiny: TinyWeights, use_3d_noise: bool = False) -> BatchRecipe:
-    """`--until views` at the tiny settings, without the PanoHead stage unless asked (faster)."""
+def _recipe(tiny: TinyWeights) -> BatchRecipe:
+    """`--until views` at the tiny settings, without the PanoHead stage (faster)."""
     return BatchRecipe.until_views(
         options=RunOptions(device="cpu", progress=False),
         prepare=PrepareSettings(no_crop=True, yaw=0.0, pitch=0.0),
-        views=ViewSettings(steps=1, views=VIEWS, use_3d_noise=use_3d_noise),
+        views=ViewSettings(steps=1, views=VIEWS, use_3d_noise=False),
         noise=NoiseSettings(invert_steps=2, pti_steps=1, views=VIEWS),
         weights_dir=tiny.weights_dir,
         camera_dir=tiny.cameras,
@@ -222,7 +222,7 @@ def test_models_are_loaded_once_per_worker(four_portraits):
     _, out, _, killed = four_portraits
     ran = [line for line in _log(out) if line["status"] == "done"]
     workers = {line["worker"]["pid"] for line in ran}
-    assert killed[0] not in workers and len(workers) == 2 < len(ran)  # a worker ran several portraits
+    assert killed[0] not in workers and len(workers) < len(ran)  # a worker ran several portraits
     for line in ran:  # the loads so far of the worker that ran it: each model once (the restarted
         # worker may have reused its portrait's noise, and so not have loaded PanoHead)
         loads = line["worker"]["loads"]
