@@ -55,6 +55,7 @@ CSV_PATH_COLUMNS = ("path", "image", "input", "file", "filename")
 FORWARDED_PREFIXES = ("DP360_", "HF_")
 FORWARDED_VARIABLES = ("XDG_CACHE_HOME", "TORCH_HOME")
 WORKER_START_SECONDS = 600.0  # a (re)started worker answers within this, or it is given up
+CONNECT_SECONDS = 10.0  # a cluster's address answers within this, or it is refused
 POLL_SECONDS = 0.5  # how often the progress is refreshed while portraits run
 MAX_RETRIES = 100
 STATUSES = ("done", "incomplete", "failed", "interrupted")
@@ -640,11 +641,29 @@ class _Worker:
     pid: int | None = None
 
 
+def _check_reachable(address: str) -> None:
+    """A host:port address must accept a connection within seconds (ray.init would wait minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():
+        return  # 'auto', ray:// (Ray Client): ray.init finds or refuses them itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise Dp360Error(
+            f"Cannot reach the Ray cluster at {address} ({error.strerror or error}); start it with `ray start --head` "
+            "on its head node and pass the address it prints, or drop --address to run on this machine."
+        ) from None
+
+
 def _connect(cluster: ClusterSettings) -> bool:
     """Connect to the cluster at `address`, join the one this process is already connected to,
     or start one on this machine; True when this call started (and must stop) it."""
     import ray
 
+    if cluster.address:
+        _check_reachable(cluster.address)
     if ray.is_initialized():
         return False
     try:
