@@ -159,7 +159,7 @@ def _print_table(summary) -> None:
 
     counts = summary.counts()
     shown = [status for status, count in counts.items() if count or status != "interrupted"]
-    table = Table(title=f"dp360 batch: {summary.out_dir}", title_justify="left")
+    table = Table(title=f"batch in {summary.out_dir}", title_justify="left")
     for column in ("portraits", *shown, "portraits/h"):
         table.add_column(column, justify="right")
     table.add_row(
@@ -210,7 +210,8 @@ def batch(
         Optional[str],
         typer.Option(
             "--address",
-            help="A running Ray cluster to join (`ray start --head` printed it; 'auto' finds one on this machine); "
+            help="A running Ray cluster to join: the address that `ray start` printed on its head node ('auto' finds one "
+            "on this machine); "
             "default: start one on this machine.",
             show_default=False,
         ),
