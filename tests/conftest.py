@@ -114,10 +114,33 @@ class TinyWeights:
             link.symlink_to(self.backbone)
 
 
+def shared_session_folder(tmp_path_factory) -> Path:
+    """A folder all xdist workers of this session share (the session's own one without xdist), for
+    fixtures that are made once per session rather than once per worker (under a FileLock)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def fitted(tmp_path_factory):
     """The synthetic head's views (48 px) and a field fitted to them on the CPU (the "test" preset,
-    250 iterations): (views folder, nerf folder, the fit's summary). Read it only; copy to change."""
+    250 iterations): (views folder, nerf folder, the fit's summary). Read it only; copy to change.
+    Fitted once per session, whichever worker asks first (the seeded CPU fit is deterministic)."""
+    import json
+
+    from filelock import FileLock
+
     from dp360.nerf import synthetic
 
-    return synthetic.write_fitted_run(tmp_path_factory.mktemp("field"), size=48, iterations=250)
+    shared = shared_session_folder(tmp_path_factory)
+    root, done = shared / "fitted-field", shared / "fitted-field.json"
+    with FileLock(str(shared / "fitted-field.lock")):
+        if not done.is_file():
+            import shutil
+
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            views, nerf, summary = synthetic.write_fitted_run(root, size=48, iterations=250)
+            done.write_text(json.dumps({"views": str(views), "nerf": str(nerf), "summary": summary}))
+    record = json.loads(done.read_text())
+    return Path(record["views"]), Path(record["nerf"]), record["summary"]

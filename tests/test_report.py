@@ -8,7 +8,6 @@ import base64
 import html
 import io
 import json
-import os
 import re
 import shutil
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from dp360.report import MESH_STILL_SIZE, rasterize, report_inputs
 
 from .browser import CHROMIUM, NO_CHROMIUM
 from .browser import chromium as _chromium
-from .conftest import tiny_reconstruct_settings
+from .conftest import shared_session_folder, tiny_reconstruct_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ASTRONAUT = REPO / "assets" / "astronaut.png"
@@ -50,13 +49,6 @@ def _invoke(*args) -> tuple[int, str, str]:
 
     result = CliRunner().invoke(app, [str(arg) for arg in args])
     return result.exit_code, result.stdout, result.stderr
-
-
-def _shared_folder(tmp_path_factory) -> Path:
-    """A folder all xdist workers of this session share (the session's own one without xdist), so
-    the tiny full run is made once."""
-    base = tmp_path_factory.getbasetemp()
-    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
 
 
 def _make_complete_run(root: Path) -> Path:
@@ -96,7 +88,7 @@ def complete_run(tmp_path_factory) -> Path:
     """A tiny full run (8 views, an 8-iteration fit), made once per session."""
     from filelock import FileLock
 
-    shared = _shared_folder(tmp_path_factory)
+    shared = shared_session_folder(tmp_path_factory)
     with FileLock(str(shared / "report-complete-run.lock")):
         root = shared / "report-complete-run"
         if not (root / "head" / "export" / "report.html").is_file():
