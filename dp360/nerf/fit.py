@@ -156,6 +156,66 @@ def _check_views(views_dir: Path) -> None:
         )
 
 
+def train(
+    config, out_dir: Path, settings: FitSettings, device: str, progress: bool, description: str
+) -> tuple[Any, dict[str, Any]]:
+    """Runs nerfstudio's trainer of `config` into `out_dir` for `settings.iterations` steps as
+    `Trainer.train` does (the model's training callbacks around every step: nerfacto's proposal
+    annealing, splatfacto's densification), under dp360's progress bar, with one checkpoint after
+    the loop. Returns the trainer and the fit's seconds and first and last losses."""
+    from tqdm.auto import tqdm
+
+    config.output_dir, config.experiment_name, config.timestamp = Path(out_dir), EXPERIMENT, TIMESTAMP
+    config.steps_per_save, config.vis = 10**9, "tensorboard"  # one checkpoint, written after the loop
+    # nerfstudio draws from all three generators (weights, pixel sampling, image caching).
+    random.seed(settings.seed)
+    torch.manual_seed(settings.seed)
+    np.random.seed(settings.seed)
+    with deterministic_on(device):
+        with nerfstudio_quietly():
+            trainer = config.setup(local_rank=0, world_size=1)
+            trainer.setup()
+            config.save_config()
+        from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+        before, after = TrainingCallbackLocation.BEFORE_TRAIN_ITERATION, TrainingCallbackLocation.AFTER_TRAIN_ITERATION
+        start = time.perf_counter()
+        losses = []
+        trainer.pipeline.train()
+        for step in tqdm(range(settings.iterations), desc=description, disable=not progress, leave=False):
+            for callback in trainer.callbacks:
+                callback.run_callback_at_location(step, location=before)
+            loss, _, _ = trainer.train_iteration(step)
+            for callback in trainer.callbacks:
+                callback.run_callback_at_location(step, location=after)
+            losses.append(loss.item())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        fit_seconds = time.perf_counter() - start
+    with nerfstudio_quietly():
+        trainer.save_checkpoint(max(settings.iterations - 1, 0))
+    return trainer, {
+        "fit_seconds": round(fit_seconds, 2),
+        "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
+    }
+
+
+def write_fit(
+    trainer, config, views_dir: Path, out_dir: Path, final_dir: Path | None, settings: FitSettings, summary: dict
+) -> dict[str, Any]:
+    """nerfstudio's config.yml pointing at `final_dir` (where the staging `out_dir` is moved
+    afterwards), and dp360's fit.json; returns `summary`."""
+    if final_dir is not None:
+        import yaml
+
+        config.output_dir = Path(final_dir)
+        (Path(trainer.base_dir) / "config.yml").write_text(yaml.dump(config), "utf8")
+    (Path(out_dir) / FIT_FILE).write_text(
+        json.dumps({"settings": settings.key_dict(), "views_dir": str(Path(views_dir).resolve()), **summary}, indent=2)
+    )
+    return summary
+
+
 def fit_field(
     views_dir: Path,
     out_dir: Path,
@@ -168,50 +228,20 @@ def fit_field(
 
     `final_dir`: where `out_dir` will be moved afterwards (a stage's staging folder), so that
     nerfstudio's config.yml points at the final checkpoint folder."""
-    from tqdm.auto import tqdm
-
     from .method import head_config
 
     _check_views(views_dir)
     background = resolve_background(views_dir, settings.background)
     config = head_config(settings, device, Path(views_dir).resolve(), background)
-    config.output_dir, config.experiment_name, config.timestamp = Path(out_dir), EXPERIMENT, TIMESTAMP
-    config.steps_per_save, config.vis = 10**9, "tensorboard"  # one checkpoint, written after the loop
-    # nerfstudio draws from all three generators (weights, pixel sampling, image caching).
-    random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
-    with deterministic_on(device):
-        with nerfstudio_quietly():
-            trainer = config.setup(local_rank=0, world_size=1)
-            trainer.setup()
-            config.save_config()
-        start = time.perf_counter()
-        losses = []
-        trainer.pipeline.train()
-        for step in tqdm(range(settings.iterations), desc="radiance field", disable=not progress, leave=False):
-            loss, _, _ = trainer.train_iteration(step)
-            losses.append(loss.item())
-        fit_seconds = time.perf_counter() - start
-    with nerfstudio_quietly():
-        trainer.save_checkpoint(max(settings.iterations - 1, 0))
-    if final_dir is not None:
-        import yaml
-
-        config.output_dir = Path(final_dir)
-        (Path(trainer.base_dir) / "config.yml").write_text(yaml.dump(config), "utf8")
+    trainer, timing = train(config, out_dir, settings, device, progress, "radiance field")
     summary = {
         "method": METHOD,
         "iterations": settings.iterations,
-        "fit_seconds": round(fit_seconds, 2),
-        "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
+        **timing,
         "background": background,
         "config": f"{EXPERIMENT}/{METHOD}/{TIMESTAMP}/config.yml",
     }
-    (Path(out_dir) / FIT_FILE).write_text(
-        json.dumps({"settings": settings.key_dict(), "views_dir": str(Path(views_dir).resolve()), **summary}, indent=2)
-    )
-    return summary
+    return write_fit(trainer, config, views_dir, out_dir, final_dir, settings, summary)
 
 
 @dataclass

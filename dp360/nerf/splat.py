@@ -29,8 +29,6 @@ This module imports nerfstudio at the top; dp360's CLI imports it lazily.
 from __future__ import annotations
 
 import json
-import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,6 @@ from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.configs.base_config import ViewerConfig
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
-from nerfstudio.engine.callbacks import TrainingCallbackLocation
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
@@ -59,7 +56,6 @@ from .fit import (
     TIMESTAMP,
     FitSettings,
     border_colour_of,
-    nerfstudio_quietly,
     resolve_background,
 )
 from .mesh import HEAD_BOX_HALF
@@ -397,9 +393,7 @@ def fit_splat(
     """Train splats on `views_dir` into `out_dir` (a fresh folder), in the layout of `fit_field`
     (`dp360/dp360-splat/fit/` and fit.json). Returns a summary. `seed_points`: what to start from
     (default: a ball inside the head box); written to `out_dir/seed_points.npz`."""
-    from tqdm.auto import tqdm
-
-    from .fit import _check_views
+    from .fit import _check_views, train, write_fit
 
     require_cuda(device)
     _check_views(views_dir)
@@ -407,51 +401,18 @@ def fit_splat(
     seeds = seed_points if seed_points is not None else ball_seed_points(SEED_POINT_COUNT, settings.seed)
     seed_file = seeds.save(Path(out_dir) / SEED_FILE)
     config = splat_config(settings, device, Path(views_dir).resolve(), background, seed_file)
-    config.output_dir, config.experiment_name, config.timestamp = Path(out_dir), EXPERIMENT, TIMESTAMP
-    config.steps_per_save, config.vis = 10**9, "tensorboard"  # one checkpoint, written after the loop
-    random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
-    np.random.seed(settings.seed)
-    with nerfstudio_quietly():
-        trainer = config.setup(local_rank=0, world_size=1)
-        trainer.setup()
-        config.save_config()
-    start = time.perf_counter()
-    losses = []
-    trainer.pipeline.train()
-    # splatfacto densifies and prunes in its training callbacks, which `Trainer.train` runs around
-    # each iteration: run them here too.
-    for step in tqdm(range(settings.iterations), desc="splats", disable=not progress, leave=False):
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        loss, _, _ = trainer.train_iteration(step)
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    fit_seconds = time.perf_counter() - start
-    with nerfstudio_quietly():
-        trainer.save_checkpoint(max(settings.iterations - 1, 0))
-    if final_dir is not None:
-        import yaml
-
-        config.output_dir = Path(final_dir)
-        config.pipeline.model.seed_points_file = Path(final_dir) / SEED_FILE
-        (Path(trainer.base_dir) / "config.yml").write_text(yaml.dump(config), "utf8")
+    trainer, timing = train(config, out_dir, settings, device, progress, "splats")
+    config.pipeline.model.seed_points_file = Path(final_dir or out_dir) / SEED_FILE  # where config.yml will find it
     summary = {
         "method": SPLAT_METHOD,
         "iterations": settings.iterations,
-        "fit_seconds": round(fit_seconds, 2),
-        "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
+        **timing,
         "background": background,
         "splats": int(trainer.pipeline.model.num_points),
         "seed_points": {"count": len(seeds.points), "source": seeds.source},
         "config": f"{EXPERIMENT}/{SPLAT_METHOD}/{TIMESTAMP}/config.yml",
     }
-    (Path(out_dir) / FIT_FILE).write_text(
-        json.dumps({"settings": settings.key_dict(), "views_dir": str(Path(views_dir).resolve()), **summary}, indent=2)
-    )
-    return summary
+    return write_fit(trainer, config, views_dir, out_dir, final_dir, settings, summary)
 
 
 # -- the PLY export --------------------------------------------------------------------------------

@@ -170,7 +170,7 @@ FIT_STAGE = Stage(
         context.run_dir, folder, _fit_settings(context), context.config.field.field, context.device, context.progress
     ),
     needs=("views",),
-    version=2,  # the method registered with nerfstudio as dp360-head (was nerfacto-head)
+    version=3,  # 2: registered with nerfstudio as dp360-head (was nerfacto-head); 3: training callbacks run
 )
 
 RENDER_STAGE = Stage(
