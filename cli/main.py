@@ -441,6 +441,34 @@ MeshResolutionOption = Annotated[
 MeshFacesOption = Annotated[
     int, typer.Option("--mesh-faces", help="Decimate the mesh to at most this many faces (at least 100).")
 ]
+FitPresetOption = Annotated[
+    Optional[FitPreset],
+    typer.Option(
+        "--fit-preset",
+        help="Radiance-field settings (default: gpu on CUDA, else cpu; test: a quick rough fit).",
+        show_default=False,
+    ),
+]
+FitIterationsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--fit-iterations",
+        help="Radiance-field training iterations, 1 to 1000000 (default: the preset's).",
+        show_default=False,
+    ),
+]
+FieldOption = Annotated[
+    FieldKind,
+    typer.Option(
+        "--field",
+        help="The field fitted to the views: nerfacto (density, meshable) or splatfacto (3D Gaussian splats, "
+        "CUDA only; writes export/head.splat.ply instead of a mesh).",
+    ),
+]
+MeshFormatsOption = Annotated[
+    Optional[list[MeshFormat]],
+    typer.Option("--mesh-format", help="Mesh file format; repeat for several (default: glb).", show_default=False),
+]
 
 
 @app.command(cls=Command)
@@ -480,40 +508,16 @@ def reconstruct(
     offload: OffloadOption = False,
     low_vram: LowVramOption = False,
     compile_models: CompileOption = False,
-    fit_preset: Annotated[
-        Optional[FitPreset],
-        typer.Option(
-            "--fit-preset",
-            help="Radiance-field settings (default: gpu on CUDA, else cpu; test: a quick rough fit).",
-            show_default=False,
-        ),
-    ] = None,
-    fit_iterations: Annotated[
-        Optional[int],
-        typer.Option(
-            "--fit-iterations",
-            help="Radiance-field training iterations, 1 to 1000000 (default: the preset's).",
-            show_default=False,
-        ),
-    ] = None,
-    field_kind: Annotated[
-        FieldKind,
-        typer.Option(
-            "--field",
-            help="The field fitted to the views: nerfacto (density, meshable) or splatfacto (3D Gaussian splats, "
-            "CUDA only; writes export/head.splat.ply instead of a mesh).",
-        ),
-    ] = FieldKind.nerfacto,
+    fit_preset: FitPresetOption = None,
+    fit_iterations: FitIterationsOption = None,
+    field_kind: FieldOption = FieldKind.nerfacto,
     frames: FramesOption = 120,
     fps: FpsOption = 30,
     resolution: ResolutionOption = 512,
     elevation: ElevationOption = 0.0,
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
-    mesh_format: Annotated[
-        Optional[list[MeshFormat]],
-        typer.Option("--mesh-format", help="Mesh file format; repeat for several (default: glb).", show_default=False),
-    ] = None,
+    mesh_format: MeshFormatsOption = None,
 ) -> None:
     """Everything: prepare -> 3D-aware noise -> back view -> views -> NeRF -> turntable + mesh.
 

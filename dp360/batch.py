@@ -325,7 +325,7 @@ class BatchRecipe:
             self.prepare,
             self.views,
             self.noise,
-            self.field,
+            replace(self.field, field="nerfacto"),  # what the field needs of the device: check_device
         )
         check_memory_options(self.offload, self.low_vram, self.compile_models)
 

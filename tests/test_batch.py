@@ -143,6 +143,7 @@ def test_folders_and_settings_are_refused_before_anything_starts(cli, tmp_path):
         (("--out", tmp_path / "new", "--steps", "0"), "--steps must be"),
         (("--out", tmp_path / "new", "--gpus-per-task", "0"), "--gpus-per-task must be"),
         (("--out", tmp_path / "new", "--device", "cpu", "--dtype", "fp16"), "fp16 is not supported"),
+        (("--out", tmp_path / "new", "--field", "splatfacto"), "--field splatfacto needs a CUDA GPU"),
         (("--out", tmp_path / "new", "--address", "127.0.0.1:1"), "Cannot reach the Ray cluster at 127.0.0.1:1"),
     ]
     for extra, fragment in cases:
@@ -258,3 +259,15 @@ def test_an_interrupted_batch_finishes_the_rest_without_redoing_finished_stages(
     assert by_name["second"].reused == ["prepare"] and set(by_name["second"].seconds) == {"views"}
     assert set(by_name["third"].seconds) == {"prepare", "views"}
     assert len(_log(out)) == 5  # a line per ended portrait, appended by each batch
+
+
+def test_splats_are_checked_against_the_workers_device_not_this_machines():
+    from dp360.batch import BatchRecipe
+    from dp360.errors import Dp360Error
+    from dp360.nerf.stage import FieldStageSettings
+
+    recipe = BatchRecipe.reconstruct(field=FieldStageSettings(field="splatfacto"))
+    recipe.check()  # nothing device-bound: GPU workers elsewhere may fit splats
+    with pytest.raises(Dp360Error, match="--field splatfacto needs a CUDA GPU"):
+        recipe.check_device("cpu")
+    assert recipe.field.field == "splatfacto"  # the check did not change the recipe

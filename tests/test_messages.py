@@ -185,6 +185,19 @@ def test_reconstruct_takes_every_views_option_with_its_default():
         assert _choices(other) == _choices(param), name
 
 
+def test_batch_takes_every_reconstruct_option_with_its_default():
+    reconstruct, batch = _options(_command("reconstruct")), _options(_command("batch"))
+    per_portrait = {"--face-index"}  # which face of one photo: no meaning across many
+    missing = sorted(set(reconstruct) - set(batch) - per_portrait)
+    assert not missing, f"batch lacks the reconstruct options {missing}"
+    for name, param in reconstruct.items():
+        if param is None or name in per_portrait or name == "--device":  # batch: auto|cpu|cuda, one GPU per worker
+            continue
+        other = batch[name]
+        assert other.default == param.default, name
+        assert _choices(other) == _choices(param), name
+
+
 # --------------------------------------------------------------------------------------------
 # Help names only options the command has
 # --------------------------------------------------------------------------------------------
