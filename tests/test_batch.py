@@ -47,7 +47,9 @@ def ray_cluster():
     """One local Ray cluster for the module: 2 CPUs, no dashboard; the batches join it."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    from dp360.batch import start_local_ray
+
+    start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     yield
     ray.shutdown()
 
