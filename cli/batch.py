@@ -59,6 +59,8 @@ from cli.main import (
     ViewsOption,
     WeightsDirOption,
     YawOption,
+    _field_settings,
+    _generation_settings,
     _prepare_settings,
     app,
     err_console,
@@ -298,26 +300,20 @@ def batch(
     Exit status: 0 when every portrait is done, 2 when one failed, 3 when one is incomplete.
     """
     from dp360.batch import BatchRecipe, ClusterSettings, run_batch
-    from dp360.diffusion.stage import ViewSettings
-    from dp360.nerf.fit import FitSettings
-    from dp360.nerf.mesh import MeshSettings
-    from dp360.nerf.render import TurntableSettings
-    from dp360.nerf.stage import FieldStageSettings
-    from dp360.panohead.stage import NoiseSettings
     from dp360.run import RunOptions
 
     reporter = ProgressReporter(quiet or json_output)
     try:
         with user_errors():
-            fit = None
-            if fit_preset is not None or fit_iterations is not None:
+
+            def on_gpus() -> bool:
                 import torch
 
-                on_gpus = device is BatchDevice.cuda or (device is BatchDevice.auto and torch.cuda.is_available())
-                preset = fit_preset.value if fit_preset else ("gpu" if on_gpus else "cpu")
-                fit = FitSettings.preset(
-                    preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed
-                )
+                return device is BatchDevice.cuda or (device is BatchDevice.auto and torch.cuda.is_available())
+
+            views, noise = _generation_settings(
+                steps, guidance, eta, view_count, back_camera, seed, no_3d_noise, invert_steps, pti_steps
+            )
             settings = dict(
                 options=RunOptions(
                     device=device.value,
@@ -332,22 +328,21 @@ def batch(
                 prepare=_prepare_settings(
                     detector, detector_weights, no_crop, yaw, pitch, None, force_crop, allow_small
                 ),
-                views=ViewSettings(
-                    steps=steps,
-                    guidance=guidance,
-                    eta=eta,
-                    views=view_count,
-                    back_camera_index=back_camera,
-                    seed=seed,
-                    use_3d_noise=not no_3d_noise,
-                ),
-                noise=NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed),
-                field=FieldStageSettings(
-                    fit,
-                    TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
-                    MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
-                    tuple(chosen.value for chosen in mesh_format) if mesh_format else ("glb",),
-                    field_kind.value,
+                views=views,
+                noise=noise,
+                field=_field_settings(
+                    fit_preset,
+                    fit_iterations,
+                    on_gpus,
+                    seed,
+                    frames,
+                    elevation,
+                    fps,
+                    resolution,
+                    mesh_resolution,
+                    mesh_faces,
+                    mesh_format,
+                    field_kind,
                 ),
                 weights_dir=weights_dir,
                 camera_dir=cameras,

@@ -326,6 +326,59 @@ def _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_inde
     )
 
 
+def _generation_settings(steps, guidance, eta, view_count, back_camera, seed, no_3d_noise, invert_steps, pti_steps):
+    """The views' and the PanoHead inversion's settings, as `views`, `reconstruct` and `batch` take them."""
+    from dp360.diffusion.stage import ViewSettings
+    from dp360.panohead.stage import NoiseSettings
+
+    view_settings = ViewSettings(
+        steps=steps,
+        guidance=guidance,
+        eta=eta,
+        views=view_count,
+        back_camera_index=back_camera,
+        seed=seed,
+        use_3d_noise=not no_3d_noise,
+    )
+    return view_settings, NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
+
+
+def _field_settings(
+    fit_preset,
+    fit_iterations,
+    on_cuda,
+    seed,
+    frames,
+    elevation,
+    fps,
+    resolution,
+    mesh_resolution,
+    mesh_faces,
+    mesh_format,
+    field_kind,
+):
+    """The fit, turntable and mesh settings of `reconstruct` and `batch`; `on_cuda` picks the default
+    fit preset (gpu, else cpu) when only --fit-iterations is given."""
+    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.mesh import MeshSettings
+    from dp360.nerf.render import TurntableSettings
+    from dp360.nerf.stage import FieldStageSettings
+
+    fit = None
+    if fit_preset is not None or fit_iterations is not None:
+        preset = fit_preset.value if fit_preset else ("gpu" if on_cuda() else "cpu")
+        fit = FitSettings.preset(
+            preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed
+        )
+    return FieldStageSettings(
+        fit,
+        TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
+        MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
+        tuple(chosen.value for chosen in mesh_format) if mesh_format else ("glb",),
+        field_kind.value,
+    )
+
+
 @app.command(cls=Command)
 def prepare(
     image: Annotated[Path, typer.Argument(help="Portrait image (PNG, JPEG, WebP, TIFF, ...).", show_default=False)],
@@ -524,13 +577,9 @@ def reconstruct(
     Writes OUT/{input.png, prepared/, noise/, views/, nerf/, export/turntable.mp4,
     export/head.glb, run.json}; a rerun skips every stage whose inputs and settings are unchanged.
     """
-    from dp360.diffusion.stage import ViewModels, ViewSettings, check_memory_options
+    from dp360.diffusion.stage import ViewModels, check_memory_options
     from dp360.errors import Dp360Error
-    from dp360.nerf.fit import FitSettings
-    from dp360.nerf.mesh import MeshSettings
-    from dp360.nerf.render import TurntableSettings
-    from dp360.nerf.stage import FieldStageSettings
-    from dp360.panohead.stage import NoiseModels, NoiseSettings
+    from dp360.panohead.stage import NoiseModels
     from dp360.run import RunOptions, check_run_settings, pipeline_stages
     from dp360.run import reconstruct as reconstruct_run
 
@@ -547,31 +596,25 @@ def reconstruct(
         keep_checkpoints=keep_checkpoints,
     )
     reporter = ConsoleReporter(quiet or json_output)
-    view_settings = ViewSettings(
-        steps=steps,
-        guidance=guidance,
-        eta=eta,
-        views=view_count,
-        back_camera_index=back_camera,
-        seed=seed,
-        use_3d_noise=not no_3d_noise,
+    view_settings, noise_settings = _generation_settings(
+        steps, guidance, eta, view_count, back_camera, seed, no_3d_noise, invert_steps, pti_steps
     )
-    noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
     with user_errors():
-        fit = None
-        if fit_preset is not None or fit_iterations is not None:
-            from dp360.runtime import resolve_device
+        from dp360.runtime import resolve_device
 
-            preset = fit_preset.value if fit_preset else ("gpu" if resolve_device(device).startswith("cuda") else "cpu")
-            fit = FitSettings.preset(
-                preset, **({"iterations": fit_iterations} if fit_iterations is not None else {}), seed=seed
-            )
-        field_settings = FieldStageSettings(
-            fit,
-            TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
-            MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
-            tuple(chosen.value for chosen in mesh_format) if mesh_format else ("glb",),
-            field_kind.value,
+        field_settings = _field_settings(
+            fit_preset,
+            fit_iterations,
+            lambda: resolve_device(device).startswith("cuda"),
+            seed,
+            frames,
+            elevation,
+            fps,
+            resolution,
+            mesh_resolution,
+            mesh_faces,
+            mesh_format,
+            field_kind,
         )
         # Every setting is checked once, before the first portrait is touched.
         stages = tuple(stage.name for stage in pipeline_stages())
@@ -691,8 +734,8 @@ def views(
     Writes OUT/views/: back_ref.png, 000.png ... (one per view), grid.png, orbit.mp4 and
     transforms.json (nerfstudio cameras of the orbit).
     """
-    from dp360.diffusion.stage import ViewModels, ViewSettings
-    from dp360.panohead.stage import NoiseModels, NoiseSettings
+    from dp360.diffusion.stage import ViewModels
+    from dp360.panohead.stage import NoiseModels
     from dp360.run import RunOptions, check_run_settings
     from dp360.run import views as views_run
 
@@ -701,16 +744,9 @@ def views(
             detector, detector_weights, no_crop, yaw, pitch, face_index, force_crop, allow_small
         )
         resolved_dtype = None if dtype is DType.auto else dtype.value
-        view_settings = ViewSettings(
-            steps=steps,
-            guidance=guidance,
-            eta=eta,
-            views=view_count,
-            back_camera_index=back_camera,
-            seed=seed,
-            use_3d_noise=not no_3d_noise,
+        view_settings, noise_settings = _generation_settings(
+            steps, guidance, eta, view_count, back_camera, seed, no_3d_noise, invert_steps, pti_steps
         )
-        noise_settings = NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
         options = RunOptions(
             device=device,
             dtype=resolved_dtype,
