@@ -83,7 +83,17 @@ class HeadModelConfig(NerfactoModelConfig):
     training images' borders."""
 
 
-class HeadModel(NerfactoModel):
+class WithoutLpips:
+    """A model mixin: its evaluation metrics without LPIPS (built as a stand-in that never
+    downloads AlexNet, see `no_download_metrics`, and whose NaN would pollute the logs)."""
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        metrics.pop("lpips", None)
+        return metrics, images
+
+
+class HeadModel(WithoutLpips, NerfactoModel):
     config: HeadModelConfig
 
     def populate_modules(self) -> None:
@@ -96,11 +106,6 @@ class HeadModel(NerfactoModel):
         device = self.kwargs.get("device") or "cpu"
         self.renderer_rgb.background_color = torch.tensor([float(x) for x in colour], device=device)
 
-    def get_image_metrics_and_images(self, outputs, batch):
-        metrics, images = super().get_image_metrics_and_images(outputs, batch)
-        metrics.pop("lpips", None)  # the stand-in's NaN
-        return metrics, images
-
 
 @dataclass
 class HeadPipelineConfig(VanillaPipelineConfig):
@@ -108,13 +113,14 @@ class HeadPipelineConfig(VanillaPipelineConfig):
 
 
 class HeadPipeline(VanillaPipeline):
-    """nerfstudio's pipeline; sets the background from the training images' borders when the
-    model config names no colour."""
+    """nerfstudio's pipeline of both dp360 fields (dp360-head, dp360-splat); sets the background
+    from the training images' borders when the model's config has a `background_rgb` of None."""
 
     def __init__(self, config: HeadPipelineConfig, device: str, *args: Any, **kwargs: Any):
         super().__init__(config, device, *args, **kwargs)
         outputs = getattr(self.datamanager, "train_dataparser_outputs", None)
-        if isinstance(self.model, HeadModel) and self.model.config.background_rgb is None and outputs is not None:
+        # only dp360's model configs have the field (nerfstudio's own models keep their background)
+        if getattr(self.model.config, "background_rgb", False) is None and outputs is not None:
             self.model.set_background(border_colour_of(outputs.image_filenames))
 
 

@@ -44,7 +44,6 @@ from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
-from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
 from .. import cameras
 from ..errors import Dp360Error
@@ -55,11 +54,10 @@ from .fit import (
     SPLAT_METHOD,
     TIMESTAMP,
     FitSettings,
-    border_colour_of,
     resolve_background,
 )
 from .mesh import HEAD_BOX_HALF
-from .method import no_download_metrics
+from .method import HeadPipelineConfig, WithoutLpips, no_download_metrics
 from .stage import SPLAT_FILE
 
 SEED_FILE = "seed_points.npz"  # in the fit's folder: what the splats started from
@@ -239,7 +237,7 @@ class HeadSplatModelConfig(SplatfactoModelConfig):
     seed: int = 42
 
 
-class HeadSplatModel(SplatfactoModel):
+class HeadSplatModel(WithoutLpips, SplatfactoModel):
     config: HeadSplatModelConfig
 
     def populate_modules(self) -> None:
@@ -268,28 +266,6 @@ class HeadSplatModel(SplatfactoModel):
 
     def _get_background_color(self) -> torch.Tensor:
         return self.background_color.to(self.device)
-
-    def get_image_metrics_and_images(self, outputs, batch):
-        metrics, images = super().get_image_metrics_and_images(outputs, batch)
-        metrics.pop("lpips", None)  # the stand-in's NaN
-        return metrics, images
-
-
-@dataclass
-class HeadSplatPipelineConfig(VanillaPipelineConfig):
-    _target: type = field(default_factory=lambda: HeadSplatPipeline)
-
-
-class HeadSplatPipeline(VanillaPipeline):
-    """nerfstudio's pipeline; sets the background from the training images' borders when the
-    model config names no colour (as dp360-head's)."""
-
-    def __init__(self, config: HeadSplatPipelineConfig, device: str, *args: Any, **kwargs: Any):
-        super().__init__(config, device, *args, **kwargs)
-        outputs = getattr(self.datamanager, "train_dataparser_outputs", None)
-        model = self.model
-        if isinstance(model, HeadSplatModel) and model.config.background_rgb is None and outputs is not None:
-            model.set_background(border_colour_of(outputs.image_filenames))
 
 
 def splat_schedule(iterations: int) -> dict[str, int]:
@@ -356,12 +332,12 @@ def splat_config(
         steps_per_eval_all_images=10**9,
         steps_per_save=2000,
         mixed_precision=False,
-        pipeline=HeadSplatPipelineConfig(
+        pipeline=HeadPipelineConfig(
             datamanager=FullImageDatamanagerConfig(
                 dataparser=dataparser, cache_images="gpu" if cuda else "cpu", cache_images_type="uint8"
             ),
             model=HeadSplatModelConfig(
-                background_color="white",  # under `background_rgb`, or the views' colour (HeadSplatPipeline)
+                background_color="white",  # under `background_rgb`, or the views' colour (HeadPipeline)
                 background_rgb=None if background is None else tuple(float(x) for x in background),
                 camera_optimizer=CameraOptimizerConfig(mode="off"),
                 densify_size_thresh=NERFSTUDIO_DENSIFY_SIZE * ORBIT_SCALE,
