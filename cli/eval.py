@@ -19,6 +19,13 @@ class Framing(str, Enum):  # dp360.eval.truth.FRAMINGS (not imported here: it lo
     camera = "camera"
 
 
+def _device_named(value: str) -> str:
+    """--device '' (or blanks) names no device: refused rather than read as auto."""
+    if isinstance(value, str) and not value.strip():
+        raise typer.BadParameter("name a device: auto, cpu, cuda, cuda:N or mps (an empty name is none of them).")
+    return value
+
+
 def eval_command(
     runs: Annotated[
         list[Path],
@@ -71,7 +78,7 @@ def eval_command(
         typer.Option("--table", help="Write a comparison table as NAME.md and NAME.csv.", show_default=False),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace comparison tables written before.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device_named)] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json).")] = False,
 ) -> None:
@@ -87,6 +94,13 @@ def eval_command(
     from dp360.runtime import resolve_device
 
     with user_errors():
+        if table is not None and (table.name in ("", ".", "..") or table.is_dir()):
+            from dp360.errors import Dp360Error
+
+            raise Dp360Error(
+                f"--table names the folder '{table}', not a table; give a file name such as results/table "
+                "(NAME.md and NAME.csv are written)."
+            )
         settings = EvalSettings(
             size=size,
             tolerance=tolerance,

@@ -164,7 +164,16 @@ FaceIndexOption = Annotated[
     Optional[int],
     typer.Option(help="Which face to use when there are several (0 = largest), 0 to 1000.", show_default=False),
 ]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+
+
+def _device_named(value: str) -> str:
+    """--device '' (or blanks) names no device: refused rather than read as auto."""
+    if isinstance(value, str) and not value.strip():
+        raise typer.BadParameter("name a device: auto, cpu, cuda, cuda:N or mps (an empty name is none of them).")
+    return value
+
+
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device_named)]
 DTypeOption = Annotated[DType, typer.Option(help="Compute precision (auto: fp16 on CUDA, fp32 elsewhere).")]
 SeedOption = Annotated[int, typer.Option(help="Random seed of the run, 0 to 4294967295.")]
 ForceOption = Annotated[
@@ -281,7 +290,12 @@ def _root(
 
 
 # The stages whose results a command promises; a run without them exits INCOMPLETE_EXIT.
-PROMISED = {"prepare": ("prepare",), "views": ("views",), "reconstruct": ("render", "export")}
+PROMISED = {
+    "prepare": ("prepare",),
+    "views": ("views",),
+    "reconstruct": ("render", "export"),
+    "fit": ("render", "export"),
+}
 INCOMPLETE_EXIT = 3  # distinct from 2 (bad input or settings)
 
 
@@ -357,7 +371,7 @@ def _field_settings(
     mesh_format,
     field_kind,
 ):
-    """The fit, turntable and mesh settings of `reconstruct` and `batch`; `on_cuda` picks the default
+    """The fit, turntable and mesh settings of `reconstruct`, `fit` and `batch`; `on_cuda` picks the default
     fit preset (gpu, else cpu) when only --fit-iterations is given."""
     from dp360.nerf.fit import FitSettings
     from dp360.nerf.mesh import MeshSettings
@@ -776,9 +790,72 @@ def views(
     _print_summary(summary, json_output, quiet, "views")
 
 
+@app.command(cls=Command)
+def fit(
+    views_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="Views in nerfstudio's layout: a folder with transforms.json and the images it lists (a run's "
+            "views/, another method's views, a capture).",
+            show_default=False,
+        ),
+    ],
+    out: OutOption,
+    fit_preset: FitPresetOption = None,
+    fit_iterations: FitIterationsOption = None,
+    field_kind: FieldOption = FieldKind.nerfacto,
+    frames: FramesOption = 120,
+    fps: FpsOption = 30,
+    resolution: ResolutionOption = 512,
+    elevation: ElevationOption = 0.0,
+    mesh_resolution: MeshResolutionOption = 256,
+    mesh_faces: MeshFacesOption = 200_000,
+    mesh_format: MeshFormatsOption = None,
+    device: DeviceOption = "auto",
+    seed: SeedOption = 42,
+    force: ForceOption = False,
+    max_pixels: MaxPixelsOption = None,
+    json_output: JsonOption = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Fit a radiance field to views made elsewhere, then turntable, mesh, consistency score and report.
+
+    VIEWS_DIR is checked first (transforms.json, paths inside the folder, every image decoded, one
+    size, at least 8 views, rigid poses, positive intrinsics); its views are then copied into
+    OUT/views/ and run through the same stages as `dp360 reconstruct` from the fit on. Writes
+    OUT/{views/, nerf/, export/turntable.mp4, export/head.glb, export/report.html, run.json}; a
+    rerun skips every stage whose inputs and settings are unchanged (a changed image redoes the fit).
+    """
+    from dp360.run import RunOptions, fit_views
+    from dp360.runtime import resolve_device
+
+    with user_errors():
+        field_settings = _field_settings(
+            fit_preset,
+            fit_iterations,
+            lambda: resolve_device(device).startswith("cuda"),
+            seed,
+            frames,
+            elevation,
+            fps,
+            resolution,
+            mesh_resolution,
+            mesh_faces,
+            mesh_format,
+            field_kind,
+        )
+        options = RunOptions(
+            device=device, seed=seed, force=force, progress=not (quiet or json_output), max_pixels=max_pixels
+        )
+        summary = fit_views(views_dir, out, options, ConsoleReporter(quiet or json_output), field_settings)
+    _print_summary(summary, json_output, quiet, "fit")
+
+
 RunDirArgument = Annotated[
     Path,
-    typer.Argument(help="A run folder written by `dp360 reconstruct` (with nerf/ and views/).", show_default=False),
+    typer.Argument(
+        help="A run folder written by `dp360 reconstruct` or `dp360 fit` (with nerf/ and views/).", show_default=False
+    ),
 ]
 
 
@@ -788,7 +865,22 @@ def _check_run_dir(run_dir: Path) -> None:
 
     if not run_dir.is_dir():
         state = "is not a folder" if run_dir.exists() else "does not exist"
-        raise Dp360Error(f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct`.")
+        raise Dp360Error(
+            f"Run folder '{run_dir}' {state}; pass a folder written by `dp360 reconstruct` or `dp360 fit`."
+        )
+
+
+def _check_suffix_matches(out: Path, chosen: str, by_suffix: dict[str, str]) -> None:
+    """Refuse an --out whose suffix names another format than the one that would be written there
+    (PLY bytes in `m.obj`)."""
+    from dp360.errors import Dp360Error
+
+    named = by_suffix.get(out.suffix.lower())
+    if (named is not None and named != chosen) or (chosen == "frames" and out.suffix.lower() in by_suffix):
+        raise Dp360Error(
+            f"'{out.name}' names a .{named} file but --format is {chosen}; make the two agree "
+            f"(or leave out --format to write what the name says)."
+        )
 
 
 @app.command(cls=Command)
@@ -834,6 +926,7 @@ def render(
             raise Dp360Error(
                 f"Cannot tell the format from '{out.name}'; use a .mp4 or .gif name, a folder name, or --format."
             )
+        _check_suffix_matches(out, chosen, {".mp4": "mp4", ".gif": "gif"})
         settings = TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution, radius=radius)
         settings.check()
         _check_run_dir(run_dir)
@@ -886,11 +979,16 @@ def export(
     from dp360.nerf.fit import is_splat_fit, load_field
     from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
     from dp360.outputs import check_file_target
-    from dp360.run import RunLock
+    from dp360.report import read_run
+    from dp360.run import LOCK_NAME, RunLock, check_no_links
     from dp360.runtime import resolve_device
 
     with user_errors():
-        mesh_format = output_format.value if output_format else "glb"
+        by_suffix = {".glb": "glb", ".obj": "obj", ".ply": "ply"}
+        suffix_format = by_suffix.get(out.suffix.lower()) if out is not None else None
+        mesh_format = output_format.value if output_format else suffix_format or "glb"
+        if out is not None:
+            _check_suffix_matches(out, mesh_format, by_suffix)
         settings = MeshSettings(resolution=mesh_resolution, faces=mesh_faces, density=mesh_density)
         settings.check()
         _check_run_dir(run_dir)
@@ -902,23 +1000,32 @@ def export(
             )
         default_name = "head.splat.ply" if splats else f"head.{mesh_format}"
         target = out or Path(run_dir) / "export" / default_name
-        # The default target lies inside the run folder, which dp360 owns: it may replace it, under
-        # the run's lock so that no run writes there at the same time.
+        # The default target lies inside the run folder, which dp360 owns (its run.json shows it):
+        # it may replace it, never through a link, under the run's lock so that no run writes there
+        # at the same time.
         overwrite = overwrite or out is None
+        inside = ((), ()) if out is not None else (("export",), (LOCK_NAME, f"export/{default_name}"))
+        if out is None:
+            RunLock(Path(run_dir)).check_free()
+            read_run(run_dir)  # a folder dp360 did not make is the user's: nothing is written there
+            check_no_links(run_dir, *inside)
         check_file_target(target, overwrite)  # before the (slow) extraction
         lock = RunLock(Path(run_dir))
         if out is None:
             lock.acquire()
+            check_no_links(run_dir, *inside)  # again, under the lock
         try:
             if splats:
                 from dp360.nerf.splat import splat_parameters_of_checkpoint, write_splat_ply
 
                 parameters = splat_parameters_of_checkpoint(Path(run_dir) / "nerf")
+                check_no_links(run_dir, *inside)
                 write_splat_ply(parameters, target, overwrite)
                 written = f"{len(parameters['means'])} splats"
             else:
                 field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
                 mesh = extract_mesh(field, settings)
+                check_no_links(run_dir, *inside)  # nothing on the way became a link meanwhile
                 write_mesh(mesh, target, mesh_format, overwrite)
                 written = f"{len(mesh.faces)} faces"
         finally:
@@ -1155,15 +1262,19 @@ def report(run_dir: RunDirArgument) -> None:
     the views with their cameras, the turntable, the mesh from four sides, the stages' timings and
     settings, and the notes and warnings (a stage that did not run shows why).
     """
-    from dp360.report import read_run, write_report
-    from dp360.run import RunLock
+    from dp360.report import REPORT_FOLDER, REPORT_NAME, read_run, write_report
+    from dp360.run import LOCK_NAME, RunLock, check_no_links
 
     with user_errors():
         _check_run_dir(run_dir)
-        read_run(run_dir)  # a folder without run.json is refused before the lock file is made there
+        RunLock(Path(run_dir)).check_free()
+        read_run(run_dir)  # a folder dp360 did not make is refused before the lock file is made there
+        inside = ((REPORT_FOLDER,), (LOCK_NAME, f"{REPORT_FOLDER}/{REPORT_NAME}"))
+        check_no_links(run_dir, *inside)  # never written through a link, whatever points where
         lock = RunLock(Path(run_dir))
         lock.acquire()  # no run writes into the folder while the page reads it
         try:
+            check_no_links(run_dir, *inside)  # again, under the lock
             path = write_report(run_dir)
         finally:
             lock.release()

@@ -15,11 +15,12 @@ import json
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,37 @@ def _megapixels(pixels: int) -> str:
     return f"{round(pixels / 1e6, 2):g}"
 
 
+# Bytes of memory per pixel at the peak of `load_portrait`: the decoded image, its EXIF-rotated
+# copy, the RGB and alpha arrays and the downscaled copy (a 900 MP PNG was measured at 10.6 GB).
+DECODE_BYTES_PER_PIXEL = 12
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this machine can still give (MemAvailable), or None where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def _check_decode_memory(path: Path, image: Image.Image, max_side: int) -> None:
+    """Refuse, before decoding, an image the machine's free memory cannot hold, whatever
+    --max-pixels allows (JPEGs decode downscaled, by up to 8 per side)."""
+    pixels = image.width * image.height
+    if image.format == "JPEG" and max(image.width, image.height) > max_side:
+        scale = 1
+        while scale < 8 and max(image.width, image.height) / (scale * 2) >= max_side:
+            scale *= 2
+        pixels //= scale * scale
+    needed, free = pixels * DECODE_BYTES_PER_PIXEL, available_memory()
+    if free is not None and needed > free:
+        raise InputImageError(
+            f"Input image '{path}' is {image.width}x{image.height} pixels; decoding it needs about "
+            f"{needed / 2**30:.1f} GB of memory and this machine has {free / 2**30:.1f} GB free, so downscale it first."
+        )
+
+
 def downscaled_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[int, int]:
     """The size an image of width x height is loaded at: the longest side brought down to
     `max_side`, but never a side below MIN_SIDE (a thin image is shrunk only until its shortest
@@ -145,16 +177,23 @@ def downscaled_size(width: int, height: int, max_side: int = MAX_SIDE) -> tuple[
     return max(MIN_SIDE, round(width * scale)), max(MIN_SIDE, round(height * scale))
 
 
-def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+def load_portrait(
+    path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
+) -> LoadedImage:
     """Read an image file into 8-bit RGB, or raise `InputImageError` with a one-sentence reason.
 
-    Images whose header declares more than `max_pixels` pixels are refused before any decoding."""
+    Images whose header declares more than `max_pixels` pixels are refused before any decoding;
+    images with a side below `min_side` after decoding (a portrait's minimum by default) too."""
     path = Path(path)
     if not path.exists():
         raise InputImageError(f"Input image '{path}' does not exist; check the path.")
     if path.is_dir():
         raise InputImageError(f"Input '{path}' is a folder, not an image file; pass the image file itself.")
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or a device would block, or never end
+            raise InputImageError(
+                f"Input '{path}' is not a regular file (it is a FIFO, device or socket); pass an image file."
+            )
         size_bytes = path.stat().st_size
         if size_bytes == 0:
             raise InputImageError(f"Input image '{path}' is an empty file (0 bytes); pass a real image.")
@@ -200,6 +239,7 @@ def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels:
                     )
                 if image.width == 0 or image.height == 0:
                     raise InputImageError(f"Input image '{path}' has zero width or height; pass a real image.")
+                _check_decode_memory(path, image, max_side)
                 try:
                     frames = getattr(image, "n_frames", 1)
                     if frames > 1:
@@ -221,10 +261,10 @@ def load_portrait(path: str | os.PathLike, max_side: int = MAX_SIDE, max_pixels:
         Image.MAX_IMAGE_PIXELS = previous_limit
 
     original_size = (image.width, image.height)
-    if min(original_size) < MIN_SIDE:
+    if min(original_size) < min_side:
         raise InputImageError(
             f"Input image '{path}' is only {original_size[0]}x{original_size[1]} pixels; "
-            f"dp360 needs at least {MIN_SIDE} px on each side, so use a larger portrait."
+            f"dp360 needs at least {min_side} px on each side, so use a larger portrait."
         )
     rgb, alpha = _to_rgb_and_alpha(image, notes)
     new_size = downscaled_size(rgb.shape[1], rgb.shape[0], max_side)
@@ -311,14 +351,17 @@ def _format_for(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(destination: str | os.PathLike, guard: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder next to `destination`; on success it replaces `destination`
-    as a whole, so readers see either the old complete folder or the new complete one."""
+    as a whole, so readers see either the old complete folder or the new complete one. `guard`,
+    when given, is called just before the swap (a check that may refuse it)."""
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         yield staging
+        if guard is not None:
+            guard()
         _follow_umask(staging, directory=True)
         if destination.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".old", dir=destination.parent))
@@ -333,16 +376,18 @@ def atomic_directory(destination: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_files_into(destination: str | os.PathLike) -> Iterator[Path]:
+def atomic_files_into(destination: str | os.PathLike, guard: Callable[[], None] | None = None) -> Iterator[Path]:
     """For a folder several stages share: yield an empty staging folder; on success move each
     of its files into `destination` (each rename atomic), leaving other files there alone.
     (Only the staging folder itself is mkdtemp's; the files and folders moved out of it have
-    the umask's modes already.)"""
+    the umask's modes already.) `guard`, when given, is called just before the files move."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         yield staging
+        if guard is not None:
+            guard()
         for path in sorted(staging.rglob("*")):
             target = destination / path.relative_to(staging)
             if path.is_dir():

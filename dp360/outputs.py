@@ -4,7 +4,8 @@ The rule is that a command replaces only what it created. A file output may repl
 file of one of dp360's own output kinds, and only when asked to (`overwrite`); a frames folder
 may replace a folder that holds nothing but dp360 frames, again only when asked to. Folders
 holding anything else (a user's photos, a run folder) and files of other kinds are never
-replaced. A converted weights folder may replace only a new or empty folder or dp360's own
+replaced, and nothing is replaced through (or in place of) a symbolic link, whatever the flags. A
+converted weights folder may replace only a new or empty folder or dp360's own
 bundle of the same kind, never the folder holding its source (`check_output_folder`). The checks
 raise `Dp360Error` with one sentence naming the path and what to do.
 """
@@ -35,10 +36,22 @@ def _check_ancestors(path: Path) -> None:
             return
 
 
+def _refuse_link(path: Path) -> None:
+    if path.is_symlink():
+        raise Dp360Error(
+            f"'{path}' is a symbolic link, which dp360 never writes through nor replaces; choose another --out."
+        )
+
+
 def check_file_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Refuse to write a single output file at `path` where that would destroy something."""
     path = Path(path)
     _check_ancestors(path)
+    _refuse_link(path)
+    if os.path.lexists(path) and not path.is_file() and not path.is_dir():
+        raise Dp360Error(
+            f"'{path}' is a special file (a FIFO, socket or device), which dp360 never replaces; choose another --out."
+        )
     if path.is_dir():
         raise Dp360Error(f"'{path}' is an existing folder, which dp360 never replaces; pass a file name as --out.")
     if os.path.lexists(path):
@@ -58,6 +71,7 @@ def check_frames_target(path: str | os.PathLike, overwrite: bool = False) -> Pat
     _check_ancestors(path)
     if path.name in ("", ".."):  # ".", "..", "/": folders the swap cannot rename
         raise Dp360Error(f"'{path}' cannot be replaced as a whole; name a new folder as --out.")
+    _refuse_link(path)
     if not os.path.lexists(path):
         return path
     if not path.is_dir():

@@ -423,8 +423,20 @@ class _Page:
             f"<figcaption>{caption}</figcaption></figure>"
         )
 
+    def imported(self) -> bool:
+        """Whether the run fits views imported from a folder (`dp360 fit`) rather than a portrait's."""
+        source = self.manifest.get("input")
+        return isinstance(source, dict) and source.get("kind") == "views"
+
     def input_and_crop(self) -> None:
         self.add("<h2 id='input'>Input, detection and crop</h2>")
+        if self.imported():
+            source = self.manifest["input"]
+            self.add(
+                f"<p>Views imported from <code>{_e(source.get('path'))}</code> (<code>dp360 fit</code>): no portrait, "
+                "no detection, no crop.</p>"
+            )
+            return
         figures = []
         if self.has(INPUT_FILE):
             figures.append(self.figure(INPUT_FILE, "input", 300))
@@ -462,9 +474,12 @@ class _Page:
 
     def views(self) -> None:
         self.add("<h2 id='back'>Back view</h2>")
-        problem = self.problem("views", (BACK_FILE,))
+        imported = self.imported()
+        problem = self.problem("import") if imported else self.problem("views", (BACK_FILE,))
         views_cameras = self._cameras() if problem is None else []
-        if problem is None:
+        if imported:
+            self.notice("none: the views were imported, not generated from a portrait")
+        elif problem is None:
             settings = self.records["views"].get("settings") or {}
             back = settings.get("back_camera_index")
             caption = "generated back view (model F)"
@@ -640,11 +655,12 @@ class _Page:
             self.notice(f"not available: {name.upper()}: {reason}")
 
     def stages(self) -> None:
-        from .run import pipeline_stages
+        from .run import pipeline_stages, views_run_stages
 
         self.add("<h2 id='stages'>Stages</h2>")
         rows = []
-        order = [stage.name for stage in pipeline_stages() if stage.name != "report"]
+        stages = views_run_stages() if self.imported() else pipeline_stages()
+        order = [stage.name for stage in stages if stage.name != "report"]
         names = order + [name for name in self.records if name not in order]
         total = 0.0
         for name in names:

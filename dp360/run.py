@@ -1,19 +1,28 @@
 """Staged runs: prepare -> noise -> views (back view + 360 views) -> fit -> render -> export.
 
 Every stage is a `dp360.stage.Stage` declared by the package that owns it; `pipeline_stages()`
-lists them in order and the runner only loops over that list. The run manifest (`run.json`)
-records for every stage its settings, the hashes of the files it read, a key derived from both,
-its outputs, timings and status. A re-run skips a stage whose key is unchanged and whose outputs
+lists them in order and the runner only loops over that list. A run of views made elsewhere
+(`fit_views`, `dp360 fit`) runs `views_run_stages()` instead: the views are imported into
+`views/`, then the same fit -> render -> export -> consistency -> report stages. The run
+manifest (`run.json`) records for every stage its settings, the hashes of the files it read, a
+key derived from both, its outputs, timings and status. A re-run skips a stage whose key is unchanged and whose outputs
 are all present (`force=True` redoes it); a stage's folder is built under a temporary name and
 swapped in whole, so a failure never leaves it half-written.
 
-A run folder belongs to one run at a time (an exclusive lock, `RunLock`) and to one input (a
-different input is refused unless `force`). Every setting is checked before anything is read or
-written.
+A run folder belongs to one run at a time (an exclusive lock, `RunLock`) and to one input, a
+portrait or a views folder (a different input is refused unless `force`). Every setting is
+checked before anything is read or written.
+
+A run folder is one dp360 can show it made: its run.json carries dp360's own fields (`format`
+"dp360-run", `format_version`, `dp360_version`, a `run_id`); a folder whose run.json lacks them,
+or whose run.json is damaged, is the user's and is refused whatever the flags. Nothing is written,
+removed or locked through a symbolic link (`check_no_links`), and `force` replaces only what the
+record lists as dp360's own: other files in a stage's folder are left where they are, and named.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -21,7 +30,9 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -36,13 +47,17 @@ if TYPE_CHECKING:
     from .diffusion.stage import ViewModels, ViewSettings
     from .imaging import LoadedImage
     from .nerf.stage import FieldStageSettings
+    from .nerf.views_input import ViewsInput
     from .panohead.stage import NoiseModels, NoiseSettings
     from .prepare import PrepareSettings
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "run.json"
-MANIFEST_FORMAT = 1
+INPUT_IMAGE = "input.png"  # the portrait of a portrait run, as decoded
+RUN_FORMAT = "dp360-run"  # run.json's `format`: what marks a folder as a run dp360 made
+MANIFEST_FORMAT = 2  # run.json's `format_version` (1: before runs were marked; not taken for a run)
+MAX_MANIFEST_BYTES = 64 << 20  # a run.json is a few kB; far larger is not one of ours
 LOCK_NAME = ".dp360.lock"
 # --max-pixels: below 1 MP a portrait is too small anyway; above 1 GP the decoded image alone
 # needs gigabytes.
@@ -71,6 +86,69 @@ def pipeline_stages() -> tuple[Stage, ...]:
         CONSISTENCY_STAGE,
         REPORT_STAGE,
     )
+
+
+def views_run_stages() -> tuple[Stage, ...]:
+    """The stages of a run of views made elsewhere (`fit_views`), in order: the import, then the
+    full pipeline's stages from the fit on."""
+    from .nerf.views_input import IMPORT_STAGE
+
+    stages = pipeline_stages()
+    fit = next(index for index, stage in enumerate(stages) if stage.name == "fit")
+    return (IMPORT_STAGE, *stages[fit:])
+
+
+# -- the input a run belongs to -------------------------------------------------------------------
+
+
+def input_record(source: LoadedImage | ViewsInput) -> dict[str, Any]:
+    """What run.json keeps (`input`) of the input a run belongs to: a portrait or a views folder."""
+    if getattr(source, "kind", None) == "views":
+        return source.record()
+    return {
+        "path": str(source.path),
+        "sha256": source.sha256,
+        "size": list(source.original_size),
+        "notes": source.notes,
+    }
+
+
+def _input_kind(record: dict[str, Any]) -> str:
+    return "views" if record.get("kind") == "views" else "portrait"
+
+
+def _input_name(record: dict[str, Any]) -> str:
+    if _input_kind(record) == "views":
+        return f"the views folder '{record.get('path', '?')}'"
+    return f"the portrait '{Path(str(record.get('path', '?'))).name}'"
+
+
+def _same_folder(recorded: Any, folder: Path) -> bool:
+    try:
+        return isinstance(recorded, str) and Path(recorded).resolve() == Path(folder).resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def other_input(out: Path, previous: dict[str, Any], source: LoadedImage | ViewsInput) -> str | None:
+    """The sentence that refuses `source` in `out`, whose run.json (`previous`) records the run of
+    another input; None when it records this input's run (or none). A views folder is the same
+    input when its path or its content is: its images may change (the stages are then redone)."""
+    record = previous.get("input", {})
+    if not record.get("sha256"):
+        return None
+    kind = getattr(source, "kind", "portrait")
+    advice = "; choose another --out folder, or pass --force to replace that run."
+    if _input_kind(record) != kind:
+        this = "a views folder" if kind == "views" else "a portrait"
+        return f"'{out}' holds the run of {_input_name(record)}, not of {this}{advice}"
+    if kind == "views":
+        if record["sha256"] == source.sha256 or _same_folder(record.get("path"), source.path):
+            return None
+        return f"'{out}' holds the run of another views folder ('{record.get('path', '?')}'){advice}"
+    if record["sha256"] != source.sha256:
+        return f"'{out}' holds the run of another input ('{Path(str(record.get('path', '?'))).name}'){advice}"
+    return None
 
 
 class Reporter(Protocol):
@@ -137,7 +215,57 @@ def _stage_key(stage: Stage, settings: dict[str, Any], input_hashes: dict[str, s
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+# -- links ---------------------------------------------------------------------------------------
+
+
+def check_no_links(run_dir: str | Path, folders: Any = (), files: Any = ()) -> None:
+    """Refuse, with one sentence, when a path dp360 writes, removes or locks inside `run_dir` (each
+    of `folders` and `files`, relative to it, and every folder on the way there) is a symbolic link
+    or resolves outside the run folder; also when one of `folders` is not a folder, or one of
+    `files` not a plain file. Missing paths pass. The run folder itself may be a link (the user
+    named it); `--force` and `--overwrite` never change this."""
+    run_dir = Path(run_dir)
+    root = run_dir.resolve()
+    advice = "nothing is ever written through a link, so remove it (or choose another run folder)."
+    for relative, want_folder in (*((f, True) for f in folders), *((f, False) for f in files)):
+        current = run_dir
+        for part in Path(relative).parts:
+            current = current / part
+            if current.is_symlink():
+                raise RunDirectoryError(f"'{current}' inside the run folder is a symbolic link; {advice}")
+            if not os.path.lexists(current):
+                break
+        else:
+            if not current.resolve().is_relative_to(root):
+                raise RunDirectoryError(f"'{current}' resolves outside the run folder '{run_dir}'; {advice}")
+            mode = os.lstat(current).st_mode
+            if want_folder and not stat.S_ISDIR(mode):
+                raise RunDirectoryError(
+                    f"'{current}' is not a folder, so it is not dp360's '{relative}' folder; move it out of the run "
+                    "folder, or choose another run folder."
+                )
+            if not want_folder and not stat.S_ISREG(mode):
+                raise RunDirectoryError(
+                    f"'{current}' is not a plain file (it is a folder or a special file), so it is not dp360's; "
+                    "move it out of the run folder, or choose another run folder."
+                )
+
+
+def _recorded_outputs(manifest: dict[str, Any]) -> list[str]:
+    """Every file the record lists as a stage's output (relative to the run folder)."""
+    return [rel for record in manifest.get("stages", {}).values() for rel in record.get("outputs", {})]
+
+
+def _all_stage_folders() -> list[str]:
+    return sorted({stage.folder for stage in (*pipeline_stages(), *views_run_stages())})
+
+
 # -- the lock ------------------------------------------------------------------------------------
+
+# O_NOFOLLOW: a symbolic link planted as the lock is refused, never opened (and truncated) through.
+LOCK_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+# How long a lock seen taken is tried again before the refusal: `check_free` holds it for an instant.
+LOCK_RETRY_SECONDS = 0.5
 
 
 class RunLock:
@@ -146,26 +274,57 @@ class RunLock:
     The kernel drops the lock when its process dies, however it dies, so a lock left by a dead
     run is simply taken over (its pid, written into the file, is reported). Hand-written rather
     than `filelock` because the file must be checked to be the one still linked in the folder
-    (a failing first run removes it) and must carry the holder's pid for the refusal message."""
+    (a failing first run removes it), must carry the holder's pid for the refusal message, and is
+    never opened through a symbolic link nor when it is not a plain file of its own (a hard link
+    to a user's file would be truncated)."""
 
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_NAME
         self._fd: int | None = None
         self.previous_pid: int | None = None  # the pid of a dead run whose lock was taken over
 
-    def acquire(self) -> None:
+    def _not_a_lock(self) -> RunDirectoryError:
+        return RunDirectoryError(
+            f"'{self.path}' is not dp360's lock file (it is a link or a special file); dp360 never writes through "
+            "one, so remove it, or choose another run folder."
+        )
+
+    def _open(self, flags: int) -> int:
+        try:
+            fd = os.open(self.path, flags, 0o666)
+        except OSError as error:
+            if error.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO):  # a link (O_NOFOLLOW), a socket
+                raise self._not_a_lock() from None
+            raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+            os.close(fd)
+            raise self._not_a_lock()
+        return fd
+
+    def _flock(self, fd: int) -> bool:
+        """Take the exclusive lock on `fd`, trying again for a moment; False when it stays taken."""
         import fcntl
 
+        deadline = time.monotonic() + LOCK_RETRY_SECONDS
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
             except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
+    def acquire(self) -> None:
+        while True:
+            fd = self._open(LOCK_OPEN_FLAGS)
+            if not self._flock(fd):
                 holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
                 os.close(fd)
-                if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise self._taken(holder) from None
-                raise
+                raise self._taken(holder)
             try:
                 same_file = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
@@ -186,19 +345,15 @@ class RunLock:
         )
 
     def check_free(self) -> None:
-        """Refuse, as `acquire` would, when a live run holds the lock; takes nothing."""
-        import fcntl
-
+        """Refuse, as `acquire` would, when a live run holds the lock (or the lock is a link); takes
+        nothing, creates nothing."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = self._open(LOCK_OPEN_FLAGS & ~(os.O_CREAT | os.O_RDWR) | os.O_RDONLY)  # never creates it
         except FileNotFoundError:
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise self._taken(os.read(fd, 64).decode(errors="replace").strip() or "?") from None
-            raise
+            if not self._flock(fd):
+                raise self._taken(os.read(fd, 64).decode(errors="replace").strip() or "?")
         finally:
             os.close(fd)
 
@@ -220,19 +375,88 @@ class RunLock:
 # -- the manifest --------------------------------------------------------------------------------
 
 
+def _read_plain_file(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, never through a link, a FIFO or a device, and at most `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise ValueError("not a plain file of a manifest's size")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def not_dp360s(folder: Path, manifest: Any) -> str | None:
+    """The sentence that refuses `folder` when its run.json (`manifest`, parsed) lacks the fields
+    that only dp360 writes; None when they are there."""
+    if isinstance(manifest, dict) and manifest.get("format") == RUN_FORMAT:
+        run_id = manifest.get("run_id")
+        version = manifest.get("format_version")
+        if isinstance(run_id, str) and len(run_id) == 32 and all(c in "0123456789abcdef" for c in run_id):
+            if (
+                isinstance(version, int)
+                and not isinstance(version, bool)
+                and isinstance(manifest.get("dp360_version"), str)
+            ):
+                if version > MANIFEST_FORMAT:
+                    return (
+                        f"'{folder}' holds a run of a newer dp360 (run.json format {version}), which this version "
+                        f"({__version__}) does not change; upgrade dp360, or choose another folder."
+                    )
+                return None
+    if isinstance(manifest, dict) and manifest.get("format") == 1 and isinstance(manifest.get("dp360_version"), str):
+        return (
+            f"'{folder}' holds the run.json of an earlier dp360 that did not mark its runs as its own, so dp360 changes "
+            "nothing in it; choose another --out folder to start the run again (and delete the old one yourself)."
+        )
+    return (
+        f"'{folder}' holds a run.json that dp360 did not write (it lacks dp360's run id), so dp360 takes the "
+        "folder for yours and changes nothing in it, whatever the flags; choose another --out folder."
+    )
+
+
+def run_identity(run_id: str | None = None) -> dict[str, Any]:
+    """The fields that mark a run.json as dp360's (a new run id unless one is given)."""
+    return {
+        "format": RUN_FORMAT,
+        "format_version": MANIFEST_FORMAT,
+        "dp360_version": __version__,
+        "run_id": run_id or uuid.uuid4().hex,
+    }
+
+
+def new_manifest() -> dict[str, Any]:
+    """The run.json of a run with no stage yet (a run folder assembled by hand, in tests)."""
+    return {**run_identity(), "stages": {}}
+
+
 def read_manifest(path: Path) -> dict[str, Any]:
-    """A run.json of the expected shape, or a RunDirectoryError that says how to recover."""
+    """A run.json that dp360 wrote, of the expected shape, or a RunDirectoryError that says what to
+    do. A damaged or foreign run.json is refused whatever the flags: without dp360's own record
+    nothing in the folder can be shown to be dp360's to replace."""
+    path = Path(path)
     damaged = RunDirectoryError(
-        f"'{path}' is damaged or is not a dp360 run manifest; pass --force to start this run over, "
-        "or choose another --out folder."
+        f"'{path}' is damaged, so dp360 cannot tell which files in '{path.parent}' are its own and changes none "
+        "of them, whatever the flags; choose another --out folder, or move out what you want to keep and delete "
+        "the folder."
     )
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(_read_plain_file(path, MAX_MANIFEST_BYTES))
     except (ValueError, RecursionError, UnicodeDecodeError):
         raise damaged from None
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise RunDirectoryError(
+                f"'{path}' is a symbolic link; dp360 never reads or writes its record through one, so remove it "
+                "(or choose another run folder)."
+            ) from None
         raise RunDirectoryError(f"'{path}' cannot be read ({error.strerror}); check its permissions.") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+    refusal = not_dp360s(path.parent, manifest)
+    if refusal:
+        raise RunDirectoryError(refusal)
+    if not isinstance(manifest.get("stages"), dict):
         raise damaged
     if not isinstance(manifest.get("input", {}), dict):
         raise damaged
@@ -242,8 +466,12 @@ def read_manifest(path: Path) -> dict[str, Any]:
     for record in manifest["stages"].values():
         if not isinstance(record, dict) or not isinstance(record.get("outputs", {}), dict):
             raise damaged
-        if not all(isinstance(size, int) for size in record.get("outputs", {}).values()):
-            raise damaged
+        for rel, size in record.get("outputs", {}).items():
+            if isinstance(size, bool) or not isinstance(size, int):
+                raise damaged
+            parts = Path(rel).parts
+            if Path(rel).is_absolute() or ".." in parts or not parts:
+                raise damaged
     return manifest
 
 
@@ -271,7 +499,7 @@ class Run:
 
         return all(child.name == LOCK_NAME or is_dp360_temporary(child.name) for child in self.out_dir.iterdir())
 
-    def check_target(self, image: LoadedImage) -> None:
+    def check_target(self, source: LoadedImage | ViewsInput) -> None:
         """The refusals of `open`, read-only: run before long work (downloads) that precedes it."""
         out = self.out_dir
         if out.exists() and not out.is_dir():
@@ -279,33 +507,39 @@ class Run:
         if not out.is_dir():
             return
         self.lock.check_free()
-        if not self.manifest_path.is_file():
+        if not os.path.lexists(self.manifest_path):
             if not self._ours_only():
                 raise RunDirectoryError(
                     f"Output folder '{out}' already holds files that are not a dp360 run; choose a new or empty folder."
                 )
             return
+        previous = read_manifest(self.manifest_path)  # a foreign or damaged one: refused whatever the flags
+        self.check_links(previous)
         if self.options.force:
             return
-        previous = read_manifest(self.manifest_path)
-        before = previous.get("input", {}).get("sha256")
-        if before and before != image.sha256:
-            name = Path(str(previous["input"].get("path", "?"))).name
-            raise RunDirectoryError(
-                f"'{out}' holds the run of another input ('{name}'); choose another --out folder, "
-                "or pass --force to replace that run."
-            )
+        refusal = other_input(out, previous, source)
+        if refusal:
+            raise RunDirectoryError(refusal)
 
-    def open(self, image: LoadedImage, device: str, dtype: str) -> None:
-        """Take the folder: lock it, check that it is ours and holds this input's run, remove
-        temporaries of dead runs, and load or start the manifest."""
+    def check_links(self, manifest: dict[str, Any]) -> None:
+        """Refuse links (and things of the wrong kind) wherever this run writes, removes or locks:
+        the lock, run.json, input.png, every stage's folder and every output the record lists."""
+        check_no_links(
+            self.out_dir,
+            folders=_all_stage_folders(),
+            files=(LOCK_NAME, MANIFEST_NAME, INPUT_IMAGE, *_recorded_outputs(manifest)),
+        )
+
+    def open(self, source: LoadedImage | ViewsInput, device: str, dtype: str) -> None:
+        """Take the folder: lock it, check that it is ours and holds this input's run (a portrait's
+        or a views folder's), remove temporaries of dead runs, and load or start the manifest."""
         from .imaging import remove_stale_temporaries, save_image_atomic
         from .runtime import environment
 
         out = self.out_dir
         if out.exists() and not out.is_dir():
             raise RunDirectoryError(f"Output path '{out}' is a file; choose a folder for --out.")
-        if out.is_dir() and not self.manifest_path.is_file() and not self._ours_only():
+        if out.is_dir() and not os.path.lexists(self.manifest_path) and not self._ours_only():
             raise RunDirectoryError(
                 f"Output folder '{out}' already holds files that are not a dp360 run; choose a new or empty folder."
             )
@@ -313,63 +547,91 @@ class Run:
         out.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         # Everything below runs under the lock: no other run changes the folder meanwhile.
-        self._started_empty = not self.manifest_path.is_file() and self._ours_only()
+        self._started_empty = not os.path.lexists(self.manifest_path) and self._ours_only()
         if self.lock.previous_pid is not None:
             self._note(
                 f"took over the lock of an earlier run (pid {self.lock.previous_pid}) that ended without releasing it"
             )
+        previous: dict[str, Any] = {}
+        if os.path.lexists(self.manifest_path):
+            # a foreign or damaged run.json is refused whatever the flags: nothing here is provably ours
+            previous = read_manifest(self.manifest_path)
+        self.check_links(previous)
         for removed in remove_stale_temporaries(out):
             log.info("removed %s, left by an interrupted run", removed)
-        previous: dict[str, Any] = {}
-        if self.manifest_path.is_file():
-            try:
-                previous = read_manifest(self.manifest_path)
-            except RunDirectoryError:
+        if previous:
+            refusal = other_input(out, previous, source)
+            if refusal:
                 if not self.options.force:
-                    raise
-                self._note(f"{self.manifest_path} was damaged; starting the run over (--force)")
-                previous = {"stages": {}}
-            before = previous.get("input", {}).get("sha256")
-            if before and before != image.sha256:
-                name = Path(str(previous["input"].get("path", "?"))).name
-                if not self.options.force:
-                    raise RunDirectoryError(
-                        f"'{out}' holds the run of another input ('{name}'); choose another --out folder, "
-                        "or pass --force to replace that run."
-                    )
+                    raise RunDirectoryError(refusal)
                 self._discard_stages(previous)
-                self._note(f"replaced the run of '{name}' in {out} (--force)")
+                self._note(f"replaced the run of {_input_name(previous['input'])} in {out} (--force)")
         self.manifest = {
-            "format": MANIFEST_FORMAT,
-            "dp360_version": __version__,
+            **run_identity(previous.get("run_id")),
             "created_at": previous.get("created_at", _now()),
             "updated_at": _now(),
             "status": "running",
-            "input": {
-                "path": str(image.path),
-                "sha256": image.sha256,
-                "size": list(image.original_size),
-                "notes": image.notes,
-            },
+            "input": input_record(source),
             "environment": environment(device, dtype),
             "seed": self.options.seed,
             "stages": previous.get("stages", {}),
             "notes": list(self.notes),  # this run's notes and warnings
         }
-        input_png = out / "input.png"
-        if previous.get("input", {}).get("sha256") != image.sha256 or not input_png.is_file():
-            pixels = image.rgb if image.alpha is None else np.dstack([image.rgb, image.alpha])
+        input_png = out / INPUT_IMAGE
+        if getattr(source, "kind", None) == "views":
+            input_png.unlink(missing_ok=True)  # a views run has no portrait (one left by a replaced run goes)
+        elif previous.get("input", {}).get("sha256") != source.sha256 or not input_png.is_file():
+            pixels = source.rgb if source.alpha is None else np.dstack([source.rgb, source.alpha])
             save_image_atomic(input_png, pixels)
         self._save()
 
     def _discard_stages(self, previous: dict[str, Any]) -> None:
-        """Remove the folders of the stages of a replaced run (recorded in its manifest, so ours)."""
-        folders = {stage.folder for stage in pipeline_stages()}
-        for folder in folders:
-            path = self.out_dir / folder
-            if path.is_dir():
-                shutil.rmtree(path)
+        """Remove the outputs of a replaced run, the files its record lists (so dp360's own), and
+        the folders they leave empty; anything else is left where it is and named in a note."""
+        folders = set(_all_stage_folders())
+        emptied: set[Path] = set()
+        for rel in _recorded_outputs(previous):
+            if Path(rel).parts[0] not in folders:
+                continue
+            path = self.out_dir / rel
+            if path.is_file() and not path.is_symlink():
+                path.unlink()
+                emptied.update(
+                    parent for parent in path.parents if parent != self.out_dir and self.out_dir in parent.parents
+                )
+        for folder in sorted(emptied, key=lambda each: len(each.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        self._note_foreign(self._foreign_files(folders, set()))
         previous["stages"] = {}
+
+    def _foreign_files(self, folders: Any, own: set[str]) -> list[str]:
+        """The files (and links) inside the stage folders `folders` that `own` does not list and that
+        are no temporaries of dp360: the user's, never replaced nor removed."""
+        from .imaging import is_dp360_temporary
+
+        found = []
+        for folder in sorted(folders):
+            root = self.out_dir / folder
+            if not root.is_dir() or root.is_symlink():
+                continue
+            for where, dirs, names in os.walk(root):  # never follows links
+                dirs[:] = [name for name in dirs if not is_dp360_temporary(name)]
+                for name in names:
+                    rel = (Path(where) / name).relative_to(self.out_dir).as_posix()
+                    if rel not in own and not is_dp360_temporary(name):
+                        found.append(rel)
+                found.extend(
+                    (Path(where) / name).relative_to(self.out_dir).as_posix()
+                    for name in list(dirs)
+                    if (Path(where) / name).is_symlink()
+                )
+        return sorted(found)
+
+    def _note_foreign(self, foreign: list[str]) -> None:
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            self._note(f"left untouched {len(foreign)} file(s) that run.json does not list as dp360's: {shown}")
 
     def _note(self, message: str, record: bool = True) -> None:
         """Tell the user; with `record`, also keep it in run.json (this run's notes, which the report
@@ -420,14 +682,28 @@ class Run:
             self._save()
             return record
 
+        # Replacing the folder as a whole would remove files that are not dp360's: when there are
+        # any, write file by file instead, and remove only this stage's own earlier outputs.
+        check_no_links(self.out_dir, folders=(stage.folder,))
+        earlier = set(record.get("outputs", {})) if isinstance(record.get("outputs"), dict) else set()
+        foreign = (
+            [] if stage.shared_folder else self._foreign_files((stage.folder,), set(_recorded_outputs(self.manifest)))
+        )
+        file_by_file = stage.shared_folder or bool(foreign)
+
         self.reporter.stage_started(stage.name, stage.description)
+        self._note_foreign(foreign)
         clock = time.perf_counter()
         record = {"status": "running", "key": key, "settings": settings, "inputs": input_hashes, "started_at": _now()}
         records[stage.name] = record
         self._save()
         target = self.out_dir / stage.folder
+
+        def guard() -> None:  # just before the swap: nothing on the way became a link meanwhile
+            check_no_links(self.out_dir, folders=(stage.folder,))
+
         try:
-            with (atomic_files_into if stage.shared_folder else atomic_directory)(target) as staging:
+            with (atomic_files_into if file_by_file else atomic_directory)(target, guard=guard) as staging:
                 summary = stage.build(context, staging)
                 outputs = {
                     (Path(stage.folder) / path.relative_to(staging)).as_posix(): path.stat().st_size
@@ -446,6 +722,11 @@ class Run:
             self._save_quietly()
             self.reporter.stage_finished(stage.name, "failed", time.perf_counter() - clock)
             raise
+        if foreign:  # this stage's own earlier outputs that it did not make again
+            for rel in sorted(earlier - set(outputs)):
+                path = self.out_dir / rel
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
         seconds = time.perf_counter() - clock
         record.update(
             status="done",
@@ -477,7 +758,8 @@ class Run:
         if failed is not None and self._started_empty and not self._completed_any:
             for child in self.out_dir.iterdir():
                 if child.name != LOCK_NAME:
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+                    real_dir = child.is_dir() and not child.is_symlink()
+                    shutil.rmtree(child, ignore_errors=True) if real_dir else child.unlink(missing_ok=True)
             self.lock.release(remove=True)
             if not self._existed:
                 try:
@@ -605,19 +887,36 @@ def run_pipeline(
         config.view_models.check_options(device)
     context = StageContext(Path(out_dir), image, device, dtype, options.progress, config, options.seed, note=run._note)
     fetch_weights(selected, context, options, run._note)
-    # Before anything is written: a required stage that cannot run is an error, and every
-    # stage's check may refuse a setting that cannot work with what it finds (camera images).
+    check_stages(selected, context, require)
+    for note in image.notes:
+        run._note(f"{Path(image_path).name}: {note}")
+    return run_stages(run, image, selected, context)
+
+
+def check_stages(selected: tuple[Stage, ...], context: StageContext, require: tuple[str, ...]) -> None:
+    """Before anything is written: a required stage that cannot run is an error, and every
+    stage's check may refuse a setting that cannot work with what it finds (camera images)."""
     for stage in selected:
         if stage.name in require:
             stage.resolve(context)
         verdict = stage.check(context)
         if stage.name in require and verdict is not None and verdict.status == "not_available":
             raise Dp360Error(verdict.reason)
-    for note in image.notes:
-        run._note(f"{Path(image_path).name}: {note}")
+
+
+def run_stages(
+    run: Run, source: LoadedImage | ViewsInput, selected: tuple[Stage, ...], context: StageContext
+) -> RunSummary:
+    """Take the run folder for `source` and run the stages in order into it: a stage that cannot
+    run (missing weights, or an upstream stage that did not) is recorded and the run ends
+    `incomplete`. The folder is released however this ends."""
+    context.providers = {}
+    for stage in selected:
+        for name in stage.provides:
+            context.providers[name] = (*context.providers.get(name, ()), stage.name)
     failure: BaseException | None = None
     try:
-        run.open(image, device, dtype)
+        run.open(source, context.device, context.dtype)
         context.records = run.manifest["stages"]
         missing = []
         for stage in selected:
@@ -646,6 +945,47 @@ def run_pipeline(
     finally:
         run.close(failure)
     return run.summary()
+
+
+def fit_views(
+    views_dir: str | Path,
+    out_dir: str | Path,
+    options: RunOptions | None = None,
+    reporter: Reporter | None = None,
+    field_settings: FieldStageSettings | None = None,
+) -> RunSummary:
+    """A radiance field, turntable, mesh, consistency score and report for views made elsewhere:
+    a folder in nerfstudio's layout (transforms.json + images; a run's views/, another method's
+    views, a capture). The views are checked before anything is written, then imported into
+    `out_dir/views/` and run through the same stages as `reconstruct`'s from the fit on. The run
+    folder belongs to that views folder: a rerun reuses what is unchanged (a changed image redoes
+    the fit and what follows), another views folder or a portrait's run there is refused unless
+    `options.force`."""
+    from .nerf.stage import FieldStageSettings
+    from .nerf.views_input import read_views
+
+    options = options or RunOptions()
+    field_settings = field_settings or FieldStageSettings()
+    selected = views_run_stages()
+    device, dtype = check_run_settings(options, tuple(stage.name for stage in selected), field=field_settings)
+    views = read_views(views_dir, options.max_pixels)
+    out = Path(out_dir)
+    if views.path == out.resolve() or views.path.is_relative_to(out.resolve()):
+        raise RunDirectoryError(
+            f"The views folder '{views_dir}' lies inside the run folder '{out}', whose folders a run replaces; "
+            "choose another --out folder, or copy the views elsewhere first."
+        )
+    run = Run(out, options, reporter)
+    run.check_target(views)
+    config = RunConfig(field=field_settings)
+    context = StageContext(
+        out, None, device, dtype, options.progress, config, options.seed, note=run._note, views_input=views
+    )
+    fetch_weights(selected, context, options, run._note)
+    check_stages(selected, context, require=("import",))
+    for note in views.notes:
+        run._note(f"{views.path.name}: {note}")
+    return run_stages(run, views, selected, context)
 
 
 def reconstruct(

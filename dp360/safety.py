@@ -149,6 +149,30 @@ def shape_problems(
     return "; ".join(problems) or None
 
 
+def check_zip_sizes(path: str | Path, advice: str) -> None:
+    """Refuse, before torch or any pickle reader opens it, a zip archive whose members declare more
+    bytes than the archive holds: PyTorch stores its members uncompressed, so a member that would
+    expand (a zip bomb: a few MB declaring gigabytes) is not one of its files."""
+    path = Path(path)
+    try:
+        on_disk = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, EOFError) as error:
+        raise Dp360Error(
+            f"'{path}' is not a readable zip archive ({one_line(error) or type(error).__name__}); {advice}."
+        ) from None
+    declared = 0
+    for member in members:
+        declared += member.file_size
+        if member.compress_type != zipfile.ZIP_STORED or member.file_size != member.compress_size or declared > on_disk:
+            raise Dp360Error(
+                f"'{path}' holds a zip member ('{one_line(member.filename, 60)}') that is compressed or larger "
+                f"than the file itself ({declared / 2**20:.0f} MB declared in {on_disk / 2**20:.0f} MB), which "
+                f"PyTorch never writes, so dp360 refuses to load it; {advice}."
+            )
+
+
 def load_tensors(path: str | Path, advice: str, safe_globals: Sequence[Any] = ()) -> Any:
     """`torch.load(weights_only=True)` (memory-mapped when the file is a zip archive), with our
     own sentence instead of torch's, which invites retrying with weights_only=False."""
@@ -158,6 +182,8 @@ def load_tensors(path: str | Path, advice: str, safe_globals: Sequence[Any] = ()
     if not path.is_file():
         raise Dp360Error(f"'{path}' is missing; {advice}.")
     damaged = f"'{path}' cannot be read as PyTorch weights (it is truncated, damaged or in another format); {advice}."
+    if zipfile.is_zipfile(path):
+        check_zip_sizes(path, advice)
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .diffusion.stage import ViewModels, ViewSettings
     from .imaging import LoadedImage
     from .nerf.stage import FieldStageSettings
+    from .nerf.views_input import ViewsInput
     from .panohead.stage import NoiseModels, NoiseSettings
     from .prepare import PrepareSettings
     from .weights import Need
@@ -31,22 +32,25 @@ SEED_MAX = 2**32 - 1
 
 @dataclass
 class RunConfig:
-    """Everything the stages of one run are configured with (settings and model locations)."""
+    """Everything the stages of one run are configured with (settings and model locations); a
+    run of imported views (`dp360 fit`) has only the field's."""
 
-    prepare: PrepareSettings
-    noise: NoiseSettings
-    views: ViewSettings
-    field: FieldStageSettings
-    view_models: ViewModels
-    noise_models: NoiseModels
+    prepare: PrepareSettings | None = None
+    noise: NoiseSettings | None = None
+    views: ViewSettings | None = None
+    field: FieldStageSettings | None = None
+    view_models: ViewModels | None = None
+    noise_models: NoiseModels | None = None
 
 
 @dataclass
 class StageContext:
-    """What a stage sees of its run: the folder, the input, the device and the configuration."""
+    """What a stage sees of its run: the folder, the input, the device and the configuration.
+    The input is a portrait (`image`) or, in a run of imported views, a views folder
+    (`views_input`; `image` is None there)."""
 
     run_dir: Path
-    image: LoadedImage
+    image: LoadedImage | None
     device: str
     dtype: str
     progress: bool
@@ -54,9 +58,13 @@ class StageContext:
     seed: int = 42
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # run.json's stage records
     note: Callable[[str], None] = lambda message: None
+    views_input: ViewsInput | None = None  # the checked views folder of a `dp360 fit` run
+    # name -> the stages of this run that provide its results instead (`Stage.provides`)
+    providers: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def done(self, name: str) -> bool:
-        return self.records.get(name, {}).get("status") == "done"
+        """Whether the results of stage `name`, or of a stage providing them, are there."""
+        return any(self.records.get(each, {}).get("status") == "done" for each in (name, *self.providers.get(name, ())))
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,9 @@ class Stage:
     weights: Callable[[StageContext], tuple[Need, ...]] = _no_weights
     version: int = 1  # bump when the stage's code changes what it writes
     shared_folder: bool = False  # several stages write into the folder: replace only own files
+    # stages whose results it makes in their place, for the stages that need those (importing
+    # views provides what the views stage would have made)
+    provides: tuple[str, ...] = ()
 
 
 # -- settings checks: one sentence naming the option and its range --------------------------------

@@ -12,6 +12,7 @@ from dp360.errors import Dp360Error
 from dp360.nerf.mesh import write_mesh
 from dp360.nerf.render import write_frames
 from dp360.outputs import check_file_target, check_frames_target
+from dp360.run import new_manifest
 from dp360.video import read_mp4
 
 FRAMES = [np.full((16, 16, 3), value, np.uint8) for value in (0, 128)]
@@ -144,6 +145,7 @@ def run(tmp_path_factory):
     views = synthetic.write_views(root / "views", size=24, view_count=8)
     (root / "nerf").mkdir()
     fit_field(views, root / "nerf", FitSettings.preset("test", iterations=4), "cpu", progress=False)
+    (root / "run.json").write_text(json.dumps(new_manifest()))  # dp360's mark: `export` may write into export/
     return root
 
 

@@ -224,16 +224,16 @@ DAMAGED_MANIFESTS = {
 
 
 @pytest.mark.parametrize("case", sorted(DAMAGED_MANIFESTS))
-def test_a_damaged_manifest_is_one_sentence_and_force_starts_over(cli, tmp_path, astronaut_path, prepared_run, case):
+def test_a_damaged_manifest_is_refused_whatever_the_flags(cli, tmp_path, astronaut_path, prepared_run, case):
+    """Without dp360's own record nothing in the folder can be shown to be dp360's: a damaged
+    run.json is one sentence and exit 2, with or without --force, and every file stays as it was."""
     out = _copy_run(prepared_run, tmp_path / "run")
     damaged = DAMAGED_MANIFESTS[case](json.loads((out / "run.json").read_text()))
     (out / "run.json").write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
     before = _snapshot(out)
-    _assert_user_error(*cli("prepare", astronaut_path, "--out", out, *DLIB), "run.json", "--force")
-    assert _snapshot(out) == {**before, LOCK_NAME: b""}
-    code, stdout, stderr = cli("prepare", astronaut_path, "--out", out, *DLIB, "--force", "--json")
-    assert code == 0, stderr
-    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    for flags in ((), ("--force",)):
+        _assert_user_error(*cli("prepare", astronaut_path, "--out", out, *DLIB, *flags), "run.json", "choose another")
+        assert _snapshot(out) == before
 
 
 # -- the filesystem -------------------------------------------------------------------------------

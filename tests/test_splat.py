@@ -28,6 +28,7 @@ from dp360.nerf.splat import (
     splat_schedule,
     write_splat_ply,
 )
+from dp360.run import new_manifest
 
 SPHERE_CENTRE, SPHERE_RADIUS = np.array([0.08, 0.05, -0.04]), 0.25
 
@@ -244,7 +245,7 @@ def test_the_export_reads_the_splats_from_the_checkpoint_without_cuda(cli, tmp_p
     run, parameters = _splat_run(tmp_path / "run")
     read = splat_parameters_of_checkpoint(run / "nerf")
     assert all(np.array_equal(read[name], parameters[name]) for name in parameters)
-    (run / "run.json").write_text("{}")  # dp360's export command wants a run folder
+    (run / "run.json").write_text(json.dumps(new_manifest()))  # dp360's export command wants a run folder it made
     code, _, stderr = cli("export", run)
     assert code == 0, stderr
     vertices = _read_ply(run / "export" / "head.splat.ply")

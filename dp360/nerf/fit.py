@@ -17,7 +17,7 @@ import dataclasses
 import json
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,12 +71,24 @@ class FitSettings:
     hidden_dim: int = 64
     num_nerf_samples: int = 48
     proposal_samples: tuple[int, int] = (256, 96)
-    near: float = 1.6
-    far: float = 3.8
-    scene_half_size: float = 1.0
+    # The head lives in PanoHead's +-0.5 box; the cameras sit at 2.7 from its centre.
+    near: float = 1.9
+    far: float = 3.5
+    scene_half_size: float = 0.5
     background: str = "auto"  # auto (from the views' borders) | white | black
     seed: int = 42
     appearance_embedding: bool = False  # one appearance for all views: they show one head
+    # The field starts as a faint fog the colour head can learn through (nerfacto's 0.01 leaves
+    # every ray transparent, so the only colour gradient is the background's, which saturates it).
+    init_density: float = 1.0
+    # Training composites a random colour behind the views' foreground (a mask of the plain border
+    # colour, flood-filled from the image edges), so a transparent head is always wrong and the
+    # colour head always learns the true colour, whatever the background's colour.
+    random_background: bool = True
+    # The learning rate decays over this many steps whatever the fit's length (a horizon tied to a
+    # short fit's iterations drops it before the colours are learnt), after a short warm-up.
+    lr_decay_steps: int = 20_000
+    lr_warmup_steps: int = 20
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FitSettings:
@@ -93,6 +105,10 @@ class FitSettings:
         check_int("--fit-iterations", self.iterations, 1, MAX_FIT_ITERATIONS)
         check_int("rays per batch", self.rays_per_batch, 1, 1 << 20)
         check_seed(self.seed)
+        check_int("the learning-rate decay steps", self.lr_decay_steps, 1, 100_000_000)
+        check_int("the learning-rate warm-up steps", self.lr_warmup_steps, 0, 100_000_000)
+        if not (1e-6 <= self.init_density <= 1e4):
+            raise Dp360Error(f"The initial density must be between 1e-06 and 10000, not {self.init_density!r}.")
         if self.background not in ("auto", "white", "black"):
             raise Dp360Error(f"The fit background must be auto, white or black, not {self.background!r}.")
 
@@ -139,6 +155,34 @@ def border_colour_of(images: Iterable[Path]) -> np.ndarray:
     return np.median(np.concatenate(samples), axis=0)
 
 
+# A pixel belongs to the plain background when every channel is within this of the border colour
+# (generated views carry a little noise) and it connects to the image's edge through such pixels.
+BACKGROUND_TOLERANCE = 0.06
+# Below this share of border pixels near their median colour, a view has no plain background
+# (a capture, a scene): it is then all foreground.
+PLAIN_BORDER_SHARE = 0.9
+
+
+def foreground_alpha(pixels: np.ndarray, background: Sequence[float] | None = None) -> np.ndarray:
+    """(H, W) uint8 alpha of a view: 0 on the plain background around the head, 255 elsewhere.
+
+    The background is the region of pixels close to the border colour that touches the image's
+    edges (a flood fill), so head pixels that happen to share the background's colour stay opaque.
+    A view whose border is not one plain colour is all foreground."""
+    from scipy import ndimage
+
+    rgb = np.asarray(pixels, dtype=np.float32)[..., :3] / 255
+    border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
+    colour = np.median(border, axis=0) if background is None else np.asarray(background, dtype=np.float32)
+    if (np.abs(border - colour).max(axis=-1) <= BACKGROUND_TOLERANCE).mean() < PLAIN_BORDER_SHARE:
+        return np.full(rgb.shape[:2], 255, np.uint8)
+    near = np.abs(rgb - colour).max(axis=-1) <= BACKGROUND_TOLERANCE
+    labels, _ = ndimage.label(near)
+    edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    background_mask = np.isin(labels, edge_labels[edge_labels > 0])
+    return np.where(background_mask, 0, 255).astype(np.uint8)
+
+
 def resolve_background(views_dir: Path, setting: str) -> list[float]:
     if setting == "white":
         return [1.0, 1.0, 1.0]
@@ -153,6 +197,87 @@ def _check_views(views_dir: Path) -> None:
     if not (Path(views_dir) / "transforms.json").is_file():
         raise Dp360Error(
             f"{views_dir} has no transforms.json; generate views first (`dp360 views`), or point at a folder of images with nerfstudio cameras."
+        )
+
+
+# -- the fit's health --------------------------------------------------------------------------------
+# A fit is unhealthy when its colour head has saturated (the field's own colour pinned at 0 or 1 on
+# rays where the views show something else: a black head) or when it leaves the views' foreground
+# transparent (a hazy head). Checked on a few training cameras at a small size, during the fit
+# (saturation only: a young field is still transparent) and after it.
+HEALTH_CAMERAS, HEALTH_SIZE = 4, 48
+MAX_SATURATED_SHARE = 0.5  # of the foreground rays
+MIN_FOREGROUND_OPACITY = 0.7  # mean accumulation over the foreground rays, after the fit
+HEALTH_CHECKS_DURING = (0.25, 0.5)  # fractions of the fit's iterations
+# A field is still forming in a shorter fit (tiny test runs): its opacity is recorded, not judged.
+MIN_JUDGED_ITERATIONS = 100
+
+
+@torch.no_grad()
+def field_health(model, dataparser_outputs, background: Sequence[float]) -> dict[str, float]:
+    """The field's opacity and colour saturation on the views' foreground (`foreground_alpha`), seen
+    from a few training cameras: `foreground_opacity` (mean accumulation), `saturated_share` (rays
+    whose own colour, the render less the background, is within 0.01 of 0 or 1 in every channel
+    where the view's colour is more than 0.1 away from it)."""
+    from PIL import Image
+
+    cameras_all, filenames = dataparser_outputs.cameras, dataparser_outputs.image_filenames
+    picked = np.unique(np.linspace(0, len(filenames) - 1, min(HEALTH_CAMERAS, len(filenames))).round().astype(int))
+    was_training = model.training
+    model.eval()
+    opacity, saturated, count = 0.0, 0.0, 0
+    colour = torch.tensor([float(x) for x in background])
+    try:
+        for index in picked:
+            camera = cameras_all[int(index) : int(index) + 1]
+            camera.rescale_output_resolution(min(1.0, HEALTH_SIZE / float(camera.width.max())))
+            height, width = int(camera.height.item()), int(camera.width.item())
+            pixels = np.asarray(Image.open(filenames[index]).convert("RGB").resize((width, height), Image.NEAREST))
+            alpha = foreground_alpha(pixels, background)
+            foreground = torch.from_numpy(alpha > 0)
+            # a view without a plain background (a capture) is all foreground: nothing to judge
+            # opacity by, the field need not be opaque where the scene lies beyond its box
+            if foreground.all() or not foreground.any():
+                continue
+            outputs = model.get_outputs_for_camera(camera.to(model.device))
+            accumulation = outputs["accumulation"].reshape(height, width).float().cpu()
+            rgb = outputs["rgb"].reshape(height, width, 3).float().cpu()
+            own = ((rgb - (1 - accumulation[..., None]) * colour) / accumulation[..., None].clamp_min(1e-3)).clamp(0, 1)
+            truth = torch.from_numpy(pixels.astype(np.float32) / 255)
+            pinned = ((own <= 0.01) | (own >= 0.99)).all(-1) & ((own - truth).abs().max(-1).values > 0.1)
+            visible = foreground & (accumulation > 0.05)  # a transparent ray shows no colour to judge
+            opacity += float(accumulation[foreground].sum())
+            saturated += float(pinned[visible].sum()) if visible.any() else 0.0
+            count += int(foreground.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        return {"foreground_opacity": None, "saturated_share": None, "foreground_rays": 0}
+    return {
+        "foreground_opacity": round(opacity / count, 4),
+        "saturated_share": round(saturated / count, 4),
+        "foreground_rays": count,
+    }
+
+
+def check_health(health: dict[str, float], step: int, iterations: int, final: bool) -> None:
+    """Raise one sentence with the numbers when the field has collapsed (see `field_health`)."""
+    advice = (
+        "the views may not show one consistent head on a plain background; check them, or refit with another "
+        "--seed or more --fit-iterations"
+    )
+    saturated, opacity = health.get("saturated_share"), health.get("foreground_opacity")
+    if saturated is not None and saturated > MAX_SATURATED_SHARE:
+        raise Dp360Error(
+            f"The radiance field collapsed at step {step} of {iterations}: its colour head is saturated on "
+            f"{saturated:.0%} of the head's rays (at most {MAX_SATURATED_SHARE:.0%} is healthy), so it would render a "
+            f"black or white head (foreground opacity {opacity:.2f}); {advice}."
+        )
+    if final and iterations >= MIN_JUDGED_ITERATIONS and opacity is not None and opacity < MIN_FOREGROUND_OPACITY:
+        raise Dp360Error(
+            f"The radiance field is hazy after {iterations} steps: the head is only {opacity:.0%} opaque inside the "
+            f"views' foreground (at least {MIN_FOREGROUND_OPACITY:.0%} is healthy), so its renders and mesh would be "
+            f"see-through; {advice}."
         )
 
 
@@ -182,6 +307,10 @@ def train(
         start = time.perf_counter()
         losses = []
         trainer.pipeline.train()
+        model, parsed = trainer.pipeline.model, trainer.pipeline.datamanager.train_dataparser_outputs
+        background = [float(x) for x in model.background_rgb.cpu()]
+        checks = {max(1, round(settings.iterations * share)) for share in HEALTH_CHECKS_DURING}
+        check_seconds = 0.0
         for step in tqdm(range(settings.iterations), desc=description, disable=not progress, leave=False):
             for callback in trainer.callbacks:
                 callback.run_callback_at_location(step, location=before)
@@ -189,14 +318,21 @@ def train(
             for callback in trainer.callbacks:
                 callback.run_callback_at_location(step, location=after)
             losses.append(loss.item())
+            if step + 1 in checks and step + 1 < settings.iterations:
+                tick = time.perf_counter()
+                check_health(field_health(model, parsed, background), step + 1, settings.iterations, final=False)
+                check_seconds += time.perf_counter() - tick
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        fit_seconds = time.perf_counter() - start
+        fit_seconds = time.perf_counter() - start - check_seconds
+        health = field_health(model, parsed, background)
+        check_health(health, settings.iterations, settings.iterations, final=True)
     with nerfstudio_quietly():
         trainer.save_checkpoint(max(settings.iterations - 1, 0))
     return trainer, {
         "fit_seconds": round(fit_seconds, 2),
         "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
+        "health": health,
     }
 
 
@@ -268,9 +404,12 @@ FIT_BOUNDS = {
     "hidden_dim": (1, 1024),  # 64
     "num_nerf_samples": (1, 4096),  # 48
     "proposal_samples": (1, 4096),  # (256, 96)
-    "near": (0.0, 1e4),  # 1.6
-    "far": (0.0, 1e4),  # 3.8
-    "scene_half_size": (1e-6, 1e4),  # 1.0
+    "near": (0.0, 1e4),  # 1.9
+    "far": (0.0, 1e4),  # 3.5
+    "scene_half_size": (1e-6, 1e4),  # 0.5
+    "init_density": (1e-6, 1e4),  # 1.0
+    "lr_decay_steps": (1, 100_000_000),  # 20000
+    "lr_warmup_steps": (0, 100_000_000),  # 20
     "seed": (-(2**63), 2**64 - 1),  # 42
 }
 REFIT = "rerun the fit stage with `dp360 reconstruct --force`"
@@ -292,6 +431,8 @@ def _read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
         problem = "its background setting is not auto, white or black"
     elif not isinstance(settings.get("appearance_embedding", False), bool):
         problem = "its appearance_embedding setting is not true or false"
+    elif not isinstance(settings.get("random_background", False), bool):
+        problem = "its random_background setting is not true or false"
     elif not (isinstance(samples := settings.get("proposal_samples", [0, 0]), list) and len(samples) == 2):
         problem = "its proposal_samples setting is not two sample counts"
     elif not isinstance(meta.get("views_dir", ""), str):

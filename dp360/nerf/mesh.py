@@ -26,7 +26,7 @@ DEFAULT_DENSITY = 10.0
 class MeshSettings:
     resolution: int = 256  # marching-cubes grid per axis
     faces: int = 200_000  # decimate to at most this many faces
-    density: float | None = None  # iso-level; None = automatic (see `iso_level`)
+    density: float | None = None  # iso-level; None = automatic (see `surface_iso_level`)
     box_half: float = HEAD_BOX_HALF
 
     def key_dict(self) -> dict[str, Any]:
@@ -94,13 +94,84 @@ def field_colours(field: LoadedField, vertices: np.ndarray, normals: np.ndarray,
     return np.concatenate(colours) if colours else np.zeros((0, 3))
 
 
-def iso_level(grid: np.ndarray) -> float:
-    """Automatic iso-level: Otsu's split of log-density into empty space and head (a fitted
-    head's density is orders of magnitude above the empty box's), capped at 10."""
+def field_colour_fn(field: LoadedField):
+    """`field_colours` of this field as a function of (points, outward normals): the colour of the
+    texels no view sees (`texture.textured_mesh`)."""
+    return lambda points, normals: field_colours(field, np.asarray(points), np.asarray(normals))
+
+
+def otsu_iso_level(grid: np.ndarray) -> float:
+    """Otsu's split of log-density into empty space and head, capped at 10: the fallback when the
+    views show no foreground to place the surface by (`surface_iso_level`)."""
     from skimage.filters import threshold_otsu
 
     logs = np.log(np.clip(grid, 1e-6, None))
     return float(min(DEFAULT_DENSITY, np.exp(threshold_otsu(logs))))
+
+
+# The views the iso-level is measured from, at most this many, rendered at most this size.
+SURFACE_VIEWS, SURFACE_VIEW_SIZE = 8, 64
+
+
+@torch.no_grad()
+def surface_points(field: LoadedField, views: int = SURFACE_VIEWS, size: int = SURFACE_VIEW_SIZE) -> np.ndarray:
+    """Where the training views see the head's surface: on each foreground ray of a few training
+    cameras (the views' own alpha, `fit.foreground_alpha`), the point at the field's median depth
+    (half the ray's light absorbed), for rays the field renders opaque. (N, 3) world points."""
+    from .fit import foreground_alpha
+
+    outputs = field.pipeline.datamanager.train_dataparser_outputs
+    cameras_all, filenames = outputs.cameras, outputs.image_filenames
+    picked = np.unique(np.linspace(0, len(filenames) - 1, min(views, len(filenames))).round().astype(int))
+    points = []
+    for index in picked:
+        from PIL import Image
+
+        image = Image.open(filenames[index]).convert("RGB")
+        camera = cameras_all[int(index) : int(index) + 1]
+        scale = min(1.0, size / max(image.size))
+        camera.rescale_output_resolution(scale)
+        height, width = int(camera.height.item()), int(camera.width.item())
+        alpha = foreground_alpha(np.asarray(image.resize((width, height), resample=Image.NEAREST)))
+        bundle = camera.to(field.device).generate_rays(camera_indices=0)
+        rendered = field.model.get_outputs_for_camera_ray_bundle(bundle)
+        depth = rendered["depth"].reshape(height, width).float().cpu()
+        accumulation = rendered["accumulation"].reshape(height, width).float().cpu()
+        keep = torch.from_numpy(alpha > 0) & (accumulation > 0.5)
+        origins = bundle.origins.reshape(height, width, 3).float().cpu()[keep]
+        directions = bundle.directions.reshape(height, width, 3).float().cpu()[keep]
+        points.append((origins + directions * depth[keep][:, None]).numpy())
+    return np.concatenate(points) if points else np.zeros((0, 3))
+
+
+@torch.no_grad()
+def surface_iso_level(field: LoadedField, grid: np.ndarray) -> tuple[float, str]:
+    """The iso-level that puts the mesh where the views see the surface: the median density of the
+    field at `surface_points` (a level read off a density histogram lands in whatever haze the
+    field has, outside the head). Otsu's split when the views show no opaque foreground."""
+    points = surface_points(field)
+    if len(points) < 50:
+        return otsu_iso_level(grid), "otsu"
+    densities = []
+    for part in torch.tensor(points, dtype=torch.float32).split(1 << 16):
+        densities.append(field.model.field.density_fn(part.to(field.device)).reshape(-1).float().cpu())
+    level = float(torch.cat(densities).median())
+    if not (grid.min() < level < grid.max()):
+        return otsu_iso_level(grid), "otsu"
+    return level, "views"
+
+
+def fill_cavities(grid: np.ndarray, level: float) -> np.ndarray:
+    """The grid with every empty pocket enclosed by the head filled in: the inside of a head is never
+    seen by a view, so the field's density there is arbitrary, and its pockets would become
+    surfaces inside the mesh."""
+    from scipy.ndimage import binary_fill_holes
+
+    inside = grid > level
+    pockets = binary_fill_holes(inside) & ~inside
+    if not pockets.any():
+        return grid
+    return np.where(pockets, max(float(grid.max()), 2 * level), grid)
 
 
 def extract_mesh(field: LoadedField, settings: MeshSettings):
@@ -110,22 +181,24 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
 
     settings.check()
     grid = density_grid(field, settings.resolution, settings.box_half)
-    level = settings.density if settings.density is not None else iso_level(grid)
+    level, chosen_by = (settings.density, "given") if settings.density is not None else surface_iso_level(field, grid)
     if not (grid.min() < level < grid.max()):
         raise Dp360Error(
             f"The field's density never crosses {level:.3g} inside the head box (range {grid.min():.3g} .. {grid.max():.3g}); "
             "the fit probably failed, or another iso-level is needed (`dp360 export RUN_DIR --mesh-density LEVEL`)."
         )
+    grid = fill_cavities(grid, level)
     spacing = 2 * settings.box_half / (settings.resolution - 1)
     vertices, faces, _, _ = marching_cubes(grid, level=level, spacing=(spacing,) * 3)
     mesh = trimesh.Trimesh(vertices - settings.box_half, faces, process=True)
-    components = mesh.split(only_watertight=False)
-    if len(components) > 1:
-        mesh = max(components, key=lambda part: len(part.faces))  # no floaters
     if len(mesh.faces) > settings.faces:
         mesh = mesh.simplify_quadric_decimation(face_count=settings.faces)
         # Quadric placement can push a vertex a hair outside the sampled box; keep the box exact.
         mesh.vertices = np.clip(mesh.vertices, -settings.box_half, settings.box_half)
+    # The largest piece after decimation (before it, decimation could split off slivers): no floaters.
+    components = mesh.split(only_watertight=False)
+    if len(components) > 1:
+        mesh = max(components, key=lambda part: len(part.faces))
     mesh.fix_normals()
     # normals from the final faces (trimesh may keep normals cached from before the fix), outward
     fresh = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
@@ -137,6 +210,7 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
         [(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1
     ).astype(np.uint8)
     mesh.metadata["iso_level"] = float(level)
+    mesh.metadata["iso_level_from"] = chosen_by
     return mesh
 
 

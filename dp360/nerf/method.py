@@ -9,12 +9,19 @@ The method is nerfstudio's nerfacto with settings for an object-centric 360-degr
 plain background and exact cameras:
 - the dataparser keeps our world frame as is (no re-orientation, re-centring or auto-scaling),
   so the field, the turntable and the mesh share the frame of `views/transforms.json`;
-- a bounded scene box (+-1, the head lives in PanoHead's +-0.5 box) without scene contraction;
+- a bounded scene box (PanoHead's +-0.5 box, where its heads live) without scene contraction;
 - near/far planes around the orbit radius (the cameras sit at 2.7);
-- the background colour is that of the views, composited behind the field in training and
-  rendering, so the background is not modelled as geometry: a dp360 fit writes the colour into
-  the model config (`background_rgb`); when it is unset (`ns-train dp360-head --data ...`), the
-  pipeline takes the median colour of the training images' borders;
+- the background colour is that of the views, composited behind the field in rendering: a dp360
+  fit writes the colour into the model config (`background_rgb`); when it is unset
+  (`ns-train dp360-head --data ...`), the pipeline takes the median colour of the training
+  images' borders;
+- training composites a random colour behind both the field and the views' foreground (an alpha
+  from the plain border colour, `HeadDataset`), so a transparent head is always wrong and the
+  colour head always learns the views' colours, whatever their background: with a fixed
+  background brighter than the head, an almost empty field and Adam's full-size first steps
+  saturated the colour head within 20 steps (a black, hazy head);
+- a starting density the colour head can learn through (1.0, not nerfacto's 0.01), and a
+  learning rate that warms up and decays over a horizon of its own, not the fit's length;
 - no camera optimisation (the cameras are exact by construction);
 - nerfacto's LPIPS metric is never built (it would download AlexNet weights): the model is
   constructed with the metric class replaced by a stand-in, and reports PSNR and SSIM only.
@@ -30,10 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManagerConfig
+from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.datasets.base_dataset import InputDataset
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
@@ -41,7 +50,7 @@ from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
-from .fit import METHOD, FitSettings, border_colour_of
+from .fit import METHOD, FitSettings, border_colour_of, foreground_alpha
 
 DESCRIPTION = (
     "dp360's head field: nerfacto for a 360-degree orbit of exact cameras around a bounded head on a plain "
@@ -73,6 +82,27 @@ def no_download_metrics() -> Iterator[None]:
         lpip_module.LearnedPerceptualImagePatchSimilarity = original
 
 
+class HeadDataset(InputDataset):
+    """The views with an alpha channel: 0 on the plain background around the head (the border
+    colour's region, flood-filled from the edges; `fit.foreground_alpha`), so that training can
+    composite random colours behind the head. An image with its own alpha keeps it."""
+
+    def get_numpy_image(self, image_idx: int) -> np.ndarray:
+        image = super().get_numpy_image(image_idx)
+        if image.shape[-1] == 4:
+            return image
+        return np.concatenate([image, foreground_alpha(image)[..., None]], axis=-1)
+
+
+class HeadDataManager(VanillaDataManager[HeadDataset]):
+    """nerfstudio's ray-batch data manager over `HeadDataset`."""
+
+
+@dataclass
+class HeadDataManagerConfig(VanillaDataManagerConfig):
+    _target: type = field(default_factory=lambda: HeadDataManager)
+
+
 @dataclass
 class HeadModelConfig(NerfactoModelConfig):
     """nerfacto with the views' background colour and without LPIPS."""
@@ -81,6 +111,10 @@ class HeadModelConfig(NerfactoModelConfig):
     background_rgb: Optional[tuple[float, float, float]] = None
     """Background colour (0..1) composited behind the field; None: the median colour of the
     training images' borders."""
+    random_background: bool = True
+    """In training, composite a random colour behind both the field and the views' foreground (their
+    alpha, from `HeadDataset`), so that every background colour drives the colour head; renders
+    and evaluation use `background_rgb`."""
 
 
 class WithoutLpips:
@@ -104,7 +138,28 @@ class HeadModel(WithoutLpips, NerfactoModel):
 
     def set_background(self, colour: Sequence[float]) -> None:
         device = self.kwargs.get("device") or "cpu"
-        self.renderer_rgb.background_color = torch.tensor([float(x) for x in colour], device=device)
+        self.background_rgb = torch.tensor([float(x) for x in colour], device=device)
+        self.renderer_rgb.background_color = self.background_rgb
+
+    def train(self, mode: bool = True):
+        # nerfstudio's renderer leaves a "random" background out of the render and draws it in the
+        # loss, for the field and the views' alpha alike; evaluation composites the views' colour.
+        super().train(mode)
+        if self.config.random_background and hasattr(self, "background_rgb"):
+            self.renderer_rgb.background_color = "random" if mode else self.background_rgb
+        return self
+
+    def get_metrics_dict(self, outputs, batch):
+        if self.training and self.config.random_background and hasattr(self, "background_rgb"):
+            # the training PSNR over the views' own colours (the random colours differ each step)
+            rgb = outputs["rgb"] + self.background_rgb * (1 - outputs["accumulation"])
+            outputs = {**outputs, "rgb": rgb}
+            self.renderer_rgb.background_color = self.background_rgb
+            try:
+                return super().get_metrics_dict(outputs, batch)
+            finally:
+                self.renderer_rgb.background_color = "random"
+        return super().get_metrics_dict(outputs, batch)
 
 
 @dataclass
@@ -142,11 +197,16 @@ def head_config(
         {"hidden_dim": 16, "log2_hashmap_size": 17, "num_levels": 5, "max_res": 128, "use_linear": False},
         {"hidden_dim": 16, "log2_hashmap_size": 17, "num_levels": 5, "max_res": 256, "use_linear": False},
     ]
-    steps = max(settings.iterations, 1)
-    optimizers = {  # nerfacto's, less the camera optimiser, decaying over the fit
+    optimizers = {  # nerfacto's, less the camera optimiser, with a warm-up and a horizon of their own
         name: {
             "optimizer": AdamOptimizerConfig(lr=1e-2, eps=1e-15),
-            "scheduler": ExponentialDecaySchedulerConfig(lr_final=1e-4, max_steps=steps),
+            "scheduler": ExponentialDecaySchedulerConfig(
+                lr_final=1e-4,
+                max_steps=settings.lr_decay_steps,
+                warmup_steps=settings.lr_warmup_steps,
+                lr_pre_warmup=1e-4,
+                ramp="linear",
+            ),
         }
         for name in ("proposal_networks", "fields")
     }
@@ -168,7 +228,7 @@ def head_config(
         steps_per_save=2000,
         mixed_precision=cuda,
         pipeline=HeadPipelineConfig(
-            datamanager=VanillaDataManagerConfig(
+            datamanager=HeadDataManagerConfig(
                 dataparser=dataparser,
                 train_num_rays_per_batch=settings.rays_per_batch,
                 eval_num_rays_per_batch=settings.rays_per_batch,
@@ -189,7 +249,8 @@ def head_config(
                 num_proposal_samples_per_ray=tuple(settings.proposal_samples),
                 proposal_net_args_list=proposal_args,
                 use_appearance_embedding=settings.appearance_embedding,
-                average_init_density=0.01,
+                average_init_density=settings.init_density,
+                random_background=settings.random_background,
                 proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
                 implementation="tcnn" if cuda and _has_tcnn() else "torch",
             ),

@@ -3,8 +3,8 @@ configured for the head orbit, registered with nerfstudio as the method "dp360-s
 export of the splats as `export/head.splat.ply` in the standard 3DGS layout.
 
 The method is splatfacto with the settings of dp360-head (method.py) where they apply:
-- the world frame of `views/transforms.json` kept as is, and the same bounded scene box (+-1
-  around the head, which lives in PanoHead's +-0.5 box);
+- the world frame of `views/transforms.json` kept as is, and the same bounded scene box
+  (PanoHead's +-0.5 box, where its heads live);
 - the views' background colour composited behind the splats in training and rendering (not
   splatfacto's random one: the views have no alpha to composite);
 - no camera optimisation (the cameras are exact by construction);
@@ -129,10 +129,10 @@ def density_seed_points(loaded, count: int, seed: int, resolution: int = SEED_GR
     from outside (along the direction away from the head's centre)."""
     from scipy.ndimage import binary_erosion
 
-    from .mesh import density_grid, field_colours, iso_level
+    from .mesh import density_grid, field_colours, surface_iso_level
 
     grid = density_grid(loaded, resolution, HEAD_BOX_HALF)
-    level = iso_level(grid)
+    level, _ = surface_iso_level(loaded, grid)
     inside = grid > level
     surface = inside & ~binary_erosion(inside)
     voxels = np.argwhere(surface if surface.any() else inside)
@@ -263,6 +263,7 @@ class HeadSplatModel(WithoutLpips, SplatfactoModel):
 
     def set_background(self, colour: Sequence[float] | torch.Tensor) -> None:
         self.background_color = torch.as_tensor([float(x) for x in colour], dtype=torch.float32)
+        self.background_rgb = self.background_color  # the name the fit's health check reads (dp360-head's)
 
     def _get_background_color(self) -> torch.Tensor:
         return self.background_color.to(self.device)

@@ -72,6 +72,17 @@ def render(
     return image.reshape(size, size, 3)
 
 
+def render_mask(mesh, cam2world: np.ndarray, size: int, intrinsics: np.ndarray | None = None) -> np.ndarray:
+    """(size, size) bool: the pixels where `mesh` is seen by an OpenCV cam2world camera."""
+    import torch
+
+    intrinsics = cameras.normalized_intrinsics() if intrinsics is None else intrinsics
+    origins, directions = cameras.pixel_rays(
+        torch.tensor(cam2world, dtype=torch.float64)[None], torch.tensor(intrinsics, dtype=torch.float64)[None], size
+    )
+    return (mesh.ray.intersects_first(origins[0].numpy(), directions[0].numpy()) >= 0).reshape(size, size)
+
+
 def held_out_poses(view_count: int = 32, count: int = 8, elevation: float = 0.0) -> list[np.ndarray]:
     """Cameras half-way between consecutive training views (the hardest yaws to interpolate)."""
     step = 360.0 / view_count
@@ -79,15 +90,18 @@ def held_out_poses(view_count: int = 32, count: int = 8, elevation: float = 0.0)
     return [cameras.orbit_pose(yaw, elevation) for yaw in yaws]
 
 
-def write_views(folder: str | Path, size: int = 256, view_count: int = 32, mesh=None) -> Path:
-    """PNG views at the DP360 orbit + `transforms.json`, the layout the fit stage reads."""
+def write_views(folder: str | Path, size: int = 256, view_count: int = 32, mesh=None, background=BACKGROUND) -> Path:
+    """PNG views at the DP360 orbit + `transforms.json`, the layout the fit stage reads, on a plain
+    `background` colour (0..1)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     mesh = mesh if mesh is not None else head_mesh()
     entries = []
     for index, pose in enumerate(cameras.dp360_orbit(view_count)):
         name = f"{index:03d}.png"
-        save_image_atomic(folder / name, (render(mesh, pose, size) * 255).round().astype(np.uint8))
+        save_image_atomic(
+            folder / name, (render(mesh, pose, size, background=background) * 255).round().astype(np.uint8)
+        )
         entries.append(cameras.ViewCamera(name, pose, cameras.normalized_intrinsics()))
     write_json_atomic(folder / "transforms.json", cameras.to_nerfstudio_transforms(entries, size, size))
     return folder

@@ -266,9 +266,9 @@ def _check_component(folder: Path, name: str, advice: str) -> None:
         raise Dp360Error(f"'{weights_path}' does not match its config.json ({problems}); {advice}.")
 
 
-def check_bundle(bundle_dir: str | Path) -> str:
+def check_bundle(bundle_dir: str | Path, expect: str | None = None) -> str:
     """Check a bundle folder without loading its weights (manifest, every component's config and
-    tensor names and shapes, the scheduler); returns its kind."""
+    tensor names and shapes, the scheduler); returns its kind, which must be `expect` when given."""
     bundle_dir = Path(bundle_dir)
     manifest_path = bundle_dir / BUNDLE_FILE
     if not manifest_path.is_file():
@@ -283,6 +283,11 @@ def check_bundle(bundle_dir: str | Path) -> str:
             f"'{manifest_path}' names an unknown bundle kind {one_line(repr(kind), 40)} (expected main or back); "
             "convert the checkpoint again with `dp360 weights convert KIND --out FOLDER`."
         )
+    if expect is not None and kind != expect:
+        raise Dp360Error(
+            f"'{bundle_dir}' holds a dp360 {kind} bundle where the {expect} bundle is needed; point dp360 at the "
+            f"{expect} bundle, or convert it with `dp360 weights convert {expect}`."
+        )
     advice = _reconvert_advice(kind)
     for name in KIND_COMPONENTS[kind]:
         _check_component(bundle_dir / name, name, advice)
@@ -295,14 +300,15 @@ def _reconvert_advice(kind: str) -> str:
     return f"convert the checkpoint again with `dp360 weights convert {kind}`"
 
 
-def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
-    """A `BackViewPipeline` or `Portrait360Pipeline` from a bundle folder."""
+def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, kind: str | None = None):
+    """A `BackViewPipeline` or `Portrait360Pipeline` from a bundle folder; with `kind` ("main" or
+    "back"), a bundle of the other kind is refused with one sentence."""
     from diffusers import DDIMScheduler
 
     from ..pipelines.portrait360 import BackViewPipeline, Portrait360Pipeline
 
     bundle_dir = Path(bundle_dir)
-    kind = check_bundle(bundle_dir)
+    kind = check_bundle(bundle_dir, expect=kind)
     advice = _reconvert_advice(kind)
     classes = _component_classes()
     kwargs = {"use_safetensors": True} if dtype is None else {"use_safetensors": True, "torch_dtype": dtype}
