@@ -101,7 +101,7 @@ def measure_mesh(field, mesh, views, background, size, texture_size) -> dict:
     return {
         "mesh_cm": float(outward.mean() * 100),
         "mesh_back_cm": float(inward.mean() * 100),
-        "iso_level": extracted.metadata["iso_level"],
+        "surface_from": extracted.metadata["surface_from"],
         "mesh_faces": int(len(extracted.faces)),
         "psnr_textured_mesh": float(np.mean(textured_scores)),
         "psnr_vertex_mesh": float(np.mean(vertex_scores)),

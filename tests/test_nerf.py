@@ -72,7 +72,7 @@ def test_mesh_is_one_head_inside_the_box_in_the_camera_frame(fitted, tmp_path):
     # on the true surface, not in a haze around it (the fixture's short fit: 250 steps of 48 px views)
     truth = synthetic.head_mesh(subdivisions=5)
     _, distance, _ = trimesh.proximity.closest_point(truth, mesh.sample(2000, seed=0))
-    assert distance.mean() < 0.01 and mesh.metadata["iso_level_from"] == "views"
+    assert distance.mean() < 0.01 and mesh.metadata["surface_from"] == "views"
     for fmt in ("glb", "obj", "ply"):
         loaded = trimesh.load(write_mesh(mesh, tmp_path / f"head.{fmt}", fmt), force="mesh")
         assert len(loaded.vertices) > 100

@@ -129,10 +129,10 @@ def density_seed_points(loaded, count: int, seed: int, resolution: int = SEED_GR
     from outside (along the direction away from the head's centre)."""
     from scipy.ndimage import binary_erosion
 
-    from .mesh import density_grid, field_colours, surface_iso_level
+    from .mesh import density_grid, field_colours, surface_iso_level, view_depths
 
     grid = density_grid(loaded, resolution, HEAD_BOX_HALF)
-    level, _ = surface_iso_level(loaded, grid)
+    level, _ = surface_iso_level(loaded, grid, view_depths(loaded))
     inside = grid > level
     surface = inside & ~binary_erosion(inside)
     voxels = np.argwhere(surface if surface.any() else inside)

@@ -96,7 +96,8 @@ def build_export(
     return {
         "faces": int(len(mesh.faces)),
         "vertices": int(len(mesh.vertices)),
-        "iso_level": round(mesh.metadata["iso_level"], 4),
+        "surface_from": mesh.metadata["surface_from"],
+        "iso_level": None if mesh.metadata["iso_level"] is None else round(mesh.metadata["iso_level"], 4),
         "bounds": [[round(float(x), 4) for x in row] for row in mesh.bounds],
         "formats": list(formats),
     }
