@@ -54,26 +54,39 @@ def density_grid(field: LoadedField, resolution: int, box_half: float, chunk: in
     return torch.cat(values).reshape(resolution, resolution, resolution).numpy()
 
 
-# Vertex colours are volume-rendered along a short ray that arrives along the vertex's normal:
-# the iso-level may sit in the field's faint outer layer, whose own colour is untrained.
+# Vertex colours are volume-rendered along a short ray through the vertex: the surface may sit in
+# the field's faint outer layer, whose own colour is untrained.
 COLOUR_RAY_LENGTH = 0.08  # a sixth of the head box: from outside the surface to inside it
 COLOUR_RAY_SAMPLES = 48
 
 
+def training_camera_centres(field: LoadedField) -> torch.Tensor:
+    """(N, 3) where the training cameras are."""
+    cameras = field.pipeline.datamanager.train_dataparser_outputs.cameras
+    return cameras.camera_to_worlds[:, :, 3].float()
+
+
 @torch.no_grad()
 def field_colours(field: LoadedField, vertices: np.ndarray, normals: np.ndarray, chunk: int = 1 << 13) -> np.ndarray:
-    """The colour the field shows at each vertex when seen from outside along its (outward) normal:
-    a ray from `vertex + normal * L/2` to `vertex - normal * L/2`, composited over no background."""
+    """The colour the field shows at each vertex, seen from the training camera that faces its
+    (outward) normal most squarely: a ray from that side, through the vertex, L/2 either side of
+    it, composited over no background. The ray must come from where a view came from: the colour
+    head is view-dependent, and a direction no view had (from above the head, for an orbit)
+    gives an untrained colour."""
     from nerfstudio.cameras.rays import Frustums, RaySamples
     from nerfstudio.field_components.field_heads import FieldHeadNames
 
+    centres = training_camera_centres(field).to(field.device)
     edges = torch.linspace(0, COLOUR_RAY_LENGTH, COLOUR_RAY_SAMPLES + 1, device=field.device)
     colours = []
     for start in range(0, len(vertices), chunk):
         points = torch.tensor(vertices[start : start + chunk], dtype=torch.float32, device=field.device)
-        outward = torch.nn.functional.normalize(
+        normal = torch.nn.functional.normalize(
             torch.tensor(normals[start : start + chunk], dtype=torch.float32, device=field.device), dim=-1
         )
+        towards = torch.nn.functional.normalize(centres[None] - points[:, None], dim=-1)  # (count, cameras, 3)
+        best = (towards * normal[:, None]).sum(-1).argmax(dim=1)
+        outward = towards[torch.arange(len(points), device=field.device), best]
         count = len(points)
         origins = (points + outward * COLOUR_RAY_LENGTH / 2)[:, None].expand(count, COLOUR_RAY_SAMPLES, 3)
         directions = (-outward)[:, None].expand(count, COLOUR_RAY_SAMPLES, 3)
