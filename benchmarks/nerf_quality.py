@@ -11,7 +11,8 @@ at 8 held-out cameras 15 degrees above the orbit, half-way between training view
 a training view):
 - held-out PSNR and SSIM of the field's renders (and PSNR at 8 eye-level held-out cameras);
 - transparent head pixels: pixels of the true head where the field's accumulation is below 0.5;
-- the mesh (dp360's export: marching cubes at the automatic iso-level, the largest piece): its mean
+- the mesh (dp360's export: marching cubes on the field's depth at the training cameras fused into a
+  truncated signed distance, the largest piece): its mean
   distance to the true surface (from points sampled on the mesh) and back (from points on the
   truth), in cm (PanoHead's unit read as a metre);
 - PSNR of the exported mesh ray-cast at the held-out cameras, UV-textured from the views
@@ -82,16 +83,16 @@ def measure_field(field, mesh, background, size) -> dict:
 
 
 def measure_mesh(field, mesh, views, background, size, texture_size) -> dict:
-    from dp360.nerf.mesh import MeshSettings, extract_mesh
-    from dp360.nerf.texture import render_textured, render_vertex_coloured
+    from dp360.nerf.mesh import MeshSettings, coloured_mesh, vertex_colour_fn
+    from dp360.nerf.texture import render_textured, render_vertex_coloured, textured_mesh
 
     start = time.perf_counter()
-    extracted = extract_mesh(field, MeshSettings(resolution=192, faces=50_000))
+    extracted = coloured_mesh(field, MeshSettings(resolution=192, faces=50_000, texture="vertex"), None)
     mesh_seconds = time.perf_counter() - start
     _, outward, _ = trimesh.proximity.closest_point(mesh, extracted.sample(5000, seed=0))
     _, inward, _ = trimesh.proximity.closest_point(extracted, mesh.sample(5000, seed=0))
     start = time.perf_counter()
-    textured = bake(extracted, field, views, texture_size)
+    textured = textured_mesh(extracted, views, texture_size, vertex_colour_fn(extracted))
     texture_seconds = time.perf_counter() - start
     textured_scores, vertex_scores = [], []
     for pose in synthetic.held_out_poses(32, 8, 15.0):
@@ -107,15 +108,8 @@ def measure_mesh(field, mesh, views, background, size, texture_size) -> dict:
         "psnr_vertex_mesh": float(np.mean(vertex_scores)),
         "mesh_seconds": mesh_seconds,
         "texture_seconds": texture_seconds,
-        "texels_seen": textured.metadata["texture"].get("seen_share"),
+        "texels_seen": textured.metadata["texture"]["seen_fraction"],
     }
-
-
-def bake(extracted, field, views, texture_size):
-    from dp360.nerf.mesh import field_colour_fn
-    from dp360.nerf.texture import textured_mesh
-
-    return textured_mesh(extracted, views, texture_size, field_colour_fn(field))
 
 
 def fit_one(field_name, views, folder, settings, device):

@@ -56,6 +56,9 @@ from cli.main import (
     ResolutionOption,
     SeedOption,
     StepsOption,
+    TextureOption,
+    TextureSizeOption,
+    TextureSource,
     ViewsOption,
     WeightsDirOption,
     YawOption,
@@ -288,6 +291,8 @@ def batch(
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
     mesh_format: MeshFormatsOption = None,
+    texture: TextureOption = TextureSource.views,
+    texture_size: TextureSizeOption = 2048,
 ) -> None:
     """Many portraits: `reconstruct` (or `--until views`) on each, spread over Ray workers.
 
@@ -343,6 +348,8 @@ def batch(
                     mesh_faces,
                     mesh_format,
                     field_kind,
+                    texture,
+                    texture_size,
                 ),
                 weights_dir=weights_dir,
                 camera_dir=cameras,

@@ -89,6 +89,12 @@ class MeshFormat(str, Enum):  # dp360.nerf.mesh.MESH_FORMATS (not imported here:
     ply = "ply"
 
 
+class TextureSource(str, Enum):  # dp360.nerf.mesh.TEXTURE_SOURCES (not imported here: it loads torch)
+    views = "views"
+    field = "field"
+    vertex = "vertex"
+
+
 class VideoFormat(str, Enum):  # dp360.nerf.render.FORMATS (not imported here: it loads torch)
     mp4 = "mp4"
     gif = "gif"
@@ -370,6 +376,8 @@ def _field_settings(
     mesh_faces,
     mesh_format,
     field_kind,
+    texture=TextureSource.views,
+    texture_size=2048,
 ):
     """The fit, turntable and mesh settings of `reconstruct`, `fit` and `batch`; `on_cuda` picks the default
     fit preset (gpu, else cpu) when only --fit-iterations is given."""
@@ -387,7 +395,7 @@ def _field_settings(
     return FieldStageSettings(
         fit,
         TurntableSettings(frames=frames, elevation=elevation, fps=fps, resolution=resolution),
-        MeshSettings(resolution=mesh_resolution, faces=mesh_faces),
+        MeshSettings(resolution=mesh_resolution, faces=mesh_faces, texture=texture.value, texture_size=texture_size),
         tuple(chosen.value for chosen in mesh_format) if mesh_format else ("glb",),
         field_kind.value,
     )
@@ -532,6 +540,17 @@ FieldOption = Annotated[
         "CUDA only; writes export/head.splat.ply instead of a mesh).",
     ),
 ]
+TextureOption = Annotated[
+    TextureSource,
+    typer.Option(
+        "--texture",
+        help="The mesh's colours: a UV texture baked from the views (views), one of the field's colours (field), "
+        "or the field's colours per vertex (vertex).",
+    ),
+]
+TextureSizeOption = Annotated[
+    int, typer.Option("--texture-size", help="Side of the square UV texture in pixels, 64 to 8192.")
+]
 MeshFormatsOption = Annotated[
     Optional[list[MeshFormat]],
     typer.Option("--mesh-format", help="Mesh file format; repeat for several (default: glb).", show_default=False),
@@ -585,6 +604,8 @@ def reconstruct(
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
     mesh_format: MeshFormatsOption = None,
+    texture: TextureOption = TextureSource.views,
+    texture_size: TextureSizeOption = 2048,
 ) -> None:
     """Everything: prepare -> 3D-aware noise -> back view -> views -> NeRF -> turntable + mesh.
 
@@ -629,6 +650,8 @@ def reconstruct(
             mesh_faces,
             mesh_format,
             field_kind,
+            texture,
+            texture_size,
         )
         # Every setting is checked once, before the first portrait is touched.
         stages = tuple(stage.name for stage in pipeline_stages())
@@ -811,6 +834,8 @@ def fit(
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
     mesh_format: MeshFormatsOption = None,
+    texture: TextureOption = TextureSource.views,
+    texture_size: TextureSizeOption = 2048,
     device: DeviceOption = "auto",
     seed: SeedOption = 42,
     force: ForceOption = False,
@@ -843,6 +868,8 @@ def fit(
             mesh_faces,
             mesh_format,
             field_kind,
+            texture,
+            texture_size,
         )
         options = RunOptions(
             device=device, seed=seed, force=force, progress=not (quiet or json_output), max_pixels=max_pixels
@@ -955,11 +982,13 @@ def export(
     ] = None,
     mesh_resolution: MeshResolutionOption = 256,
     mesh_faces: MeshFacesOption = 200_000,
+    texture: TextureOption = TextureSource.views,
+    texture_size: TextureSizeOption = 2048,
     mesh_density: Annotated[
         Optional[float],
         typer.Option(
             "--mesh-density",
-            help="Iso-level of the density (default: automatic, an Otsu split of log-density capped at 10).",
+            help="Mesh this iso-level of the density (default: the surface the views see, from the field's depth).",
             show_default=False,
         ),
     ] = None,
@@ -969,7 +998,9 @@ def export(
     device: DeviceOption = "auto",
     quiet: QuietNoJsonOption = False,
 ) -> None:
-    """Export a mesh (one connected head, vertex colours) from a run's fitted radiance field.
+    """Export a mesh (one connected head, UV-textured from the views) from a run's fitted radiance field.
+
+    OBJ writes its MTL and PNG texture beside it; PLY holds the texture's colours per vertex.
 
     A splat field (`dp360 reconstruct PORTRAIT --out RUN_DIR --field splatfacto`) has no density
     to mesh: its Gaussians are written as a standard 3DGS PLY instead (positions, normals,
@@ -977,7 +1008,7 @@ def export(
     """
     from dp360.errors import Dp360Error
     from dp360.nerf.fit import is_splat_fit, load_field
-    from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
+    from dp360.nerf.mesh import MeshSettings, coloured_mesh, write_mesh
     from dp360.outputs import check_file_target
     from dp360.report import read_run
     from dp360.run import LOCK_NAME, RunLock, check_no_links
@@ -989,7 +1020,13 @@ def export(
         mesh_format = output_format.value if output_format else suffix_format or "glb"
         if out is not None:
             _check_suffix_matches(out, mesh_format, by_suffix)
-        settings = MeshSettings(resolution=mesh_resolution, faces=mesh_faces, density=mesh_density)
+        settings = MeshSettings(
+            resolution=mesh_resolution,
+            faces=mesh_faces,
+            density=mesh_density,
+            texture=texture.value,
+            texture_size=texture_size,
+        )
         settings.check()
         _check_run_dir(run_dir)
         splats = is_splat_fit(Path(run_dir) / "nerf")
@@ -1024,10 +1061,12 @@ def export(
                 written = f"{len(parameters['means'])} splats"
             else:
                 field = load_field(Path(run_dir) / "nerf", resolve_device(device), Path(run_dir) / "views")
-                mesh = extract_mesh(field, settings)
+                mesh = coloured_mesh(field, settings, Path(run_dir) / "views")
                 check_no_links(run_dir, *inside)  # nothing on the way became a link meanwhile
-                write_mesh(mesh, target, mesh_format, overwrite)
-                written = f"{len(mesh.faces)} faces"
+                files = write_mesh(mesh, target, mesh_format, overwrite)
+                written = f"{len(mesh.faces)} faces" + (
+                    f"; with {', '.join(p.name for p in files[1:])}" if files[1:] else ""
+                )
         finally:
             lock.release()
     if not quiet:

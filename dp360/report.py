@@ -217,7 +217,15 @@ def rasterize(
 def render_mesh(
     mesh, cam2world: np.ndarray, size: int, background: Sequence[float] = MESH_BACKGROUND, intrinsics=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`rasterize` for a trimesh.Trimesh with vertex colours (RGBA bytes, as dp360 exports)."""
+    """`rasterize` for a trimesh.Trimesh with vertex colours (RGBA bytes) or a UV texture (its
+    colour picture then ray-cast, every pixel sampling the texture), as dp360 exports them."""
+    if getattr(mesh.visual, "kind", None) == "texture":
+        from .nerf.texture import render_textured
+
+        _, grey = rasterize(
+            mesh.vertices, mesh.faces, np.full((len(mesh.vertices), 3), 0.5), cam2world, size, background, intrinsics
+        )
+        return render_textured(mesh, cam2world, size, intrinsics, background), grey
     colours = np.asarray(mesh.visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0
     return rasterize(mesh.vertices, mesh.faces, colours, cam2world, size, background, intrinsics)
 

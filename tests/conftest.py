@@ -26,11 +26,11 @@ ASTRONAUT = REPO / "assets" / "astronaut.png"
 
 def tiny_reconstruct_settings(fit_iterations: int, *extra: str) -> tuple[str, ...]:
     """`dp360 reconstruct` options for a tiny run on the CPU (2 denoising steps, a short inversion
-    and fit, a 4-frame 32 px turntable, a 32^3 mesh), with a --json summary."""
+    and fit, a 4-frame 32 px turntable, a 32^3 mesh with a 64 px texture), with a --json summary."""
     return (
         *("--detector", "dlib", "--device", "cpu", "--steps", "2", "--invert-steps", "2", "--pti-steps", "1"),
         *("--fit-preset", "test", "--fit-iterations", str(fit_iterations), "--frames", "4", "--resolution", "32"),
-        *("--mesh-resolution", "32", "--mesh-faces", "2000", "--json"),
+        *("--mesh-resolution", "32", "--mesh-faces", "2000", "--texture-size", "64", "--json"),
         *extra,
     )
 

@@ -17,12 +17,12 @@ from .test_messages import _choices, _command, _options
 
 TINY = (
     *("--fit-preset", "test", "--fit-iterations", "30", "--frames", "4", "--resolution", "32"),
-    *("--mesh-resolution", "32", "--mesh-faces", "1000", "--device", "cpu"),
+    *("--mesh-resolution", "32", "--mesh-faces", "1000", "--texture-size", "64", "--device", "cpu"),
 )
 # reconstruct's options that `fit` takes too: the field, turntable and mesh ones and the run's own
 FIT_OPTIONS = {
     *("--fit-preset", "--fit-iterations", "--field", "--frames", "--fps", "--resolution", "--elevation"),
-    *("--mesh-resolution", "--mesh-faces", "--mesh-format"),
+    *("--mesh-resolution", "--mesh-faces", "--mesh-format", "--texture", "--texture-size"),
     *("--out", "-o", "--device", "--seed", "--force", "--max-pixels", "--json", "--quiet", "-q", "--help"),
 }
 
@@ -111,7 +111,18 @@ def test_a_rerun_reuses_every_stage_and_render_and_export_work_on_the_run(fitted
     code, _, stderr = cli("render", run, "--out", tmp_path / "spin.gif", "--frames", "2", "--resolution", "16")
     assert code == 0, stderr
     assert Image.open(tmp_path / "spin.gif").n_frames == 2
-    export = ("--format", "ply", "--mesh-resolution", "24", "--mesh-faces", "500", "--device", "cpu")
+    export = (
+        "--format",
+        "ply",
+        "--mesh-resolution",
+        "24",
+        "--mesh-faces",
+        "500",
+        "--texture-size",
+        "64",
+        "--device",
+        "cpu",
+    )
     code, _, stderr = cli("export", run, "--out", tmp_path / "head.ply", *export)
     assert code == 0, stderr
     import trimesh

@@ -132,7 +132,7 @@ def test_write_mesh_refuses_before_writing(tmp_path):
 # -- through the CLI, on a real (tiny) fitted run ---------------------------------------------
 
 RENDER = ("--frames", "2", "--resolution", "16", "--device", "cpu", "--quiet")
-EXPORT = ("--mesh-resolution", "16", "--mesh-faces", "100", "--device", "cpu", "--quiet")
+EXPORT = ("--mesh-resolution", "16", "--mesh-faces", "100", "--texture-size", "64", "--device", "cpu", "--quiet")
 
 
 @pytest.fixture(scope="module")

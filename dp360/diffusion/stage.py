@@ -329,7 +329,7 @@ class ViewModels:
             if key in self._pipelines:
                 return self._pipelines[key]
             on_device = not (self.offload or self.low_vram)
-            loaded = load_bundle(bundle, device=device if on_device else "cpu", dtype=torch_dtype)
+            loaded = load_bundle(bundle, device=device if on_device else "cpu", dtype=torch_dtype, kind=kind)
             self.loads[kind] = self.loads.get(kind, 0) + 1
             if self.offload:
                 loaded.enable_phase_offload(device)

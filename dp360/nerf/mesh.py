@@ -21,6 +21,7 @@ from ..outputs import check_file_target
 from .fit import LoadedField
 
 MESH_FORMATS = ("glb", "obj", "ply")
+TEXTURE_SOURCES = ("views", "field", "vertex")  # `--texture`
 HEAD_BOX_HALF = 0.5  # PanoHead renders heads inside [-0.5, 0.5]^3 (box_warp 1)
 DEFAULT_DENSITY = 10.0
 
@@ -29,8 +30,12 @@ DEFAULT_DENSITY = 10.0
 class MeshSettings:
     resolution: int = 256  # marching-cubes grid per axis
     faces: int = 200_000  # decimate to at most this many faces
-    density: float | None = None  # iso-level; None = automatic (see `surface_iso_level`)
+    density: float | None = None  # a density iso-level; None = the surface the views see (`fused_distance`)
     box_half: float = HEAD_BOX_HALF
+    # The colours: a UV texture baked from the views (texture.py), a UV texture of the field's own
+    # colours, or the field's colours per vertex (no texture).
+    texture: str = "views"
+    texture_size: int = 2048
 
     def key_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,6 +47,9 @@ class MeshSettings:
         check_int("--mesh-faces", self.faces, 100, 50_000_000)
         if self.density is not None:
             check_float("--mesh-density", self.density, 1e-6, 1e6)
+        if self.texture not in TEXTURE_SOURCES:
+            raise Dp360Error(f"--texture must be one of {', '.join(TEXTURE_SOURCES)}, not {self.texture!r}.")
+        check_int("--texture-size", self.texture_size, 64, 8192)
 
 
 @torch.no_grad()
@@ -111,9 +119,31 @@ def field_colours(field: LoadedField, vertices: np.ndarray, normals: np.ndarray,
 
 
 def field_colour_fn(field: LoadedField):
-    """`field_colours` of this field as a function of (points, outward normals): the colour of the
-    texels no view sees (`texture.textured_mesh`)."""
+    """`field_colours` of this field as a function of (points, outward normals): the colours of a
+    `--texture field` (texture.textured_mesh), one short volume render per texel."""
     return lambda points, normals: field_colours(field, np.asarray(points), np.asarray(normals))
+
+
+VERTEX_NEIGHBOURS = 4
+
+
+def vertex_colour_fn(mesh):
+    """The field's colours at the vertices of `mesh` (`extract_mesh`'s vertex colours) as a function
+    of (points, normals): inverse-distance weights of the nearest vertices. The colour of the texels
+    no view sees, which may be millions: a volume render per texel would take minutes on a CPU."""
+    from scipy.spatial import cKDTree
+
+    tree = cKDTree(np.asarray(mesh.vertices))
+    colours = np.asarray(mesh.visual.vertex_colors, dtype=np.float64)[:, :3] / 255.0
+    neighbours = min(VERTEX_NEIGHBOURS, len(colours))
+
+    def colour(points, normals):
+        distance, index = tree.query(np.asarray(points, dtype=np.float64), k=neighbours)
+        distance, index = distance.reshape(len(points), -1), index.reshape(len(points), -1)
+        weight = 1.0 / np.maximum(distance, 1e-9)
+        return (colours[index] * weight[..., None]).sum(axis=1) / weight.sum(axis=1, keepdims=True)
+
+    return colour
 
 
 def otsu_iso_level(grid: np.ndarray) -> float:
@@ -355,12 +385,43 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
     return mesh
 
 
-def write_mesh(mesh, out: Path, mesh_format: str, overwrite: bool = False) -> Path:
-    """Write the mesh to `out` atomically; an existing file is refused unless `overwrite` (see dp360.outputs)."""
+def coloured_mesh(field: LoadedField, settings: MeshSettings, views_dir: Path | None):
+    """`extract_mesh`, then textured as `settings.texture` says: baked from the views in
+    `views_dir` (texels no view sees get the field's colour, from the vertices), or from the field
+    alone."""
+    mesh = extract_mesh(field, settings)
+    if settings.texture == "vertex":
+        return mesh
+    from .texture import textured_mesh
+
+    if settings.texture == "views":
+        textured = textured_mesh(mesh, views_dir, settings.texture_size, vertex_colour_fn(mesh))
+    else:
+        textured = textured_mesh(mesh, None, settings.texture_size, field_colour_fn(field))
+    textured.metadata.update({key: value for key, value in mesh.metadata.items() if key not in textured.metadata})
+    return textured
+
+
+def is_textured(mesh) -> bool:
+    return getattr(mesh.visual, "kind", None) == "texture"
+
+
+def write_mesh(mesh, out: Path, mesh_format: str, overwrite: bool = False) -> list[Path]:
+    """Write the mesh to `out` atomically; an existing file is refused unless `overwrite` (see
+    dp360.outputs). A textured mesh: GLB with a PBR base-colour texture; OBJ with its MTL and PNG
+    beside it; PLY (no texture in the format) with the texture sampled at the vertices. Returns
+    the files written, `out` first."""
     if mesh_format not in MESH_FORMATS:
         raise Dp360Error(f"The mesh format must be one of {', '.join(MESH_FORMATS)}, not {mesh_format!r}.")
+    if is_textured(mesh) and mesh_format == "obj":
+        from .texture import write_textured_obj
+
+        return write_textured_obj(mesh, out, overwrite)
+    if is_textured(mesh) and mesh_format == "ply":
+        mesh = mesh.copy()
+        mesh.visual = mesh.visual.to_color()
     out = check_file_target(out, overwrite)
     with atomic_path(out) as temporary:
         data = mesh.export(file_type=mesh_format)
         Path(temporary).write_bytes(data if isinstance(data, bytes) else data.encode())
-    return out
+    return [out]

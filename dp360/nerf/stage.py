@@ -12,7 +12,7 @@ from ..errors import Dp360Error
 from ..imaging import file_sha256
 from ..stage import Stage, StageContext
 from .fit import FIT_FILE, FitSettings, fit_checkpoints, fit_field, is_splat_fit, load_field
-from .mesh import MESH_FORMATS, MeshSettings, extract_mesh, write_mesh
+from .mesh import MESH_FORMATS, MeshSettings, coloured_mesh, is_textured, write_mesh
 from .render import TurntableSettings, render_turntable, write_frames
 
 TURNTABLE_NAME = "turntable.mp4"
@@ -90,10 +90,13 @@ def build_export(
         write_splat_ply(parameters, folder / SPLAT_FILE)
         return {"splats": int(len(parameters["means"])), "formats": ["splat.ply"], "mesh": f"not written: {NO_MESH}"}
     loaded = load_field(run_dir / "nerf", device, run_dir / "views")
-    mesh = extract_mesh(loaded, settings)
+    mesh = coloured_mesh(loaded, settings, run_dir / "views")
+    written = []
     for mesh_format in formats:
-        write_mesh(mesh, folder / f"{MESH_STEM}.{mesh_format}", mesh_format)
+        written += write_mesh(mesh, folder / f"{MESH_STEM}.{mesh_format}", mesh_format)
     return {
+        "files": [path.name for path in written],
+        "texture": mesh.metadata.get("texture") if is_textured(mesh) else "vertex colours",
         "faces": int(len(mesh.faces)),
         "vertices": int(len(mesh.vertices)),
         "surface_from": mesh.metadata["surface_from"],
@@ -196,11 +199,15 @@ EXPORT_STAGE = Stage(
         **context.config.field.mesh.key_dict(),
         "formats": list(context.config.field.mesh_formats),
     },
-    inputs=lambda context: field_hashes(context.run_dir),
+    # a texture baked from the views reads them too
+    inputs=lambda context: {
+        **field_hashes(context.run_dir),
+        **(view_hashes(context.run_dir) if context.config.field.mesh.texture == "views" else {}),
+    },
     build=lambda context, folder: build_export(
         context.run_dir, folder, context.config.field.mesh, context.config.field.mesh_formats, context.device
     ),
     needs=("fit",),
-    version=2,
+    version=3,  # 3: the surface from the views' depth, a UV texture baked from the views
     shared_folder=True,
 )

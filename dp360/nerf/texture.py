@@ -31,7 +31,6 @@ from ..imaging import atomic_path
 from ..outputs import check_file_target
 from ..safety import read_json_object
 
-TEXTURE_SOURCES = ("views", "field", "vertex")
 DEFAULT_TEXTURE_SIZE = 2048
 BACKGROUND = (0.8, 0.8, 0.8)
 
@@ -426,7 +425,7 @@ def _dilate(texture: np.ndarray, covered: np.ndarray) -> np.ndarray:
 def bake_from_views(
     mesh_with_uv,
     uv: np.ndarray,
-    views_dir: str | Path,
+    views_dir: str | Path | None,
     size: int = DEFAULT_TEXTURE_SIZE,
     fallback_colour_fn: FallbackColourFn | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -434,9 +433,10 @@ def bake_from_views(
     per-vertex `uv`) from the views in `views_dir` (nerfstudio layout), and coverage statistics.
 
     `fallback_colour_fn(positions (N, 3), unit normals (N, 3)) -> (N, 3) colours in 0..1` colours
-    the texels no view sees; without it they get the mean colour of the seen texels."""
+    the texels no view sees; without it they get the mean colour of the seen texels. Without
+    `views_dir`, every texel gets the fallback colour (`--texture field`)."""
     start = time.perf_counter()
-    views = _read_views(Path(views_dir))
+    views = _read_views(Path(views_dir)) if views_dir is not None else []
     face_index, barycentric = rasterize_uv(uv, mesh_with_uv.faces, size)
     rows, columns, positions, normals = _texel_surface(mesh_with_uv, face_index, barycentric)
     texel_size = _texel_world_size(mesh_with_uv, len(rows))
@@ -513,11 +513,12 @@ def bake_from_views(
 
 def textured_mesh(
     mesh,
-    views_dir: str | Path,
+    views_dir: str | Path | None,
     size: int = DEFAULT_TEXTURE_SIZE,
     fallback_colour_fn: FallbackColourFn | None = None,
 ):
-    """`mesh` unwrapped and textured from the views: a trimesh.Trimesh with TextureVisuals (a PBR
+    """`mesh` unwrapped and textured from the views (from `fallback_colour_fn` alone without
+    `views_dir`): a trimesh.Trimesh with TextureVisuals (a PBR
     material whose baseColorTexture is the baked image) and `metadata["texture"]` statistics."""
     import trimesh
     from PIL import Image
