@@ -74,7 +74,8 @@ def test_mesh_is_one_head_inside_the_box_in_the_camera_frame(fitted, tmp_path):
     _, distance, _ = trimesh.proximity.closest_point(truth, mesh.sample(2000, seed=0))
     assert distance.mean() < 0.01 and mesh.metadata["surface_from"] == "views"
     for fmt in ("glb", "obj", "ply"):
-        loaded = trimesh.load(write_mesh(mesh, tmp_path / f"head.{fmt}", fmt), force="mesh")
+        (written,) = write_mesh(mesh, tmp_path / f"head.{fmt}", fmt)
+        loaded = trimesh.load(written, force="mesh")
         assert len(loaded.vertices) > 100
         assert np.all(np.abs(loaded.vertices) <= 0.5 + 1e-4)
     # the synthetic head's extent (half-axes 0.22 x 0.27 x 0.24 plus nose and ears), roughly
