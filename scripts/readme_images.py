@@ -2,19 +2,21 @@
 
     .venv/bin/python scripts/readme_images.py [--out docs/images] [--size 128] [--iterations 400]
         [--frames 8] [--elevation 15] [--mesh-size 224] [--mesh-resolution 128] [--mesh-faces 60000]
-        [--device auto] [--work DIR]
+        [--texture-size 1024] [--device auto] [--work DIR]
 
 No diffusion model and no real weights are involved: the synthetic head of `dp360.nerf.synthetic`
 (a known, procedurally textured mesh, the ground truth of `benchmarks/nerf_quality.py`) is rendered
 at the 32 DP360 orbit cameras, and dp360's own field code does the rest, as the fit, render and
 export stages of `dp360 reconstruct` call it: `fit_field` (nerfacto-head, the "cpu" preset with
-`--iterations`), `render_turntable` and `extract_mesh` + `write_mesh` (GLB). Writes into `--out`:
+`--iterations`), `render_turntable` and `coloured_mesh` + `write_mesh` (a GLB UV-textured from the
+views, `--texture views`). Writes into `--out`:
 
 - `synthetic-turntable.png`: `--frames` evenly spaced turntable frames at `--elevation` degrees
   above the training orbit (so none is a training view); top row the known scene at those
   cameras, bottom row the fitted field's turntable;
 - `synthetic-mesh.png`: the exported GLB, read back with trimesh and ray cast (Embree) from three
-  angles; top row its vertex colours, bottom row its geometry in grey with a headlight.
+  angles; top row the known scene, middle row the GLB with its texture, bottom row its geometry in
+  grey with a headlight.
 
 Seeded; about 5 minutes on 2 idle CPU cores with the defaults. PNGs are palette-quantised to stay small.
 """
@@ -34,8 +36,9 @@ from PIL import Image
 from dp360 import cameras
 from dp360.nerf import synthetic
 from dp360.nerf.fit import FIT_FILE, FitSettings, fit_field, load_field
-from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
+from dp360.nerf.mesh import MeshSettings, coloured_mesh, write_mesh
 from dp360.nerf.render import TurntableSettings, render_turntable, turntable_poses
+from dp360.nerf.texture import render_textured
 from dp360.runtime import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,8 +72,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def ray_cast_mesh(mesh, cam2world: np.ndarray, size: int, background=synthetic.BACKGROUND) -> tuple[np.ndarray, ...]:
-    """Vertex colours (interpolated) and grey headlight shading of `mesh` from an OpenCV camera."""
+def ray_cast_grey(mesh, cam2world: np.ndarray, size: int, background=synthetic.BACKGROUND) -> np.ndarray:
+    """Grey headlight shading of `mesh` from an OpenCV camera."""
     origins, directions = cameras.pixel_rays(
         torch.tensor(cam2world, dtype=torch.float64)[None],
         torch.tensor(cameras.normalized_intrinsics(), dtype=torch.float64)[None],
@@ -80,15 +83,12 @@ def ray_cast_mesh(mesh, cam2world: np.ndarray, size: int, background=synthetic.B
     locations, ray_index, triangle = mesh.ray.intersects_location(origins, directions, multiple_hits=False)
     weights = trimesh.triangles.points_to_barycentric(mesh.triangles[triangle], locations)
     corners = mesh.faces[triangle]
-    colours = np.einsum("nk,nkc->nc", weights, mesh.visual.vertex_colors[corners, :3] / 255.0)
     normals = np.einsum("nk,nkc->nc", weights, mesh.vertex_normals[corners])
     normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
     light = np.clip(-(normals * directions[ray_index]).sum(axis=1), 0, 1)
-    coloured = np.tile(np.asarray(background, dtype=np.float64), (size * size, 1))
-    grey = coloured.copy()
-    coloured[ray_index] = colours
+    grey = np.tile(np.asarray(background, dtype=np.float64), (size * size, 1))
     grey[ray_index] = (0.15 + 0.8 * light)[:, None] * np.array([0.85, 0.85, 0.88])
-    return coloured.reshape(size, size, 3), grey.reshape(size, size, 3)
+    return grey.reshape(size, size, 3)
 
 
 def main() -> None:
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--mesh-size", type=int, default=224, help="pixels of each mesh view")
     parser.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid per axis")
     parser.add_argument("--mesh-faces", type=int, default=60_000, help="decimate the mesh to at most this many faces")
+    parser.add_argument("--texture-size", type=int, default=1024, help="side of the UV texture in pixels")
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--work", type=Path, default=None, help="keep the views, fit and GLB here (a fit found there is reused)"
@@ -138,15 +139,18 @@ def make_images(args: argparse.Namespace, device: str, work: Path) -> None:
     strip_bytes = save_png(strip, montage([truth, frames]))
     print(f"{strip}: {strip_bytes / 1024:.0f} KiB")
 
-    settings = MeshSettings(resolution=args.mesh_resolution, faces=args.mesh_faces)
-    exported = write_mesh(extract_mesh(field, settings), work / "head.glb", "glb", overwrite=True)
+    settings = MeshSettings(resolution=args.mesh_resolution, faces=args.mesh_faces, texture_size=args.texture_size)
+    (exported,) = write_mesh(coloured_mesh(field, settings, views), work / "head.glb", "glb", overwrite=True)
     mesh = trimesh.load(exported, force="mesh")  # what a user opens: the GLB as written
     print(f"mesh: {len(mesh.faces)} faces, {exported.stat().st_size / 1e6:.1f} MB as GLB")
-    renders = [ray_cast_mesh(mesh, cameras.orbit_pose(yaw, MESH_ELEVATION), args.mesh_size) for yaw in MESH_YAWS]
+    poses = [cameras.orbit_pose(yaw, MESH_ELEVATION) for yaw in MESH_YAWS]
+    rows = [
+        [to_uint8(synthetic.render(head, pose, args.mesh_size)) for pose in poses],
+        [to_uint8(render_textured(mesh, pose, args.mesh_size)) for pose in poses],
+        [to_uint8(ray_cast_grey(mesh, pose, args.mesh_size)) for pose in poses],
+    ]
     mesh_png = args.out / "synthetic-mesh.png"
-    mesh_bytes = save_png(
-        mesh_png, montage([[to_uint8(colours) for colours, _ in renders], [to_uint8(grey) for _, grey in renders]])
-    )
+    mesh_bytes = save_png(mesh_png, montage(rows))
     print(f"{mesh_png}: {mesh_bytes / 1024:.0f} KiB")
     print(f"{time.perf_counter() - start:.0f} s in all")
 

@@ -89,10 +89,6 @@ class FitSettings:
     # short fit's iterations drops it before the colours are learnt), after a short warm-up.
     lr_decay_steps: int = 20_000
     lr_warmup_steps: int = 20
-    # One colour per point whatever the viewing direction: the views come from one orbit at eye
-    # level, so any other elevation (a turntable above the head, the held-out views) would ask a
-    # view-dependent colour head for directions it never learnt.
-    view_dependent: bool = False
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> FitSettings:
@@ -437,8 +433,7 @@ def _read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
         problem = "its appearance_embedding setting is not true or false"
     elif not isinstance(settings.get("random_background", False), bool):
         problem = "its random_background setting is not true or false"
-    elif not isinstance(settings.get("view_dependent", False), bool):
-        problem = "its view_dependent setting is not true or false"
+
     elif not (isinstance(samples := settings.get("proposal_samples", [0, 0]), list) and len(samples) == 2):
         problem = "its proposal_samples setting is not two sample counts"
     elif not isinstance(meta.get("views_dir", ""), str):
@@ -450,7 +445,6 @@ def _read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
     check_bounds(settings, FIT_BOUNDS, f"'{meta_path}'", REFIT, nullable=())
     check_bounds({"background": colour}, {"background": (0.0, 1.0)}, f"'{meta_path}'", REFIT, nullable=())
     settings = dict(settings)
-    settings.setdefault("view_dependent", True)  # fits recorded before the setting existed had it
     if "proposal_samples" in settings:
         settings["proposal_samples"] = tuple(settings["proposal_samples"])
     return meta, FitSettings(**settings)

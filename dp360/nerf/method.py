@@ -112,8 +112,6 @@ class HeadModelConfig(NerfactoModelConfig):
     """Background colour (0..1) composited behind the field; None: the median colour of the
     training images' borders."""
     random_background: bool = True
-    view_dependent: bool = True
-    """False: the colour head never sees the viewing direction (its encoding gives zeros)."""
     """In training, composite a random colour behind both the field and the views' foreground (their
     alpha, from `HeadDataset`), so that every background colour drives the colour head; renders
     and evaluation use `background_rgb`."""
@@ -129,21 +127,6 @@ class WithoutLpips:
         return metrics, images
 
 
-class NoDirection(torch.nn.Module):
-    """The direction encoding of a view-independent colour head: zeros, as wide as the encoding it
-    replaces (so the colour network keeps its shape)."""
-
-    def __init__(self, width: int):
-        super().__init__()
-        self.width = width
-
-    def get_out_dim(self) -> int:
-        return self.width
-
-    def forward(self, directions: torch.Tensor) -> torch.Tensor:
-        return directions.new_zeros(*directions.shape[:-1], self.width)
-
-
 class HeadModel(WithoutLpips, NerfactoModel):
     config: HeadModelConfig
 
@@ -152,8 +135,6 @@ class HeadModel(WithoutLpips, NerfactoModel):
             super().populate_modules()
         if self.config.background_rgb is not None:
             self.set_background(self.config.background_rgb)
-        if not self.config.view_dependent:
-            self.field.direction_encoding = NoDirection(self.field.direction_encoding.get_out_dim())
 
     def set_background(self, colour: Sequence[float]) -> None:
         device = self.kwargs.get("device") or "cpu"
@@ -270,7 +251,6 @@ def head_config(
                 use_appearance_embedding=settings.appearance_embedding,
                 average_init_density=settings.init_density,
                 random_background=settings.random_background,
-                view_dependent=settings.view_dependent,
                 proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
                 implementation="tcnn" if cuda and _has_tcnn() else "torch",
             ),
