@@ -433,7 +433,6 @@ def _read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
         problem = "its appearance_embedding setting is not true or false"
     elif not isinstance(settings.get("random_background", False), bool):
         problem = "its random_background setting is not true or false"
-
     elif not (isinstance(samples := settings.get("proposal_samples", [0, 0]), list) and len(samples) == 2):
         problem = "its proposal_samples setting is not two sample counts"
     elif not isinstance(meta.get("views_dir", ""), str):
