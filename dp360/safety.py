@@ -44,13 +44,21 @@ def _shown(value: Any) -> str:
 def read_json_object(path: str | Path, advice: str) -> dict[str, Any]:
     """The JSON object in `path`; anything else (missing, huge, not JSON, a list) is an error."""
     path = Path(path)
+    # ConfigError is a ValueError: the size checks stay outside the `except ValueError` below, which
+    # would otherwise report a missing or oversized file as "not valid JSON".
     try:
-        if not path.is_file():
-            raise ConfigError(f"'{path}' is missing; {advice}.")
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(
-                f"'{path}' is larger than {MAX_CONFIG_BYTES >> 20} MB, so it is not a config file; {advice}."
-            )
+        size = path.stat().st_size if path.is_file() else None
+    except OSError as error:
+        raise ConfigError(f"'{path}' cannot be read ({error.strerror or type(error).__name__}); {advice}.") from None
+    if size is None:
+        what = "is not a regular file" if path.exists() else "is missing"
+        raise ConfigError(f"'{path}' {what}; {advice}.")
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"'{path}' is too large ({size / 2**20:.1f} MB, more than dp360's limit of "
+            f"{MAX_CONFIG_BYTES >> 20} MB for a config file); {advice}."
+        )
+    try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except OSError as error:
         raise ConfigError(f"'{path}' cannot be read ({error.strerror or type(error).__name__}); {advice}.") from None

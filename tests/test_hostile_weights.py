@@ -198,6 +198,87 @@ def test_bundle_config(tmp_path, tiny, relative, case, content):
         assert next(iter(changes)) in str(error.value) and "dp360 accepts" in str(error.value)
 
 
+SCHEDULER = "scheduler/scheduler_config.json"
+NAN, INF = float("nan"), float("inf")
+# key -> value, and what the sentence must say dp360 accepts there (issue 21: NaN gave black views)
+SCHEDULER_CASES = [
+    ("beta_start", NAN, "a number greater than 0 and less than 1"),
+    ("beta_end", INF, "a number greater than 0 and less than 1"),
+    ("beta_start", -0.001, "a number greater than 0 and less than 1"),
+    ("beta_end", 1.0, "a number greater than 0 and less than 1"),
+    ("beta_end", "0.012", "a number greater than 0 and less than 1"),
+    ("beta_start", 0.5, "the noise must grow along the schedule"),  # above beta_end (0.012)
+    ("num_train_timesteps", 10, "a whole number from 1000 to 10000"),
+    ("num_train_timesteps", 1000.5, "a whole number from 1000 to 10000"),
+    ("num_train_timesteps", BIG, "a whole number from 1000 to 10000"),
+    ("steps_offset", 500, "a whole number from 0 to 1"),
+    ("clip_sample_range", NAN, "a number from 0.001 to 1000.0"),
+    ("dynamic_thresholding_ratio", -1, "a number from 0.001 to 1.0"),
+    ("beta_schedule", "sideways", '"scaled_linear" or "linear" or "squaredcos_cap_v2"'),
+    ("prediction_type", "v_prediction", '"epsilon"'),
+    ("timestep_spacing", None, '"leading" or "trailing" or "linspace"'),
+    ("clip_sample", "no", "true or false"),
+    ("trained_betas", [0.5] * 4, "null"),
+]
+
+
+@pytest.mark.parametrize("key, value, accepted", SCHEDULER_CASES, ids=[f"{c[0]}={c[1]!r}" for c in SCHEDULER_CASES])
+def test_scheduler_config_value(tmp_path, tiny, key, value, accepted):
+    bundle = _clone(tiny["main"], tmp_path / "bundle")
+    path = bundle / SCHEDULER
+    _replace(path, json.dumps({**json.loads(path.read_text()), key: value}).encode())  # NaN as JSON's NaN
+    with pytest.raises(Dp360Error) as error:
+        load_bundle(bundle)
+    _assert_sentence(error, f"'{path}'")
+    message = str(error.value)
+    assert key in message and accepted in message, message
+    assert message.endswith("convert the checkpoint again with `dp360 weights convert main`.")
+
+
+def test_a_schedule_leaving_no_signal_is_refused(tmp_path, tiny):
+    """In range one by one, but 1000 steps of beta 0.5..0.9 leave alphas_cumprod at 0: NaN latents."""
+    bundle = _clone(tiny["main"], tmp_path / "bundle")
+    path = bundle / SCHEDULER
+    changes = {"beta_start": 0.5, "beta_end": 0.9, "beta_schedule": "linear"}
+    _replace(path, json.dumps({**json.loads(path.read_text()), **changes}).encode())
+    with pytest.raises(Dp360Error, match="leaves no signal at its last timesteps") as error:
+        load_bundle(bundle)
+    _assert_sentence(error, f"'{path}'")
+
+
+def test_the_schedule_dp360_writes_passes(tiny):
+    from dp360.diffusion.models.bundle import check_bundle
+
+    assert check_bundle(tiny["main"]) == "main" and check_bundle(tiny["back"]) == "back"
+
+
+def test_a_missing_component_folder_says_missing(tmp_path, tiny):
+    bundle = _clone(tiny["main"], tmp_path / "bundle")
+    shutil.rmtree(bundle / "unet")
+    with pytest.raises(Dp360Error) as error:
+        load_bundle(bundle)
+    _assert_sentence(error, f"'{bundle / 'unet'}'")
+    assert f"The bundle's unet folder '{bundle / 'unet'}' is missing;" in str(error.value)
+    assert "JSON" not in str(error.value)
+
+
+@pytest.mark.parametrize("relative", ["unet/config.json", SCHEDULER, "dp360_bundle.json"])
+def test_a_missing_or_huge_config_says_so(tmp_path, tiny, relative):
+    bundle = _clone(tiny["main"], tmp_path / "bundle")
+    path = bundle / relative
+    path.unlink()
+    with pytest.raises(Dp360Error) as error:
+        load_bundle(bundle)
+    if relative != "dp360_bundle.json":  # without it the folder is no bundle at all (its own sentence)
+        assert f"'{path}' is missing;" in str(error.value), str(error.value)
+    _replace(path, json.dumps({"pad": "x" * (3 << 20)}).encode())
+    with pytest.raises(Dp360Error) as error:
+        load_bundle(bundle)
+    _assert_sentence(error, f"'{path}'")
+    assert f"'{path}' is too large (3.0 MB, more than dp360's limit of 1 MB for a config file);" in str(error.value)
+    assert "JSON" not in str(error.value)
+
+
 @pytest.mark.parametrize("component", ["unet", "text_encoder"])
 @pytest.mark.parametrize("case", SAFETENSORS_CASES, ids=[case[0] for case in SAFETENSORS_CASES])
 def test_bundle_weights(tmp_path, tiny, component, case):

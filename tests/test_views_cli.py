@@ -252,3 +252,73 @@ def test_the_views_key_follows_the_bundle_files(tiny, tmp_path):
     after = models.hashes()
     assert after["main_bundle_files"] != before["main_bundle_files"]
     assert after["back_bundle_files"] == before["back_bundle_files"] and after["main_bundle"] == before["main_bundle"]
+
+
+# ------------------------------------------------------------- hostile camera folders (issue 21)
+
+
+def _one_sentence(code, stdout, stderr) -> str:
+    assert code == 2, stderr
+    assert "Traceback" not in stdout + stderr
+    text = " ".join(stderr.split())
+    assert text.count("error: ") == 1, text
+    text = text[text.index("error: ") :]  # after the progress bars of stages that ran before
+    assert text.endswith("."), text
+    return text
+
+
+def _camera_copy(tiny, folder: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny["cameras"], folder))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("replaces", [True, False], ids=["in-place-of-an-image", "beside-the-images"])
+def test_a_folder_named_like_an_image_in_the_cameras_folder_is_named_as_such(
+    cli, tmp_path, astronaut_path, tiny, replaces
+):
+    cameras = _camera_copy(tiny, tmp_path / "cameras")
+    name = "0000005.png" if replaces else "extra.png"
+    (cameras / name).unlink(missing_ok=True)
+    (cameras / name).mkdir()
+    (cameras / name / "mine.txt").write_text("mine\n")
+    before = _tree(cameras)
+    out = tmp_path / "head"
+    text = _one_sentence(*_views(cli, out, astronaut_path, tiny, "--cameras", cameras))
+    assert f"holds '{name}', which is a folder, not a PNG image; move it out of that folder" in text, text
+    assert "Cannot write" not in text
+    assert _tree(cameras) == before
+    assert not out.exists()
+
+
+def test_an_empty_cameras_folder_says_it_holds_no_images(cli, tmp_path, astronaut_path, tiny):
+    cameras = tmp_path / "cameras"
+    cameras.mkdir()
+    out = tmp_path / "head"
+    text = _one_sentence(*_views(cli, out, astronaut_path, tiny, "--cameras", cameras))
+    assert "holds no PNG camera images; pass --cameras with a folder of 32 camera images" in text, text
+    assert "--views 0" not in text
+    assert not out.exists()
+
+
+def test_a_scheduler_config_with_nan_is_one_sentence_and_no_views(cli, tmp_path, astronaut_path, tiny):
+    """beta_start: NaN gave all-black views with exit 0 (issue 21)."""
+    import shutil
+
+    main = Path(shutil.copytree(tiny["main"], tmp_path / "main"))
+    config = main / "scheduler" / "scheduler_config.json"
+    config.write_text(config.read_text().replace('"beta_start": 0.00085', '"beta_start": NaN'))
+    assert "NaN" in config.read_text()
+    weights_dir = tmp_path / "weights"
+    _link(weights_dir / "main-fp32", main)
+    _link(weights_dir / "back-fp32", tiny["back"])
+    out = tmp_path / "run" / "head"
+    text = _one_sentence(*_views(cli, out, astronaut_path, tiny, "--no-3d-noise", "--weights-dir", weights_dir))
+    shown = weights_dir / "main-fp32" / "scheduler" / "scheduler_config.json"
+    assert f"'{shown}' sets beta_start to nan, but dp360 accepts a number greater than 0 and less than 1" in text
+    assert "dp360 weights convert main" in text
+    assert not (out / "views").exists()

@@ -61,15 +61,40 @@ class ViewSettings:
         return round(BACK_CAMERA_32 * self.views / 32) % self.views
 
 
+def camera_files(folder: str | Path, view_count: int) -> list[Path]:
+    """The `*.png` files of a camera-condition folder, sorted by name; an entry of that name that is
+    not a regular file (a folder, a pipe) is refused by name, never read."""
+    folder = Path(folder)
+    files = sorted(folder.glob("*.png")) if folder.is_dir() else []
+    for path in files:
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "not a regular file"
+            raise Dp360Error(
+                f"The camera-condition folder '{folder}' holds '{path.name}', which is {what}, not a PNG image; "
+                f"move it out of that folder, or pass --cameras with a folder of {view_count} PNG images."
+            )
+    return files
+
+
+def _camera_count_error(folder: Path, found: int, view_count: int) -> Dp360Error:
+    if found == 0:
+        return Dp360Error(
+            f"The camera-condition folder '{folder}' holds no PNG camera images; pass --cameras with a folder of "
+            f"{view_count} camera images, or leave --cameras out to use the official ones (`dp360 weights download "
+            "data`) or PanoHead renders."
+        )
+    return Dp360Error(
+        f"The camera-condition folder '{folder}' holds {found} PNG images but --views is {view_count}; "
+        f"pass --cameras with a folder of {view_count} images, or --views {found}."
+    )
+
+
 def load_camera_images(folder: str | Path, view_count: int) -> list[Image.Image]:
     """The camera-condition images of a folder (sorted by name), exactly one per view."""
     folder = Path(folder)
-    files = sorted(path for path in folder.glob("*.png")) if folder.is_dir() else []
+    files = camera_files(folder, view_count)
     if len(files) != view_count:
-        raise Dp360Error(
-            f"Camera-condition folder '{folder}' holds {len(files)} PNG images but {view_count} views were asked for; "
-            "use the 32 'sphere32' images of the official inference data, or --views to match the folder."
-        )
+        raise _camera_count_error(folder, len(files), view_count)
     return [Image.open(path).convert("RGB") for path in files]
 
 
@@ -308,7 +333,8 @@ class ViewModels:
             "back_bundle_files": _folder_fingerprint(Path(self.back_bundle)),
         }
         for path in sorted(Path(self.camera_dir).glob("*.png")):
-            result[f"camera/{path.name}"] = file_sha256(path)
+            if path.is_file():  # anything else is refused by name before a stage runs
+                result[f"camera/{path.name}"] = file_sha256(path)
         return result
 
     def build_views(self, run_dir: Path, folder: Path, settings: ViewSettings, device: str, dtype: str) -> dict:
@@ -382,12 +408,9 @@ def _check(context: StageContext) -> Unavailable | None:
     models.check_options(context.device)  # before any stage: --low-vram or --compile that cannot work here
     camera_dir = Path(models.camera_dir)
     if camera_dir.is_dir():
-        found = len(list(camera_dir.glob("*.png")))
+        found = len(camera_files(camera_dir, count))
         if found != count:  # a setting that cannot work: refused before any stage runs
-            raise Dp360Error(
-                f"The camera-condition folder '{camera_dir}' holds {found} PNG images but --views is {count}; "
-                f"pass --cameras with a folder of {count} images, or --views {found}."
-            )
+            raise _camera_count_error(camera_dir, found, count)
     problem = models.problem()
     return Unavailable("not_available", problem) if problem else None
 

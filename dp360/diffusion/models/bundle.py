@@ -12,6 +12,7 @@ position tables, CLIP position ids, the reference network's unused output head) 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from ...errors import Dp360Error
 from ...imaging import atomic_directory
 from ...outputs import check_output_folder
 from ...safety import (
+    ConfigError,
     check_bounds,
     load_tensors,
     one_line,
@@ -70,8 +72,25 @@ COMPONENT_BOUNDS = {
     "max_seq_length": (1, 1024),  # 24 temporal positions
     "max_position_embeddings": (1, 4096),  # 77
     "vocab_size": (1, 262_144),  # 49408
-    "num_train_timesteps": (1, 10_000),  # 1000 (a table of this many betas is allocated)
 }
+
+# The scheduler config (diffusers' DDIMScheduler keys), checked before the scheduler is built: a value
+# that is not finite or outside these ranges gives NaN latents (all-black views) or an index error
+# mid-run. dp360 writes SD1.5's schedule (values in comments).
+SCHEDULER_BOUNDS = {
+    # a table of this many betas is allocated; every --steps value (up to 1000) must fit in it
+    "num_train_timesteps": (1000, 10_000),  # 1000
+    "steps_offset": (0, 1),  # 1 (more pushes the first "leading" timestep past the table's end)
+    "clip_sample_range": (1e-3, 1e3),  # 1.0
+    "sample_max_value": (1e-3, 1e3),  # 1.0
+    "dynamic_thresholding_ratio": (1e-3, 1.0),  # 0.995
+}
+SCHEDULER_CHOICES = {
+    "beta_schedule": ("scaled_linear", "linear", "squaredcos_cap_v2"),  # scaled_linear
+    "timestep_spacing": ("leading", "trailing", "linspace"),  # leading
+    "prediction_type": ("epsilon",),  # dp360's networks predict the noise
+}
+SCHEDULER_FLAGS = ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr")
 
 
 def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -244,6 +263,9 @@ def _check_component(folder: Path, name: str, advice: str) -> None:
     object, and its weights file holds exactly the tensors of the module that config builds (so
     loading neither hangs, nor allocates more than the file holds, nor fills anything at random)."""
     config_path = folder / "config.json"
+    if not folder.is_dir():
+        what = "is not a folder" if os.path.lexists(folder) else "is missing"
+        raise ConfigError(f"The bundle's {name} folder '{folder}' {what}; {advice}.")
     config = read_json_object(config_path, advice)
     check_bounds(config, COMPONENT_BOUNDS, f"'{config_path}'", advice)
     cls = _component_classes()[name]
@@ -291,9 +313,53 @@ def check_bundle(bundle_dir: str | Path, expect: str | None = None) -> str:
     advice = _reconvert_advice(kind)
     for name in KIND_COMPONENTS[kind]:
         _check_component(bundle_dir / name, name, advice)
-    scheduler_path = bundle_dir / SCHEDULER_DIR / SCHEDULER_FILE
-    check_bounds(read_json_object(scheduler_path, advice), COMPONENT_BOUNDS, f"'{scheduler_path}'", advice)
+    check_scheduler(bundle_dir / SCHEDULER_DIR / SCHEDULER_FILE, advice)
     return kind
+
+
+def check_scheduler(path: Path, advice: str) -> None:
+    """Refuse a scheduler config whose values are not finite, out of range or of the wrong type, or
+    whose noise schedule leaves no signal at some timestep (the sampler would divide by zero)."""
+    from diffusers import DDIMScheduler
+
+    config = read_json_object(path, advice)
+    source = f"'{path}'"
+
+    def refuse(key: str, accepted: str) -> None:
+        raise ConfigError(
+            f"{source} sets {key} to {one_line(repr(config[key]), 60)}, but dp360 accepts {accepted} there; {advice}."
+        )
+
+    check_bounds(config, SCHEDULER_BOUNDS, source, advice, nullable=())
+    for key in ("beta_start", "beta_end"):
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1):
+            refuse(key, "a number greater than 0 and less than 1")  # NaN and infinities fail the range too
+    if "beta_start" in config and "beta_end" in config and config["beta_start"] >= config["beta_end"]:
+        raise ConfigError(
+            f"{source} sets beta_start ({config['beta_start']!r}) at or above beta_end ({config['beta_end']!r}), "
+            f"but the noise must grow along the schedule; {advice}."
+        )
+    for key, choices in SCHEDULER_CHOICES.items():
+        if key in config and config[key] not in choices:
+            refuse(key, " or ".join(f'"{choice}"' for choice in choices))
+    for key in SCHEDULER_FLAGS:
+        if key in config and not isinstance(config[key], bool):
+            refuse(key, "true or false")
+    if config.get("trained_betas") is not None:
+        refuse("trained_betas", "null (the schedule follows beta_start and beta_end)")
+    try:
+        alphas = DDIMScheduler.from_config(config).alphas_cumprod
+    except Exception as error:  # noqa: BLE001 - any refusal by the library means an unusable config
+        raise ConfigError(
+            f"{source} is not a valid DDIMScheduler configuration ({type(error).__name__}: {one_line(error)}); {advice}."
+        ) from None
+    if not bool(torch.isfinite(alphas).all()) or float(alphas.min()) <= 0:
+        raise ConfigError(
+            f"{source} describes a noise schedule that leaves no signal at its last timesteps (beta_schedule "
+            f"{config.get('beta_schedule', 'linear')!r}, beta_start {config.get('beta_start')!r}, beta_end "
+            f"{config.get('beta_end')!r}), which dp360's models cannot sample from; {advice}."
+        )
 
 
 def _reconvert_advice(kind: str) -> str:
