@@ -322,3 +322,30 @@ def test_a_scheduler_config_with_nan_is_one_sentence_and_no_views(cli, tmp_path,
     assert f"'{shown}' sets beta_start to nan, but dp360 accepts a number greater than 0 and less than 1" in text
     assert "dp360 weights convert main" in text
     assert not (out / "views").exists()
+
+
+def test_a_damaged_panohead_file_is_an_error_unless_the_noise_is_turned_off(cli, tmp_path, astronaut_path, tiny):
+    """It fell back to plain noise with exit 0 (issue 21); --no-3d-noise is the explicit way to go without."""
+    import shutil
+
+    weights_dir = tmp_path / "weights"
+    for kind in ("main", "back"):
+        _link(weights_dir / f"{kind}-fp32", tiny[kind])
+    panohead = Path(shutil.copytree(tiny["panohead"], weights_dir / "panohead"))
+    _link(Path(os.environ["DP360_CACHE"]) / "perceptual" / VGG16_FILE, tiny["vgg"])
+    damaged = panohead / "generator.safetensors"
+    data = damaged.read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])
+    before = damaged.read_bytes()
+    out = tmp_path / "head"
+    text = _one_sentence(*_views(cli, out, astronaut_path, tiny, "--weights-dir", weights_dir))
+    assert f"'{damaged}' is not a valid safetensors file" in text, text
+    assert "or pass --no-3d-noise to start the views from plain noise" in text
+    assert damaged.read_bytes() == before
+    assert not (out / "noise").exists() and not (out / "views").exists()
+
+    code, stdout, stderr = _views(cli, out, astronaut_path, tiny, "--weights-dir", weights_dir, "--no-3d-noise")
+    assert code == 0, stderr
+    stages = json.loads(stdout)["stages"]
+    assert stages["noise"]["status"] == "skipped" and stages["views"]["status"] == "done"
+    assert damaged.read_bytes() == before

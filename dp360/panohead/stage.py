@@ -178,8 +178,9 @@ class NoiseModels:
 
     def problem(self) -> str | None:
         from .perceptual import VGG16_FILE, VGG16_URL
-        from .store import panohead_problem
+        from .store import check_present_generator, panohead_problem
 
+        check_present_generator(self.generator_dir)  # damaged: an error, not a reason to go without
         problem = panohead_problem(self.generator_dir)
         if problem:
             return problem

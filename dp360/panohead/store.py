@@ -193,6 +193,19 @@ def load_generator(folder: str | Path | None = None, device: str | torch.device 
     return generator.to(device).eval().requires_grad_(False)
 
 
+def check_present_generator(folder: str | Path) -> None:
+    """Refuse, with the sentence naming the file, a converted generator that is there but damaged:
+    a run asked for 3D-aware noise must not quietly fall back to plain noise (a missing generator is
+    not damage: the noise stage is then reported as not available)."""
+    folder = Path(folder)
+    if (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
+        _checked_folder(
+            folder,
+            "convert the PanoHead pickle again with `dp360 weights convert panohead`, or pass --no-3d-noise "
+            "to start the views from plain noise",
+        )
+
+
 def panohead_problem(folder: str | Path | None = None) -> str | None:
     """Why the converted generator cannot be used (missing, or a damaged file), or None."""
     folder = Path(folder) if folder is not None else panohead_dir()
