@@ -366,10 +366,11 @@ def batch(
             except KeyboardInterrupt as interrupt:
                 reporter.stop()
                 ended = sum(reporter.counts.values())
+                log = out / "batch.jsonl"  # absent when Ctrl-C came before any portrait started
                 err_console.print(
                     f"[red]interrupted[/]: {ended} portraits had ended ({', '.join(f'{n} {s}' for s, n in reporter.counts.items())}); "
-                    f"see {out / 'batch.jsonl'}; rerun the same command to resume (finished portraits and stages are "
-                    "reused).",
+                    + (f"see {log}; " if log.is_file() else "")
+                    + "rerun the same command to resume (finished portraits and stages are reused).",
                     soft_wrap=True,
                 )
                 raise typer.Exit(interrupt_exit_code(interrupt)) from None

@@ -263,6 +263,56 @@ def test_an_interrupted_batch_finishes_the_rest_without_redoing_finished_stages(
     assert len(_log(out)) == 5  # a line per ended portrait, appended by each batch
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_stops_a_dp360_batch_process_records_it_and_exits_130(tiny, tmp_path):
+    """A real SIGINT to `dp360 batch` (its own local Ray), sent once the first portrait has started:
+    it exited 0 after running to completion, recording nothing (issue 21). Now it stops at once (the
+    worker is killed: its run's lock is free), the portrait is recorded as interrupted, exit 130."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from dp360.batch import BATCH_MANIFEST
+    from dp360.run import LOCK_NAME
+
+    images = _portraits(tmp_path / "in", "first", "second")
+    before = {image: image.read_bytes() for image in images}
+    out = tmp_path / "batch"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
+    dp360 = Path(sys.executable).with_name("dp360")
+    command = [dp360, "batch", tmp_path / "in", "--out", out, *TINY_VIEWS, "--no-3d-noise", "--workers", "1"]
+    command += ["--weights-dir", tiny.weights_dir, "--cameras", tiny.cameras]
+    process = subprocess.Popen(
+        [str(part) for part in command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not (out / "first" / "run.json").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        process.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        stdout, stderr = process.communicate(timeout=60)
+        stopped_after = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "interrupted" in stderr and "rerun the same command to resume" in stderr
+    assert stopped_after < 30, stopped_after
+    # "first" is running when the signal is sent; on a very slow machine it may end first, "second" is then cut
+    lines = {Path(line["input"]).stem: line["status"] for line in _log(out)}
+    assert list(lines.values()) in (["interrupted"], ["done", "interrupted"]), lines
+    assert json.loads((out / BATCH_MANIFEST).read_text())["last"]["interrupted"] == 1
+    (cut,) = [name for name, status in lines.items() if status == "interrupted"]
+    assert _stage_status(out / cut, "views") != "done"
+    if (out / cut / LOCK_NAME).exists() or cut == "first":  # "second" may have been cut before its run began
+        with open(out / cut / LOCK_NAME, "rb") as lock:  # no worker holds the run any more
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    assert {image: image.read_bytes() for image in images} == before
+
+
 def test_splats_are_checked_against_the_workers_device_not_this_machines():
     from dp360.batch import BatchRecipe
     from dp360.errors import Dp360Error
