@@ -31,6 +31,7 @@ from dp360.eval.capture import write_capture
 from dp360.eval.evaluate import evaluate_paths
 from dp360.eval.truth import EvalSettings
 from dp360.nerf import synthetic
+from dp360.run import new_manifest
 from dp360.runtime import resolve_device
 
 
@@ -82,7 +83,7 @@ def main() -> None:
         views = synthetic.write_views(run / "views", size=args.size, mesh=mesh)
         (run / "nerf").mkdir()
         fit = fit_field(views, run / "nerf", FitSettings.preset("test", iterations=args.iterations), device, False)
-        (run / "run.json").write_text(json.dumps({"stages": {}}))
+        (run / "run.json").write_text(json.dumps(new_manifest()))  # a run dp360 can show it made
         # the views alone (a capture: no field, so each truth frame meets its nearest view), and the
         # views put at the wrong cameras (turned by 4 views, 45 degrees): what inconsistent views cost
         alone, turned = root / "views-only", root / "turned-45"

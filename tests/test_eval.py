@@ -18,6 +18,7 @@ from dp360.eval import metrics
 from dp360.eval.capture import read_capture, write_capture
 from dp360.eval.truth import Candidate, EvalSettings, Models, evaluate
 from dp360.nerf import synthetic
+from dp360.run import new_manifest
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,7 @@ def test_truth_cameras_far_from_every_view_use_the_field_when_there_is_one(fitte
     run.mkdir()
     (run / "views").symlink_to(views, target_is_directory=True)
     (run / "nerf").symlink_to(nerf, target_is_directory=True)
-    (run / "run.json").write_text(json.dumps({"stages": {}}))
+    (run / "run.json").write_text(json.dumps(new_manifest()))
     with_field = evaluate(Candidate.open(run), truth, _settings(vgg), models)
     assert [frame["source"] for frame in with_field["frames"]] == ["view 000.png"] + ["field"] * 4
     assert with_field["frames"][1]["gap_deg"] == pytest.approx(360 / 64, abs=0.01)
@@ -340,7 +341,7 @@ def test_dp360_eval_writes_metrics_plot_and_comparison_table(cli, fitted, lpips_
     views, nerf, _ = fitted
     run = tmp_path / "run"
     shutil.copytree(views.parent, run, ignore=shutil.ignore_patterns("eval"))
-    (run / "run.json").write_text(json.dumps({"stages": {}}))
+    (run / "run.json").write_text(json.dumps(new_manifest()))
     table = tmp_path / "compare"
     truth = _subset(views, tmp_path / "truth", 4)
     args = ("--size", "48", "--device", "cpu", "--table", table)
@@ -415,7 +416,7 @@ def test_crop_framing_zooms_the_truth_as_the_prepare_crop_zoomed_the_reference(f
     run = tmp_path / "run"
     (run / "prepared").mkdir(parents=True)
     (run / "views").symlink_to(views, target_is_directory=True)
-    (run / "run.json").write_text(json.dumps({"stages": {}}))
+    (run / "run.json").write_text(json.dumps(new_manifest()))
     Image.new("RGB", (96, 96)).save(run / "input.png")  # the reference image was the run's input
     truth = read_capture(capture)
     scores = {}

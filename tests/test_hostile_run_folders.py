@@ -244,6 +244,26 @@ def test_a_folder_whose_run_json_dp360_did_not_write_is_refused_whatever_the_fla
     assert _snapshot(user_folder) == before
 
 
+@pytest.mark.parametrize("case", sorted(RUN_JSONS))
+def test_eval_refuses_a_folder_whose_run_json_dp360_did_not_write(cli, user_folder, case):
+    """`dp360 eval RUN` writes RUN/eval/: a user's folder with a run.json (and views) is not a run."""
+    (user_folder / "run.json").write_text(json.dumps(RUN_JSONS[case]))
+    (user_folder / "views" / "transforms.json").write_text(json.dumps({"frames": []}))
+    before = _snapshot(user_folder)
+    text = _assert_user_error(
+        *cli("eval", user_folder, "--device", "cpu"),
+        f"'{user_folder}' is not a dp360 run: its run.json was not written by dp360",
+        "dp360 eval writes nothing into it",
+    )
+    assert "no views yet" not in text
+    assert _snapshot(user_folder) == before
+
+
+def test_eval_takes_a_folder_with_dp360s_own_run_json_for_a_run(cli, run):
+    """The same check lets dp360's own run through (this prepared run has no views yet)."""
+    _assert_user_error(*cli("eval", run, "--device", "cpu"), f"Run '{run}' has no views yet")
+
+
 def test_a_run_json_is_dp360s_own_and_keeps_its_id(run, astronaut_path):
     manifest = json.loads((run / "run.json").read_text())
     assert manifest["format"] == "dp360-run" and manifest["format_version"] == run_module.MANIFEST_FORMAT

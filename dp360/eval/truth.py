@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,9 +83,19 @@ class Candidate:
     @classmethod
     def open(cls, path: str | Path, label: str | None = None) -> Candidate:
         path = Path(path)
-        if (path / "run.json").is_file():
+        if os.path.lexists(path / "run.json"):
+            from ..errors import RunDirectoryError
             from ..nerf.fit import FIT_FILE
+            from ..run import read_manifest
 
+            try:  # eval writes into a run (RUN/eval/): only into one dp360 can show it made
+                read_manifest(path / "run.json")
+            except RunDirectoryError:
+                raise Dp360Error(
+                    f"'{path}' is not a dp360 run: its run.json was not written by dp360 (it lacks dp360's run id) "
+                    "or is damaged, so dp360 eval writes nothing into it; pass a folder made by `dp360 reconstruct`, "
+                    "or a capture folder with a transforms.json (such as a run's views/ folder)."
+                ) from None
             if not (path / "views" / "transforms.json").is_file():
                 raise Dp360Error(f"Run '{path}' has no views yet; run `dp360 views` or `dp360 reconstruct` first.")
             return cls(label or path.name, read_capture(path / "views"), path, (path / "nerf" / FIT_FILE).is_file())
