@@ -438,7 +438,7 @@ def prepare(
     _print_summary(summary, json_output, quiet, "prepare")
 
 
-StepsOption = Annotated[int, typer.Option(help="DDIM steps, 1 to 1000.")]
+StepsOption = Annotated[int, typer.Option(help="DDIM steps, 1 to 999.")]
 GuidanceOption = Annotated[
     float,
     typer.Option(help="Classifier-free guidance scale, 1 to 30 (the unconditional branch is the plain UNet)."),

@@ -320,7 +320,9 @@ def test_views_stage_sets_up_both_pipelines_and_writes_every_file(tmp_path, monk
     import dp360.diffusion.stage as stage
 
     log = []
-    monkeypatch.setattr(bundle, "load_bundle", lambda path, device, dtype, kind="main": _FakePipeline(path.name, device, log))
+    monkeypatch.setattr(
+        bundle, "load_bundle", lambda path, device, dtype, kind="main": _FakePipeline(path.name, device, log)
+    )
     monkeypatch.setattr(stage, "check_memory_options", lambda *args: None)  # no GPU here
     run_dir, views = tmp_path / "run", tmp_path / "views"
     (run_dir / "prepared").mkdir(parents=True)

@@ -304,3 +304,17 @@ def test_decoded_slices_are_handed_over_in_order(pipe, images):
     )
     assert [(first, len(part)) for first, part in seen] == [(0, 6), (6, 6), (12, 4)]
     assert [image for _, part in seen for image in part] == output.images
+
+
+def test_the_most_steps_allowed_stay_inside_the_schedule():
+    from dp360.diffusion.models.configs import FULL
+    from dp360.diffusion.stage import MAX_STEPS
+
+    for family in (FULL, TINY):
+        scheduler = DDIMScheduler(**family.scheduler)
+        scheduler.set_timesteps(MAX_STEPS)
+        assert len(scheduler.timesteps) == MAX_STEPS
+        assert int(scheduler.timesteps.max()) < scheduler.config.num_train_timesteps
+        # one more step would index past the table (the IndexError that --steps 1000 gave)
+        scheduler.set_timesteps(MAX_STEPS + 1)
+        assert int(scheduler.timesteps.max()) >= scheduler.config.num_train_timesteps

@@ -364,6 +364,7 @@ BAD_SETTINGS = [
     ("views", ("--views", "1000"), "from 8 to 128"),
     ("views", ("--steps", "0"), "--steps"),
     ("views", ("--steps", "100000"), "--steps"),
+    ("views", ("--steps", "1000"), "from 1 to 999"),
     ("views", ("--guidance", "nan"), "--guidance"),
     ("views", ("--guidance", "inf"), "--guidance"),
     ("views", ("--eta", "nan"), "--eta"),
@@ -417,7 +418,7 @@ def test_bad_mesh_density_is_refused(cli, tmp_path):
 
 HELP_RANGES = [
     ("views", "--views", "8 to 128"),
-    ("views", "--steps", "1 to 1000"),
+    ("views", "--steps", "1 to 999"),
     ("views", "--guidance", "1 to 30"),
     ("views", "--eta", "0 to 1"),
     ("views", "--seed", "0 to 4294967295"),

@@ -27,7 +27,9 @@ BACK_CAMERA_32 = 18
 # Bounds of the settings, stated in --help. The view-consistency modules see windows of 8
 # consecutive views, so 8 is the fewest; above 128 views a run takes hours for no gain.
 MIN_VIEWS, MAX_VIEWS = 8, 128
-MAX_STEPS = 1000  # the DDPM schedule's length
+# The DDPM schedule has 1000 steps; DDIM's "leading" timesteps start at steps_offset (1), so 1000
+# steps would ask for timestep 1000, one past the table's end.
+MAX_STEPS = 999
 MAX_GUIDANCE = 30.0
 
 
