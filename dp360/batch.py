@@ -340,7 +340,8 @@ class BatchRecipe:
                 f"--dtype {dtype} is not supported on {kind} workers; use {' or '.join(DEVICE_DTYPES[kind])}."
             )
         if {"fit", "render", "export"} & set(self.stages):
-            self.field.check(kind)
+            # gsplat's toolchain is this machine's only when its GPU serves (remote workers check their own)
+            self.field.check(kind, toolchain=kind == "cuda" and _local_cuda())
         if kind == "cpu" or _local_cuda():
             # a remote GPU is checked by its worker, at its first portrait
             check_memory_options(self.offload, self.low_vram, self.compile_models, kind)
@@ -702,6 +703,10 @@ def _kind(recipe: BatchRecipe, cluster: ClusterSettings, resources: dict[str, fl
         import torch
 
         gpus = float(torch.cuda.device_count()) if torch.cuda.is_available() else 0.0
+        if not gpus:  # a GPU torch cannot use (an old driver) is refused, not quietly left idle
+            from .runtime import refuse_unusable_gpu
+
+            refuse_unusable_gpu(recipe.options.device)
     else:
         gpus = resources.get("GPU", 0.0)
     if gpus >= cluster.gpus_per_task:

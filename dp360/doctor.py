@@ -52,6 +52,16 @@ def check_gpu() -> Check:
             free, total = torch.cuda.mem_get_info(index)
             parts.append(f"cuda:{index} {torch.cuda.get_device_name(index)}, {_gib(free)} free of {_gib(total)}")
         return Check("gpu", OK, "; ".join(parts))
+    from .gpu import torch_gpu_problem
+
+    problem = torch_gpu_problem()
+    if problem:
+        return Check(
+            "gpu",
+            FAIL,
+            problem[0].upper() + problem[1:],
+            "until then `--device auto` and `--device cuda` refuse to start; `--device cpu` runs on the CPU (slowly)",
+        )
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return Check("gpu", OK, "Apple MPS")
     return Check(
@@ -60,6 +70,34 @@ def check_gpu() -> Check:
         "no GPU: only the CPU is available",
         "preparation works on CPU; the diffusion and NeRF stages need a CUDA GPU to finish in reasonable time",
     )
+
+
+def check_splats() -> Check:
+    """gsplat's CUDA kernels for `--field splatfacto`: compiled, compiles on first use, or cannot."""
+    import torch
+
+    from .gpu import CANNOT, splat_backend
+
+    backend = splat_backend()
+    detail = f"{backend.state}: {backend.why}"
+    if backend.state == CANNOT:
+        return Check("splats", WARN, detail, f"for `--field splatfacto`, {backend.fix}; nerfacto needs none of this")
+    if not torch.cuda.is_available():
+        return Check("splats", WARN, detail + "; but splats rasterise on a CUDA GPU, which torch cannot use here")
+    return Check("splats", OK, detail)
+
+
+def check_hash_grid() -> Check:
+    """Which hash-grid backend nerfacto gets here, and what it costs."""
+    import torch
+
+    from .gpu import TCNN_INSTALL, hash_grid_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend, detail = hash_grid_backend(device)
+    if device == "cuda" and backend == "torch":
+        return Check("hash grid", WARN, f"{backend}: {detail}", f"`{TCNN_INSTALL}` (needs nvcc; see README)")
+    return Check("hash grid", OK, f"{backend}: {detail}")
 
 
 def check_imports() -> Check:
@@ -147,9 +185,10 @@ def check_cache() -> Check:
 
 def _needs() -> list[weights.Need]:
     """What a default run on this machine fetches: fp16 bundles on CUDA, fp32 elsewhere."""
-    from .runtime import resolve_device
+    import torch
 
-    return weights.default_needs(fp16=resolve_device("auto").startswith("cuda"))
+    # not resolve_device: a GPU torch cannot use is check_gpu's FAIL, not an error of this check
+    return weights.default_needs(fp16=torch.cuda.is_available())
 
 
 def check_weights() -> list[Check]:
@@ -169,13 +208,9 @@ def check_weights() -> list[Check]:
 
 
 def pending_bytes() -> int:
-    """Disk space the missing weights need: their downloads plus their conversions."""
-    total = 0.0
-    for need in _needs():
-        if not need.present():
-            download = need.file.size_gb or 0.0
-            total += download + need.converted_gb(download)
-    return int(total * 1e9)
+    """Disk space the missing weights need at the peak of their fetch (as `dp360 weights download`
+    and a first run work it out: each raw file is removed once converted)."""
+    return weights.estimated_disk_needed(_needs())
 
 
 def check_disk() -> Check:
@@ -263,6 +298,8 @@ CHECKS: tuple[Callable[[], Check | list[Check]], ...] = (
     check_python,
     check_torch,
     check_gpu,
+    check_splats,
+    check_hash_grid,
     check_imports,
     check_opencv,
     check_face_detectors,

@@ -51,6 +51,7 @@ def resolve_device(requested: str = "auto") -> str:
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
+        refuse_unusable_gpu("auto")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
@@ -62,6 +63,7 @@ def resolve_device(requested: str = "auto") -> str:
         return "mps"
     if requested == "cuda" or requested.startswith("cuda:"):
         if not torch.cuda.is_available():
+            refuse_unusable_gpu(requested)
             raise Dp360Error(
                 f"--device {requested} was asked for but CUDA is not available here; use --device cpu or auto."
             )
@@ -73,6 +75,18 @@ def resolve_device(requested: str = "auto") -> str:
                 )
         return requested
     raise Dp360Error(f"Unknown device '{requested}'; use auto, cpu, cuda, cuda:N or mps.")
+
+
+def refuse_unusable_gpu(requested: str) -> None:
+    """An NVIDIA GPU torch cannot use (an old driver, a CPU-only torch) is an error, not a silent
+    fall-back to hours on the CPU; --device cpu is the way to go on without it."""
+    from .gpu import torch_gpu_problem
+
+    problem = torch_gpu_problem()
+    if problem:
+        raise Dp360Error(
+            f"--device {requested}: {problem}; or pass --device cpu to run on the CPU (the views take hours there)."
+        )
 
 
 def torch_dtype(name: str):

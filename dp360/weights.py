@@ -124,11 +124,11 @@ WEIGHT_FILES = {
             "panohead",
             "easy-khair-180-gpc0.8-trans10-025000.pkl",
             "PanoHead generator (non-commercial licence)",
-            0.3,
+            0.563,
             installed=True,
         ),
         WeightFile(
-            "data", "inference_data.zip", "inference data with the 32 'sphere32' camera images", None, installed=True
+            "data", "inference_data.zip", "inference data with the 32 'sphere32' camera images", 0.49, installed=True
         ),
         WeightFile(
             "perceptual",
@@ -309,6 +309,23 @@ class FetchPlan:
             if need.file.installed and need.name not in self.local and not keep_checkpoints:
                 used -= raw
         return peak
+
+
+def download_gb(needs: list[Need]) -> float:
+    """What fetching `needs` downloads, from the registry's sizes (the README's and doctor's figure)."""
+    return sum(need.file.size_gb or 0.0 for need in needs)
+
+
+def estimated_disk_needed(needs: list[Need], keep_checkpoints: bool = False) -> int:
+    """`FetchPlan.disk_needed` of the missing needs without asking any server: raw files already on
+    disk count as they are, the rest at the registry's sizes."""
+    missing = [need for need in needs if not need.present()]
+    local = {}
+    for need in missing:
+        raw = cached_official(need.name) if need.file.installed else None
+        if raw is not None:
+            local[need.name] = raw
+    return FetchPlan(missing, local, {}, {}).disk_needed(keep_checkpoints)
 
 
 def _disk_free(path: Path) -> tuple[Path, int]:

@@ -180,9 +180,9 @@ class HeadPipeline(VanillaPipeline):
 
 
 def _has_tcnn() -> bool:
-    import importlib.util
+    from ..gpu import tinycudann_works
 
-    return importlib.util.find_spec("tinycudann") is not None
+    return tinycudann_works()
 
 
 def head_config(

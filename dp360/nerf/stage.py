@@ -37,8 +37,9 @@ class FieldStageSettings:
             return self.fit
         return FitSettings.preset("gpu" if device.startswith("cuda") else "cpu", seed=seed)
 
-    def check(self, device: str | None = None) -> None:
-        """Every setting; with `device`, also that the field can be fitted there (splats: CUDA)."""
+    def check(self, device: str | None = None, toolchain: bool = True) -> None:
+        """Every setting; with `device`, also that the field can be fitted there (splats: CUDA, and
+        with `toolchain` gsplat's CUDA kernels compiled or compilable on this machine)."""
         if self.field not in FIELDS:
             raise Dp360Error(f"--field must be one of {', '.join(FIELDS)}, not {self.field!r}.")
         if self.field == "splatfacto" and device is not None and not device.startswith("cuda"):
@@ -46,6 +47,13 @@ class FieldStageSettings:
                 f"--field splatfacto needs a CUDA GPU (gsplat rasterises splats on CUDA only) but the device is "
                 f"{device}; run on a CUDA GPU (--device cuda) or use --field nerfacto."
             )
+        if self.field == "splatfacto" and device is not None and toolchain:
+            from ..gpu import splat_problem
+
+            # before the first stage: without nvcc gsplat fails only in the fit, after the views
+            problem = splat_problem()
+            if problem:
+                raise Dp360Error(problem)
         if self.fit is not None:
             self.fit.check()
         self.turntable.check()
@@ -58,7 +66,13 @@ class FieldStageSettings:
 
 
 def build_fit(
-    run_dir: Path, folder: Path, settings: FitSettings, field_name: str, device: str, progress: bool
+    run_dir: Path,
+    folder: Path,
+    settings: FitSettings,
+    field_name: str,
+    device: str,
+    progress: bool,
+    note=lambda message: None,
 ) -> dict[str, Any]:
     views_dir, final_dir = run_dir / "views", run_dir / "nerf"
     if field_name == "splatfacto":
@@ -67,7 +81,12 @@ def build_fit(
         # read before the staging folder replaces nerf/: a nerfacto field fitted there earlier can seed the splats
         seeds = pick_seed_points(run_dir, settings.seed, device)
         return fit_splat(views_dir, folder, settings, device, progress, final_dir=final_dir, seed_points=seeds)
-    return fit_field(views_dir, folder, settings, device, progress, final_dir=final_dir)
+    from ..gpu import hash_grid_backend
+
+    backend, detail = hash_grid_backend(device)
+    if device.startswith("cuda"):  # on the CPU there is no choice to tell about
+        note(f"fit: {detail}")
+    return {**fit_field(views_dir, folder, settings, device, progress, final_dir=final_dir), "hash_grid": backend}
 
 
 def build_render(
@@ -171,7 +190,13 @@ FIT_STAGE = Stage(
     settings=_fit_key,
     inputs=_fit_inputs,
     build=lambda context, folder: build_fit(
-        context.run_dir, folder, _fit_settings(context), context.config.field.field, context.device, context.progress
+        context.run_dir,
+        folder,
+        _fit_settings(context),
+        context.config.field.field,
+        context.device,
+        context.progress,
+        context.note,
     ),
     needs=("views",),
     version=3,  # 2: registered with nerfstudio as dp360-head (was nerfacto-head); 3: training callbacks run
