@@ -31,11 +31,14 @@ from ...safety import (
 )
 from .components import BACK_COMPONENTS, MAIN_COMPONENTS, build_components, component_config
 from .configs import FAMILIES, ModelFamily
-from .convert import ConversionError, convert_official
+from .convert import SCHEDULE_BUFFERS, ConversionError, convert_official
 
 BUNDLE_FILE = "dp360_bundle.json"
 KIND_COMPONENTS = {"main": MAIN_COMPONENTS, "back": BACK_COMPONENTS}
 SCHEDULER_DIR, SCHEDULER_FILE = "scheduler", "scheduler_config.json"
+# The checkpoint's own DDPM buffers at their stored dtype (float16 in the release): its DDIM sampler
+# derives every coefficient from them, so dp360 does too when they are present.
+RELEASE_SCHEDULE_FILE = "release_schedule.safetensors"
 WEIGHT_FILES = {"text_encoder": "model.safetensors"}  # the others: diffusion_pytorch_model.safetensors
 
 # Bounds on every component config.json (diffusers and transformers keys), checked before a module
@@ -230,6 +233,11 @@ def convert_to_bundle(
             _materialize_computed(module, dtype)
             module.save_pretrained(staging / name, safe_serialization=True)
         DDIMScheduler(**family.scheduler).save_pretrained(staging / SCHEDULER_DIR)
+        stored = {key: checkpoint[key].contiguous() for key in SCHEDULE_BUFFERS if key in checkpoint}
+        if stored:
+            from safetensors.torch import save_file
+
+            save_file(stored, str(staging / SCHEDULER_DIR / RELEASE_SCHEDULE_FILE))
         manifest = {
             "kind": kind,
             "family": family.name,
@@ -366,6 +374,24 @@ def _reconvert_advice(kind: str) -> str:
     return f"convert the checkpoint again with `dp360 weights convert {kind}`"
 
 
+def apply_release_schedule(scheduler, alphas_cumprod: torch.Tensor | None, advice: str = "") -> None:
+    """Use the checkpoint's stored alphas_cumprod, cast to float32, as the release's DDIM sampler does:
+    diffusers' DDIM step then computes a_t, a_prev (a_0 after the last step), sigma and the update from
+    these values exactly as the release's make_schedule/p_sample_ddim do."""
+    if alphas_cumprod is None:
+        return
+    count = scheduler.config.num_train_timesteps
+    values = alphas_cumprod.detach().to(torch.float32)
+    if (
+        values.shape != (count,)
+        or not bool(torch.isfinite(values).all())
+        or not bool(((values > 0) & (values <= 1)).all())
+    ):
+        raise ConfigError(f"The bundle's stored noise schedule is not {count} values in (0, 1]; {advice}.")
+    scheduler.alphas_cumprod = values.clone()
+    scheduler.final_alpha_cumprod = torch.tensor(1.0) if scheduler.config.set_alpha_to_one else values[0].clone()
+
+
 def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, kind: str | None = None):
     """A `BackViewPipeline` or `Portrait360Pipeline` from a bundle folder; with `kind` ("main" or
     "back"), a bundle of the other kind is refused with one sentence."""
@@ -383,6 +409,11 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype 
             name: classes[name].from_pretrained(bundle_dir / name, **kwargs).eval() for name in KIND_COMPONENTS[kind]
         }
         scheduler = DDIMScheduler.from_pretrained(bundle_dir / SCHEDULER_DIR)
+        release = bundle_dir / SCHEDULER_DIR / RELEASE_SCHEDULE_FILE
+        if release.is_file():
+            from safetensors.torch import load_file
+
+            apply_release_schedule(scheduler, load_file(str(release)).get("alphas_cumprod"), advice)
     except Exception as error:  # noqa: BLE001 - a loader boundary: what slipped past the checks above
         raise Dp360Error(
             f"The bundle '{bundle_dir}' cannot be loaded ({type(error).__name__}: {one_line(error)}); {advice}."

@@ -1,0 +1,77 @@
+"""Issue 22 item 4: the release's DDIM coefficients come from its stored (float16) alphas_cumprod."""
+
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from dp360.diffusion.models.bundle import apply_release_schedule
+from dp360.errors import Dp360Error
+
+SD15 = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+
+def _release_coefficients(alphas_cumprod, steps=50, eta=0.5):
+    # ldm make_schedule + p_sample_ddim, written out: x_prev = c_x * x + c_eps * eps (+ sigma * noise)
+    a = alphas_cumprod.to(torch.float32).double()
+    ts = [t for t in range(0, 1000, 1000 // steps)]
+    ts = [t + 1 for t in ts]
+    out = {}
+    for i, t in enumerate(ts):
+        at = float(a[t])
+        prev = float(a[0]) if i == 0 else float(a[ts[i - 1]])
+        sigma = eta * math.sqrt((1 - prev) / (1 - at) * (1 - at / prev))
+        c_x = math.sqrt(prev) / math.sqrt(at)
+        c_eps = -math.sqrt(prev) * math.sqrt(1 - at) / math.sqrt(at) + math.sqrt(1 - prev - sigma**2)
+        out[t] = (c_x, c_eps, sigma)
+    return out
+
+
+def _dp360_coefficients(scheduler, steps=50, eta=0.5):
+    scheduler.set_timesteps(steps)
+    out = {}
+    for t in scheduler.timesteps.tolist():
+        x, eps = torch.ones(1), torch.zeros(1)
+        zero = torch.zeros(1)
+        c_x = float(scheduler.step(zero, t, x, eta=eta, variance_noise=zero).prev_sample)
+        c_eps = float(scheduler.step(torch.ones(1), t, zero, eta=eta, variance_noise=zero).prev_sample)
+        sigma = float(scheduler.step(zero, t, zero, eta=eta, variance_noise=torch.ones(1)).prev_sample)
+        del eps
+        out[t] = (c_x, c_eps, sigma)
+    return out
+
+
+def test_float16_buffers_give_the_release_coefficients():
+    stored = DDIMScheduler(**SD15).alphas_cumprod.to(torch.float16)
+    scheduler = DDIMScheduler(**SD15)
+    apply_release_schedule(scheduler, stored)
+    ours, release = _dp360_coefficients(scheduler), _release_coefficients(stored)
+    for t, expected in release.items():
+        assert ours[t] == pytest.approx(expected, rel=1e-4, abs=1e-6), t
+    # and they differ from the float32 schedule's where the rounding matters (t = 1)
+    plain = _dp360_coefficients(DDIMScheduler(**SD15))
+    assert abs(plain[1][1] - ours[1][1]) > 1e-3
+
+
+def test_float32_buffers_leave_the_schedule_unchanged():
+    plain = DDIMScheduler(**SD15)
+    scheduler = DDIMScheduler(**SD15)
+    apply_release_schedule(scheduler, plain.alphas_cumprod.clone())
+    assert _dp360_coefficients(scheduler) == _dp360_coefficients(plain)
+    untouched = DDIMScheduler(**SD15)
+    apply_release_schedule(untouched, None)
+    assert torch.equal(untouched.alphas_cumprod, plain.alphas_cumprod)
+
+
+def test_bad_stored_schedule_is_refused():
+    with pytest.raises(Dp360Error, match="stored noise schedule"):
+        apply_release_schedule(DDIMScheduler(**SD15), torch.zeros(1000), "reconvert")
