@@ -75,3 +75,29 @@ def test_float32_buffers_leave_the_schedule_unchanged():
 def test_bad_stored_schedule_is_refused():
     with pytest.raises(Dp360Error, match="stored noise schedule"):
         apply_release_schedule(DDIMScheduler(**SD15), torch.zeros(1000), "reconvert")
+
+
+def test_converted_bundle_keeps_float16_buffers_and_loads_them(tmp_path):
+    from safetensors.torch import load_file
+
+    from dp360.diffusion.models.bundle import RELEASE_SCHEDULE_FILE, convert_to_bundle, load_bundle
+    from dp360.diffusion.models.components import BACK_COMPONENTS, component_config
+    from dp360.diffusion.models.configs import TINY
+    from dp360.diffusion.models.convert import to_official_layout
+    from dp360.diffusion.models.tiny import tiny_components
+
+    components = tiny_components(BACK_COMPONENTS, 1)
+    checkpoint = to_official_layout(
+        {name: (component_config(TINY, name), module.state_dict()) for name, module in components.items()}
+    )
+    stored = DDIMScheduler(**SD15).alphas_cumprod.to(torch.float16)
+    checkpoint["alphas_cumprod"] = stored
+    checkpoint["logvar"] = torch.zeros(1000)
+    torch.save(checkpoint, tmp_path / "back.th")
+    bundle = convert_to_bundle(tmp_path / "back.th", tmp_path / "bundle", "back", family="tiny")
+    kept = load_file(str(bundle / "scheduler" / RELEASE_SCHEDULE_FILE))
+    assert kept["alphas_cumprod"].dtype == torch.float16 and torch.equal(kept["alphas_cumprod"], stored)
+    assert kept["logvar"].dtype == torch.float32
+    pipe = load_bundle(bundle, kind="back")
+    assert torch.equal(pipe.scheduler.alphas_cumprod, stored.float())
+    assert float(pipe.scheduler.final_alpha_cumprod) == float(stored[0])
