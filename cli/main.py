@@ -363,6 +363,19 @@ def _generation_settings(steps, guidance, eta, view_count, back_camera, seed, no
     return view_settings, NoiseSettings(invert_steps=invert_steps, pti_steps=pti_steps, views=view_count, seed=seed)
 
 
+def _check_cpu_views(device, run_device, run_dtype, view_settings, weights_dir, no_download) -> None:
+    """`--device auto` on a machine without a GPU: views that would take hours need `--device cpu`."""
+    from dp360.diffusion.stage import ViewModels
+    from dp360.estimate import check_cpu_views
+    from dp360.weights import offline
+
+    main_bundle = ViewModels.locate(view_settings.views, run_dtype, weights_dir).main_bundle
+    downloads = weights_dir is None and not no_download and not offline()  # dp360 fetches only into its cache
+    check_cpu_views(
+        device, run_device, main_bundle, downloads, view_settings.views, view_settings.steps, view_settings.guidance
+    )
+
+
 def _field_settings(
     fit_preset,
     fit_iterations,
@@ -655,8 +668,11 @@ def reconstruct(
         )
         # Every setting is checked once, before the first portrait is touched.
         stages = tuple(stage.name for stage in pipeline_stages())
-        _, run_dtype = check_run_settings(options, stages, settings, view_settings, noise_settings, field_settings)
+        run_device, run_dtype = check_run_settings(
+            options, stages, settings, view_settings, noise_settings, field_settings
+        )
         check_memory_options(offload, low_vram, compile_models, device)
+        _check_cpu_views(device, run_device, run_dtype, view_settings, weights_dir, no_download)
 
     def run_one(image: Path, target: Path):
         models = ViewModels.locate(view_count, run_dtype, weights_dir, cameras, offload, low_vram, compile_models)
@@ -795,9 +811,10 @@ def views(
             keep_checkpoints=keep_checkpoints,
         )
         # the bundles of the precision the run computes in (fp16 on CUDA): checked settings first
-        _, run_dtype = check_run_settings(
+        run_device, run_dtype = check_run_settings(
             options, ("prepare", "noise", "views"), settings, view_settings, noise_settings
         )
+        _check_cpu_views(device, run_device, run_dtype, view_settings, weights_dir, no_download)
         models = ViewModels.locate(view_count, run_dtype, weights_dir, cameras, offload, low_vram, compile_models)
         summary = views_run(
             image,

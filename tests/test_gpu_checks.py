@@ -5,6 +5,7 @@ before any work, and the first run's sizes come from one registry. Stand-in `nvi
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 
 import pytest
@@ -359,3 +360,57 @@ def test_the_fetch_plan_uses_the_registry_sizes_when_the_server_names_none(monke
     plan = weights.FetchPlan(needs, {}, {name: object() for name in ("panohead", "data")}, {})
     # raw + converted of PanoHead (563 MB twice), then the zip and its images after it is removed
     assert plan.disk_needed(keep_checkpoints=False) == int(0.563e9) + int(0.49e9) * 2
+
+
+# -- no GPU at all: the views' time on the CPU -----------------------------------------------------
+
+
+def _bundle(folder, family: str):
+    from dp360.diffusion.models.bundle import BUNDLE_FILE
+
+    folder.mkdir(parents=True)
+    (folder / BUNDLE_FILE).write_text(json.dumps({"kind": "main", "family": family}))
+    return folder
+
+
+def test_the_denoising_flops_are_counted_on_the_real_architecture():
+    from dp360.estimate import denoising_flops
+
+    unet, controlnet = denoising_flops("sd15")
+    # SD1.5's UNet at 512 px is about 0.8 TFLOP a pass; its ControlNet is the encoder half of it
+    assert 7e11 < unet < 9e11 and 0.2 * unet < controlnet < 0.5 * unet
+    assert sum(denoising_flops("tiny")) < 1e-3 * unet
+
+
+def test_auto_without_a_gpu_refuses_views_that_take_hours_and_says_how_long(machine, cli, tmp_path, astronaut_path):
+    weights = tmp_path / "weights"
+    _bundle(weights / "main-fp32", "sd15")
+    for command in ("views", "reconstruct"):
+        out = tmp_path / f"out-{command}"
+        code, stdout, stderr = cli(
+            command, astronaut_path, "--out", out, "--weights-dir", weights, "--detector", "dlib"
+        )
+        text = " ".join(stderr.split())
+        assert code == 2 and text.startswith("error: This machine has no GPU, and the 32 views would take at least")
+        assert "PFLOP" in text and "pass --device cpu" in text and text.endswith("."), stderr
+        assert not out.exists()
+    # fewer views and steps: a shorter estimate, in the same words
+    code, _, stderr = cli("views", astronaut_path, "--out", tmp_path / "o", "--weights-dir", weights, "--views", "8")
+    assert code == 2 and "the 8 views would take" in " ".join(stderr.split())
+
+
+def test_the_cpu_estimate_leaves_cpu_gpu_tiny_and_absent_models_alone(machine, tmp_path):
+    from dp360.estimate import CPU_VIEWS_LIMIT_S, check_cpu_views, views_seconds
+
+    official = _bundle(tmp_path / "sd15", "sd15")
+    tiny = _bundle(tmp_path / "tiny", "tiny")
+    check_cpu_views("cpu", "cpu", official, True, 32, 50, 3.0)  # asked for: it goes ahead
+    check_cpu_views("auto", "cuda", official, True, 32, 50, 3.0)
+    check_cpu_views("auto", "cpu", tiny, True, 32, 50, 3.0)
+    check_cpu_views("auto", "cpu", tmp_path / "missing", False, 32, 50, 3.0)  # will not run: not fetched
+    with pytest.raises(Dp360Error, match="32 views would take at least"):
+        check_cpu_views("auto", "cpu", tmp_path / "missing", True, 32, 50, 3.0)  # the official ones, once fetched
+    seconds, flops, speed = views_seconds("sd15", 32, 50, 3.0)
+    assert seconds > CPU_VIEWS_LIMIT_S and seconds == pytest.approx(flops / speed, rel=0.5)
+    # no guidance: one UNet pass fewer per view and step
+    assert views_seconds("sd15", 32, 50, 1.0)[1] < 0.7 * flops
