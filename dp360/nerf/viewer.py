@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ MAX_PORT = 65535
 MAKE_RUN = "`dp360 reconstruct PORTRAIT --out {run}`"
 NERFSTUDIO_NOISE = "Using a non-tuple sequence"  # torch's deprecation note on nerfstudio's camera indexing
 CLOSE_SECONDS = 10.0  # how long a stop waits for the server's connections to close
+STOP_SECONDS = 1.0  # how long a stop waits for the render threads (daemons) before closing the server
 
 
 @dataclass(frozen=True)
@@ -208,8 +210,12 @@ class RunningViewer:
         machines = list(self.viewer.render_statemachines.values())
         for machine in machines:
             machine.running = False
-        for machine in machines:  # they wake every 0.2 s; a render in flight ends first
-            machine.join(CLOSE_SECONDS)
+            # a render in flight (seconds at full resolution on a CPU) is abandoned at its next
+            # Python line: nerfstudio traces its renders to stop them when the camera moves
+            machine.interrupt_render_flag = True
+        deadline = time.monotonic() + STOP_SECONDS
+        for machine in machines:  # idle ones wake every 0.2 s
+            machine.join(max(deadline - time.monotonic(), 0.0))
         with _quiet():
             _close_server(server)
 
