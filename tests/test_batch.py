@@ -252,13 +252,18 @@ def test_an_interrupted_batch_finishes_the_rest_without_redoing_finished_stages(
         ("second", "interrupted"),
     ]
     assert _stage_status(out / "second", "prepare") == "done"
-    assert _stage_status(out / "second", "views") in ("interrupted", "running")  # running: its worker was killed
+    # running: its worker was killed; done: on a loaded machine the tiny stage can end before the
+    # interrupt reaches the driver (the portrait is still recorded as interrupted)
+    views_status = _stage_status(out / "second", "views")
+    assert views_status in ("interrupted", "running", "done")
+    second_reused = ["prepare", "views"] if views_status == "done" else ["prepare"]
 
     summary = run_batch(images, out, _recipe(tiny), ClusterSettings(workers=2))
     by_name = {Path(result.input).stem: result for result in summary.results}
     assert summary.counts()["done"] == 3
     assert by_name["first"].reused == ["prepare", "views"] and by_name["first"].seconds == {}
-    assert by_name["second"].reused == ["prepare"] and set(by_name["second"].seconds) == {"views"}
+    assert by_name["second"].reused == second_reused
+    assert set(by_name["second"].seconds) == ({"views"} if views_status != "done" else set())
     assert set(by_name["third"].seconds) == {"prepare", "views"}
     assert len(_log(out)) == 5  # a line per ended portrait, appended by each batch
 
