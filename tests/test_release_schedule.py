@@ -7,17 +7,11 @@ import torch
 from diffusers import DDIMScheduler
 
 from dp360.diffusion.models.bundle import apply_release_schedule
+from dp360.diffusion.models.configs import FULL
 from dp360.errors import Dp360Error
 
-SD15 = dict(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-    timestep_spacing="leading",
-)
+# the SD1.5 scheduler settings dp360 builds its bundles with
+SD15 = FULL.scheduler
 
 
 def _release_coefficients(alphas_cumprod, steps=50, eta=0.5):
