@@ -405,3 +405,30 @@ def test_health_of_a_field_made_to_collapse(fitted):
     check_health(hazy, 100, 250, final=False)  # a young field may be transparent
     with pytest.raises(Dp360Error, match="hazy"):
         check_health(hazy, 250, 250, final=True)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.75, 1.0])
+def test_ray_batches_draw_their_foreground_share(share):
+    import torch
+
+    from dp360.nerf.method import ForegroundPixelSamplerConfig
+
+    # two 32 px views, each with a 6 x 6 px foreground square (36 + a 2 px dilation ring = 100 px)
+    image = torch.zeros(2, 32, 32, 4)
+    image[:, 10:16, 10:16, 3] = 1.0
+    sampler = ForegroundPixelSamplerConfig(foreground_share=share).setup(num_rays_per_batch=20_000)
+    torch.manual_seed(0)
+    batch = sampler.collate_image_dataset_batch({"image": image, "image_idx": torch.arange(2)}, 20_000)
+    rows, cols = batch["indices"][:, 1], batch["indices"][:, 2]
+    near_head = ((rows >= 8) & (rows < 18) & (cols >= 8) & (cols < 18)).float().mean().item()
+    expected = share + (1 - share) * 100 / 1024
+    assert abs(near_head - expected) < 0.02
+    assert batch["image"].shape == (20_000, 4)
+
+
+def test_a_foreground_share_outside_0_to_1_is_refused():
+    from dp360.errors import Dp360Error
+    from dp360.nerf.fit import FitSettings
+
+    with pytest.raises(Dp360Error, match="foreground share of the rays must be between 0 and 1"):
+        FitSettings.preset("test", foreground_ray_share=1.5).check()

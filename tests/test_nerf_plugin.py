@@ -253,7 +253,7 @@ def test_dp360_view_serves_the_viewer_on_loopback_and_stops_on_the_first_ctrl_c(
                 viewport = pixels[100:600, 150:550]  # the 3D view, where the head is drawn
                 saturation = pixels.max(-1) - pixels.min(-1)
                 # the synthetic head's texture is saturated; the views' grey background and the panel are not
-                assert (saturation[100:600, 150:550] > 60).mean() > 0.05, "the field is not drawn"
+                assert (saturation[100:600, 150:550] > 40).mean() > 0.05, "the field is not drawn"
                 assert viewport.std() > 20
                 # a browser left open: the viewer renders for it (seconds a frame on a CPU) when Ctrl-C comes
                 browser = _open_browser(tmp_path / "profile-open", url)
