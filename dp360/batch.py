@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as _dt
+import errno
 import glob
 import hashlib
 import json
 import logging
 import os
+import stat
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 BATCH_MANIFEST = "batch.json"
 BATCH_LOG = "batch.jsonl"
 BATCH_FORMAT = 1
+MAX_BATCH_MANIFEST_BYTES = 64 << 20  # 64 MiB: names of about a million portraits
 LIST_SUFFIXES = (".txt", ".csv")
 # A CSV list names its images in the first of these columns (else in its first column).
 CSV_PATH_COLUMNS = ("path", "image", "input", "file", "filename")
@@ -173,15 +176,27 @@ class BatchFolder:
             f"'{self.manifest_path}' is damaged or is not a dp360 batch file; choose another --out folder "
             "(the run folders in it can be kept: move them there)."
         )
+        from .safety import read_plain_file
+
         try:
-            manifest = json.loads(self.manifest_path.read_text())
+            # never through a link, nor a FIFO or a device planted in its place, and bounded
+            manifest = json.loads(read_plain_file(self.manifest_path, MAX_BATCH_MANIFEST_BYTES))
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise damaged from None
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise damaged from None
             raise RunDirectoryError(
                 f"'{self.manifest_path}' cannot be read ({error.strerror}); check its permissions."
             ) from None
         runs = manifest.get("runs") if isinstance(manifest, dict) else None
+        # only a file dp360 wrote: a look-alike `{"runs": {}}` does not make a user's folder a batch
+        if (
+            not isinstance(runs, dict)
+            or manifest.get("kind") != "dp360 batch"
+            or manifest.get("format") != BATCH_FORMAT
+        ):
+            raise damaged
         if not isinstance(runs, dict) or not all(
             isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in runs.values()
         ):
@@ -245,8 +260,20 @@ class BatchFolder:
         """Append the portrait's line to batch.jsonl: one write of a whole line, synced, so a
         batch killed at any moment leaves only whole lines."""
         line = (json.dumps(result.log_line(), sort_keys=False) + "\n").encode()
-        descriptor = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        # O_NOFOLLOW: a link planted as batch.jsonl is refused, never appended to through
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
+            descriptor = os.open(self.log_path, flags, 0o666)
+        except OSError as error:
+            raise RunDirectoryError(
+                f"'{self.log_path}' is not a file dp360 can append to ({error.strerror}); "
+                "it was not written by dp360: move it away and rerun."
+            ) from None
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                raise RunDirectoryError(
+                    f"'{self.log_path}' is not a plain file; it was not written by dp360: move it away and rerun."
+                )
             os.write(descriptor, line)
             os.fsync(descriptor)
         finally:

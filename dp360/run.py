@@ -41,6 +41,7 @@ import numpy as np
 
 from . import __version__
 from .errors import Dp360Error, RunDirectoryError
+from .safety import read_plain_file
 from .stage import RunConfig, Stage, StageContext, Unavailable, check_seed
 
 if TYPE_CHECKING:
@@ -375,19 +376,6 @@ class RunLock:
 # -- the manifest --------------------------------------------------------------------------------
 
 
-def _read_plain_file(path: Path, limit: int) -> bytes:
-    """The bytes of `path`, never through a link, a FIFO or a device, and at most `limit` bytes."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
-            raise ValueError("not a plain file of a manifest's size")
-        with os.fdopen(os.dup(fd), "rb") as handle:
-            return handle.read(limit + 1)
-    finally:
-        os.close(fd)
-
-
 def not_dp360s(folder: Path, manifest: Any) -> str | None:
     """The sentence that refuses `folder` when its run.json (`manifest`, parsed) lacks the fields
     that only dp360 writes; None when they are there."""
@@ -443,7 +431,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
         "the folder."
     )
     try:
-        manifest = json.loads(_read_plain_file(path, MAX_MANIFEST_BYTES))
+        manifest = json.loads(read_plain_file(path, MAX_MANIFEST_BYTES))
     except (ValueError, RecursionError, UnicodeDecodeError):
         raise damaged from None
     except OSError as error:

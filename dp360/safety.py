@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
+import stat
 import zipfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -206,3 +208,16 @@ def load_tensors(path: str | Path, advice: str, safe_globals: Sequence[Any] = ()
         raise Dp360Error(f"'{path}' {what}, so dp360 refuses to load it; {advice}.") from None
     except Exception:  # noqa: BLE001 - includes RecursionError and MemoryError; never KeyboardInterrupt
         raise Dp360Error(damaged) from None
+
+
+def read_plain_file(path: Path, limit: int) -> bytes:
+    """The bytes of `path`, never through a link, a FIFO or a device, and at most `limit` bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+            raise ValueError("not a plain file of a manifest's size")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            return handle.read(limit + 1)
+    finally:
+        os.close(fd)

@@ -425,3 +425,55 @@ def test_a_checkpoint_torch_wrote_passes_the_size_check(tmp_path):
     path = tmp_path / "ok.th"
     torch.save({"weight": torch.arange(4.0)}, path)
     assert torch.equal(load_tensors(path, "")["weight"], torch.arange(4.0))
+
+
+# -- batch folders ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("manifest", [{"runs": {}}, {"format": 1, "runs": {"a.png": "a"}}, [1]])
+def test_a_folder_with_a_look_alike_batch_json_is_not_taken_for_a_batch(tmp_path, manifest):
+    from dp360.batch import BATCH_MANIFEST, BatchFolder
+    from dp360.errors import RunDirectoryError
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / BATCH_MANIFEST).write_text(json.dumps(manifest))
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(RunDirectoryError, match="is not a dp360 batch file"):
+        BatchFolder(folder).check()
+
+
+def test_a_batch_json_planted_as_a_link_is_refused(tmp_path):
+    from dp360.batch import BATCH_MANIFEST, BatchFolder
+    from dp360.errors import RunDirectoryError
+
+    folder = BatchFolder(tmp_path / "batch")
+    folder.open([tmp_path / "a.png"], "reconstruct")
+    folder.close(None)
+    real = tmp_path / "elsewhere.json"
+    real.write_bytes((tmp_path / "batch" / BATCH_MANIFEST).read_bytes())
+    (tmp_path / "batch" / BATCH_MANIFEST).unlink()
+    (tmp_path / "batch" / BATCH_MANIFEST).symlink_to(real)
+    with pytest.raises(RunDirectoryError, match="is not a dp360 batch file"):
+        BatchFolder(tmp_path / "batch").check()
+
+
+def test_the_batch_log_is_never_appended_to_through_a_link(tmp_path, mine):
+    from dp360.batch import BATCH_LOG, BatchFolder, PortraitResult
+    from dp360.errors import RunDirectoryError
+
+    folder = BatchFolder(tmp_path / "batch")
+    folder.open([tmp_path / "a.png"], "reconstruct")
+    try:
+        result = PortraitResult(input="a.png", run_dir="a", status="done")
+        folder.record(result)
+        assert json.loads((tmp_path / "batch" / BATCH_LOG).read_text())["status"] == "done"
+        (tmp_path / "batch" / BATCH_LOG).unlink()
+        diary = mine / "diary.txt"
+        (tmp_path / "batch" / BATCH_LOG).symlink_to(diary)
+        before = diary.read_bytes()
+        with pytest.raises(RunDirectoryError, match="not a file dp360 can append to"):
+            folder.record(result)
+        assert diary.read_bytes() == before
+    finally:
+        folder.close(None)
