@@ -604,3 +604,26 @@ def test_convert_twice_replaces_its_own_bundle(cli, workspace, kind, checkpoint)
         load_bundle(out)
     else:
         load_generator(out)
+
+
+def test_reconverting_replaces_only_what_the_bundle_lists(tmp_path, tiny):
+    out = tmp_path / "bundle"
+    convert_to_bundle(tiny["main.th"], out, "main", family="tiny")
+    convert_to_bundle(tiny["main.th"], out, "main", family="tiny")  # dp360's own bundle: replaced
+    # a user's file beside the bundle's own, even one named like them, is never deleted
+    (out / "unet" / "notes.json").write_text('{"mine": true}')
+    with pytest.raises(Dp360Error, match="already holds files that are not a dp360 main bundle"):
+        convert_to_bundle(tiny["main.th"], out, "main", family="tiny")
+    assert (out / "unet" / "notes.json").read_text() == '{"mine": true}'
+
+
+def test_a_look_alike_bundle_manifest_does_not_make_a_users_folder_a_bundle(tmp_path, tiny):
+    from dp360.diffusion.models.bundle import BUNDLE_FILE
+
+    mine = tmp_path / "mine"
+    (mine / "unet").mkdir(parents=True)
+    (mine / "unet" / "config.json").write_text("{}")
+    (mine / BUNDLE_FILE).write_text(json.dumps({"kind": "main"}))
+    with pytest.raises(Dp360Error, match="already holds files that are not a dp360 main bundle"):
+        convert_to_bundle(tiny["main.th"], mine, "main", family="tiny")
+    assert (mine / "unet" / "config.json").read_text() == "{}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ... import __version__
 from ...errors import Dp360Error
 from ...imaging import atomic_directory
 from ...outputs import check_output_folder
@@ -26,6 +27,7 @@ from ...safety import (
     load_tensors,
     one_line,
     read_json_object,
+    read_plain_file,
     safetensors_header,
     shape_problems,
 )
@@ -34,6 +36,7 @@ from .configs import FAMILIES, ModelFamily
 from .convert import SCHEDULE_BUFFERS, ConversionError, convert_official
 
 BUNDLE_FILE = "dp360_bundle.json"
+BUNDLE_FORMAT = "dp360-bundle"  # the manifest's "format": only dp360 writes it
 KIND_COMPONENTS = {"main": MAIN_COMPONENTS, "back": BACK_COMPONENTS}
 SCHEDULER_DIR, SCHEDULER_FILE = "scheduler", "scheduler_config.json"
 # The checkpoint's own DDPM buffers at their stored dtype (float16 in the release): its DDIM sampler
@@ -158,22 +161,28 @@ def _materialize_computed(module: torch.nn.Module, dtype: torch.dtype = torch.fl
 
 def _bundle_refusal(folder: Path, kind: str) -> str | None:
     """None when `folder` is a dp360 bundle of `kind` (which a conversion may replace), else what
-    it holds instead. Only dp360's own entries may be there: anything else is the user's."""
+    it holds instead. It must hold exactly the files its dp360_bundle.json lists as written by
+    dp360 (no links, nothing else): anything else is the user's."""
     not_ours = f"already holds files that are not a dp360 {kind} bundle"
-    entries = {entry.name: entry for entry in folder.iterdir()}
-    if BUNDLE_FILE not in entries or not set(entries) <= {BUNDLE_FILE, SCHEDULER_DIR, *MAIN_COMPONENTS}:
-        return not_ours
-    for name, entry in entries.items():
-        if name == BUNDLE_FILE:
-            continue
-        if not entry.is_dir() or any(
-            not item.is_file() or item.suffix not in (".json", ".safetensors") for item in entry.iterdir()
-        ):
-            return not_ours
+    manifest_path = folder / BUNDLE_FILE
     try:
-        found = read_json_object(entries[BUNDLE_FILE], "").get("kind")
-    except Dp360Error:
+        manifest = json.loads(read_plain_file(manifest_path, 1 << 20))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return not_ours
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if manifest.get("format") != BUNDLE_FORMAT or not (
+        isinstance(listed, list) and all(isinstance(name, str) for name in listed)
+    ):
+        return not_ours
+    found_files = set()
+    for path in folder.rglob("*"):
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            return not_ours
+        if path.is_file() and path != manifest_path:
+            found_files.add(path.relative_to(folder).as_posix())
+    if not found_files <= set(listed):
+        return not_ours
+    found = manifest.get("kind")
     if found != kind:
         return f"holds a dp360 {found} bundle, not a {kind} one" if found in KIND_COMPONENTS else not_ours
     return None
@@ -239,11 +248,16 @@ def convert_to_bundle(
 
             save_file(stored, str(staging / SCHEDULER_DIR / RELEASE_SCHEDULE_FILE))
         manifest = {
+            "format": BUNDLE_FORMAT,
+            "dp360_version": __version__,
             "kind": kind,
             "family": family.name,
             "source": str(checkpoint_path),
             "dtype": str(dtype).removeprefix("torch."),
             "ignored_keys": len(report.ignored),
+            # what this conversion wrote: a later conversion replaces the folder only if it holds
+            # nothing else (a user's file beside look-alike entries is never deleted)
+            "files": sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file()),
         }
         (staging / BUNDLE_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         check_out()  # again: the user may have put files there while we converted
