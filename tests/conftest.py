@@ -11,6 +11,14 @@ import os
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ.setdefault(_variable, "1")
 
+import signal  # noqa: E402
+
+# A suite started in the background (`make test &` in a script) inherits SIGINT ignored, and so
+# would every dp360 process a test starts: the Ctrl-C tests would then see no interrupt at all.
+# Python's own handler restores the behaviour of a terminal (children get the default again).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
