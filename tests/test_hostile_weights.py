@@ -617,13 +617,14 @@ def test_reconverting_replaces_only_what_the_bundle_lists(tmp_path, tiny):
     assert (out / "unet" / "notes.json").read_text() == '{"mine": true}'
 
 
-def test_a_look_alike_bundle_manifest_does_not_make_a_users_folder_a_bundle(tmp_path, tiny):
+@pytest.mark.parametrize("manifest", [{"kind": "main"}, ["main"], {"format": "dp360-bundle", "kind": "main"}])
+def test_a_look_alike_bundle_manifest_does_not_make_a_users_folder_a_bundle(tmp_path, tiny, manifest):
     from dp360.diffusion.models.bundle import BUNDLE_FILE
 
     mine = tmp_path / "mine"
     (mine / "unet").mkdir(parents=True)
     (mine / "unet" / "config.json").write_text("{}")
-    (mine / BUNDLE_FILE).write_text(json.dumps({"kind": "main"}))
+    (mine / BUNDLE_FILE).write_text(json.dumps(manifest))
     with pytest.raises(Dp360Error, match="already holds files that are not a dp360 main bundle"):
         convert_to_bundle(tiny["main.th"], mine, "main", family="tiny")
     assert (mine / "unet" / "config.json").read_text() == "{}"

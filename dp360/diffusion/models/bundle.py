@@ -169,10 +169,10 @@ def _bundle_refusal(folder: Path, kind: str) -> str | None:
         manifest = json.loads(read_plain_file(manifest_path, 1 << 20))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
         return not_ours
-    listed = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("format") != BUNDLE_FORMAT or not (
-        isinstance(listed, list) and all(isinstance(name, str) for name in listed)
-    ):
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        return not_ours
+    listed = manifest.get("files")
+    if not (isinstance(listed, list) and all(isinstance(name, str) for name in listed)):
         return not_ours
     found_files = set()
     for path in folder.rglob("*"):
