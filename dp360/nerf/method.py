@@ -118,13 +118,20 @@ class ForegroundPixelSampler(PixelSampler):
         share = self.config.foreground_share
         if alpha is None or mask is not None or share <= 0:
             return super().sample_method(batch_size, num_images, image_height, image_width, mask=mask, device=device)
-        foreground = (alpha > 0.5).float()[:, None]
-        foreground = torch.nn.functional.max_pool2d(foreground, 5, stride=1, padding=2).flatten()
-        if foreground.sum() == 0:
+        key = (alpha.data_ptr(), tuple(alpha.shape), float(alpha.sum()))  # a new batch in the same memory differs
+        if getattr(self, "_foreground_key", None) != key:  # the cached images: computed once
+            foreground = torch.nn.functional.max_pool2d((alpha > 0.5).float()[:, None], 5, stride=1, padding=2)
+            self._foreground_key, self._foreground_pixels = key, foreground.flatten().nonzero()[:, 0]
+        foreground_pixels = self._foreground_pixels
+        if len(foreground_pixels) == 0:
             return super().sample_method(batch_size, num_images, image_height, image_width, mask=mask, device=device)
-        weights = share * foreground / foreground.sum() + (1 - share) / foreground.numel()
-        flat = torch.multinomial(weights, batch_size, replacement=True)
+        # a mixture: each ray from the foreground with probability `share`, else from any pixel
+        # (index draws, not torch.multinomial, which stops at 2^24 pixels)
+        from_foreground = torch.rand(batch_size, device=foreground_pixels.device) < share
         pixels = image_height * image_width
+        flat = torch.randint(num_images * pixels, (batch_size,), device=foreground_pixels.device)
+        picks = torch.randint(len(foreground_pixels), (int(from_foreground.sum()),), device=foreground_pixels.device)
+        flat[from_foreground] = foreground_pixels[picks]
         rows, cols = (flat % pixels) // image_width, flat % image_width
         return torch.stack([flat // pixels, rows, cols], dim=-1).to(device)
 
