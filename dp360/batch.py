@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 BATCH_MANIFEST = "batch.json"
 BATCH_LOG = "batch.jsonl"
 BATCH_FORMAT = 1
+BATCH_KIND = "dp360 batch"  # batch.json's "kind": only dp360 writes it
 MAX_BATCH_MANIFEST_BYTES = 64 << 20  # 64 MiB: names of about a million portraits
 LIST_SUFFIXES = (".txt", ".csv")
 # A CSV list names its images in the first of these columns (else in its first column).
@@ -193,12 +194,9 @@ class BatchFolder:
         # only a file dp360 wrote: a look-alike `{"runs": {}}` does not make a user's folder a batch
         if (
             not isinstance(runs, dict)
-            or manifest.get("kind") != "dp360 batch"
+            or manifest.get("kind") != BATCH_KIND
             or manifest.get("format") != BATCH_FORMAT
-        ):
-            raise damaged
-        if not isinstance(runs, dict) or not all(
-            isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in runs.values()
+            or not all(isinstance(v, str) and "/" not in v and v not in ("", ".", "..") for v in runs.values())
         ):
             raise damaged
         return manifest
@@ -243,7 +241,7 @@ class BatchFolder:
             names = run_names(inputs, previous.get("runs"))
             self.manifest = {
                 "format": BATCH_FORMAT,
-                "kind": "dp360 batch",
+                "kind": BATCH_KIND,
                 "created_at": previous.get("created_at", _now()),
                 "updated_at": _now(),
                 "command": command,
