@@ -10,6 +10,7 @@ an interrupted or failed run never leaves a half-written file under its final na
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import InputImageError
+from .errors import InputImageError, RunDirectoryError
 
 # Smallest side we accept: below this a face crop has too few pixels to align or to condition on.
 MIN_SIDE = 128
@@ -375,12 +376,123 @@ def atomic_directory(destination: str | os.PathLike, guard: Callable[[], None] |
             shutil.rmtree(staging, ignore_errors=True)
 
 
+# Opening a folder by a name inside another never follows a link there: the moves and removals
+# below go through folder descriptors opened this way, so a link planted (or swapped in) on the
+# way cannot redirect them to a user's folder.
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_LINK_ADVICE = "nothing is ever written or removed through a link, so remove it (or choose another folder)"
+
+
+def open_folder_inside(name: str, parent_fd: int, shown: Path) -> int:
+    """A descriptor of the folder `name` inside the folder `parent_fd`; a link or a non-folder
+    there is refused with one sentence naming `shown`."""
+    try:
+        return os.open(name, _FOLDER_FLAGS, dir_fd=parent_fd)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise RunDirectoryError(f"'{shown}' is a symbolic link or not a folder; {_LINK_ADVICE}.") from None
+        raise
+
+
+def _open_root(folder: Path) -> int:
+    """The folder the user named (which may itself be a link: the user chose it)."""
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+
+
+def _lstat_at(name: str, folder_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def _parent_of(root: str | os.PathLike, relative: str | os.PathLike) -> Iterator[tuple[int, str, Path]]:
+    """(descriptor of the folder holding `relative` inside `root`, its last name, its shown path),
+    reached one folder at a time without following links."""
+    root = Path(root)
+    parts = Path(relative).parts
+    if not parts or any(part in ("", ".", "..") for part in parts) or Path(relative).is_absolute():
+        raise ValueError(f"not a plain relative path: {relative!r}")
+    fd = _open_root(root)
+    shown = root
+    try:
+        for part in parts[:-1]:
+            shown = shown / part
+            child = open_folder_inside(part, fd, shown)
+            os.close(fd)
+            fd = child
+        yield fd, parts[-1], shown / parts[-1]
+    finally:
+        os.close(fd)
+
+
+def remove_file_inside(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
+    """Remove the plain file `relative` inside `root` (never through a link on the way, never a
+    link or folder in its place); whether one was removed. A missing path is not an error."""
+    try:
+        with _parent_of(root, relative) as (fd, name, _shown):
+            found = _lstat_at(name, fd)
+            if found is None or not stat.S_ISREG(found.st_mode):
+                return False
+            os.unlink(name, dir_fd=fd)
+            return True
+    except FileNotFoundError:
+        return False
+
+
+def remove_empty_folder_inside(root: str | os.PathLike, relative: str | os.PathLike) -> bool:
+    """Remove the folder `relative` inside `root` when it is empty (a link is never removed, nor
+    followed on the way); whether it was removed."""
+    try:
+        with _parent_of(root, relative) as (fd, name, _shown):
+            found = _lstat_at(name, fd)
+            if found is None or not stat.S_ISDIR(found.st_mode):
+                return False
+            os.rmdir(name, dir_fd=fd)
+            return True
+    except OSError:  # missing, not empty, or refused: left where it is
+        return False
+
+
+def _move_entries(staging_fd: int, destination_fd: int, shown: Path) -> None:
+    """Move everything in the folder `staging_fd` into the folder `destination_fd`, merging
+    subfolders; a link in the destination where a folder goes is refused, never followed."""
+    for entry in sorted(os.scandir(staging_fd), key=lambda each: each.name):
+        name = entry.name
+        existing = _lstat_at(name, destination_fd)
+        if entry.is_dir(follow_symlinks=False):
+            if existing is not None and stat.S_ISLNK(existing.st_mode):
+                raise RunDirectoryError(f"'{shown / name}' is a symbolic link; {_LINK_ADVICE}.")
+            if existing is not None and not stat.S_ISDIR(existing.st_mode):
+                os.unlink(name, dir_fd=destination_fd)  # an earlier output of ours, now a folder
+                existing = None
+            if existing is None:
+                os.mkdir(name, dir_fd=destination_fd)  # the umask's mode, as mkdir gives
+            inner_destination = open_folder_inside(name, destination_fd, shown / name)
+            try:
+                inner_staging = os.open(name, _FOLDER_FLAGS, dir_fd=staging_fd)
+                try:
+                    _move_entries(inner_staging, inner_destination, shown / name)
+                finally:
+                    os.close(inner_staging)
+            finally:
+                os.close(inner_destination)
+        else:
+            if existing is not None and stat.S_ISDIR(existing.st_mode):
+                shutil.rmtree(name, dir_fd=destination_fd)  # fd-based: never follows a link inside
+            # a rename replaces a link in its place; it never writes through it
+            os.replace(name, name, src_dir_fd=staging_fd, dst_dir_fd=destination_fd)
+
+
 @contextlib.contextmanager
 def atomic_files_into(destination: str | os.PathLike, guard: Callable[[], None] | None = None) -> Iterator[Path]:
     """For a folder several stages share: yield an empty staging folder; on success move each
     of its files into `destination` (each rename atomic), leaving other files there alone.
-    (Only the staging folder itself is mkdtemp's; the files and folders moved out of it have
-    the umask's modes already.) `guard`, when given, is called just before the files move."""
+    The moves go through folder descriptors: `destination` or any folder inside it that is a
+    link is refused (RunDirectoryError), never written through. (Only the staging folder itself
+    is mkdtemp's; the files and folders moved out of it have the umask's modes already.)
+    `guard`, when given, is called just before the files move."""
     destination = Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
@@ -388,16 +500,19 @@ def atomic_files_into(destination: str | os.PathLike, guard: Callable[[], None] 
         yield staging
         if guard is not None:
             guard()
-        for path in sorted(staging.rglob("*")):
-            target = destination / path.relative_to(staging)
-            if path.is_dir():
-                if target.exists() and not target.is_dir():
-                    target.unlink()
-                target.mkdir(parents=True, exist_ok=True)
-            else:
-                if target.is_dir():
-                    shutil.rmtree(target)
-                os.replace(path, target)
+        parent_fd = _open_root(destination.parent)
+        try:
+            destination_fd = open_folder_inside(destination.name, parent_fd, destination)
+            try:
+                staging_fd = os.open(staging.name, _FOLDER_FLAGS, dir_fd=parent_fd)
+                try:
+                    _move_entries(staging_fd, destination_fd, destination)
+                finally:
+                    os.close(staging_fd)
+            finally:
+                os.close(destination_fd)
+        finally:
+            os.close(parent_fd)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -417,29 +532,46 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     `.NAME.XXXXXXXX.old/NAME`; it is put back first when NAME is missing."""
     removed: list[Path] = []
 
-    def sweep(where: Path, descend: bool) -> None:
+    def sweep(where_fd: int, shown: Path, descend: bool) -> None:
         try:
-            entries = sorted(where.iterdir())
-        except OSError:  # missing or unreadable: nothing of ours to remove
+            entries = sorted(os.scandir(where_fd), key=lambda each: each.name)
+        except OSError:  # unreadable: nothing of ours to remove
             return
-        for path in entries:
-            real_dir = path.is_dir() and not path.is_symlink()
-            match = _TEMPORARY_NAME.fullmatch(path.name)
+        for entry in entries:
+            real_dir = entry.is_dir(follow_symlinks=False)
+            match = _TEMPORARY_NAME.fullmatch(entry.name)
             if match is None:
                 if real_dir and descend:
-                    sweep(path, descend=False)
+                    with contextlib.suppress(OSError):
+                        inner = os.open(entry.name, _FOLDER_FLAGS, dir_fd=where_fd)
+                        try:
+                            sweep(inner, shown / entry.name, descend=False)
+                        finally:
+                            os.close(inner)
                 continue
-            if match["old"] and real_dir:
-                name = match["name"]
-                if os.path.lexists(path / name) and not os.path.lexists(where / name):
-                    os.replace(path / name, where / name)
-            if real_dir:
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed.append(path)
+            with contextlib.suppress(OSError):  # one that cannot go is left; the run goes on
+                if match["old"] and real_dir:
+                    name = match["name"]
+                    old_fd = os.open(entry.name, _FOLDER_FLAGS, dir_fd=where_fd)
+                    try:
+                        if _lstat_at(name, old_fd) is not None and _lstat_at(name, where_fd) is None:
+                            os.replace(name, name, src_dir_fd=old_fd, dst_dir_fd=where_fd)
+                    finally:
+                        os.close(old_fd)
+                if real_dir:
+                    shutil.rmtree(entry.name, dir_fd=where_fd, ignore_errors=True)  # fd-based: follows no link
+                else:
+                    os.unlink(entry.name, dir_fd=where_fd)
+                removed.append(shown / entry.name)
 
-    sweep(Path(folder), descend=True)
+    try:
+        root_fd = _open_root(Path(folder))
+    except OSError:  # missing or unreadable: nothing of ours to remove
+        return removed
+    try:
+        sweep(root_fd, Path(folder), descend=True)
+    finally:
+        os.close(root_fd)
     return removed
 
 

@@ -22,7 +22,6 @@ record lists as dp360's own: other files in a stage's folder are left where they
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -576,20 +575,18 @@ class Run:
     def _discard_stages(self, previous: dict[str, Any]) -> None:
         """Remove the outputs of a replaced run, the files its record lists (so dp360's own), and
         the folders they leave empty; anything else is left where it is and named in a note."""
+        from .imaging import remove_empty_folder_inside, remove_file_inside
+
         folders = set(_all_stage_folders())
         emptied: set[Path] = set()
         for rel in _recorded_outputs(previous):
             if Path(rel).parts[0] not in folders:
                 continue
-            path = self.out_dir / rel
-            if path.is_file() and not path.is_symlink():
-                path.unlink()
-                emptied.update(
-                    parent for parent in path.parents if parent != self.out_dir and self.out_dir in parent.parents
-                )
+            # through folder descriptors: a link on the way is refused, never followed
+            if remove_file_inside(self.out_dir, rel):
+                emptied.update(parent for parent in Path(rel).parents if parent != Path("."))
         for folder in sorted(emptied, key=lambda each: len(each.parts), reverse=True):
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only when empty
+            remove_empty_folder_inside(self.out_dir, folder)  # only when empty
         self._note_foreign(self._foreign_files(folders, set()))
         previous["stages"] = {}
 
@@ -652,7 +649,7 @@ class Run:
 
     def stage(self, stage: Stage, context: StageContext) -> dict[str, Any]:
         """Run `stage` unless an identical earlier result is present."""
-        from .imaging import atomic_directory, atomic_files_into
+        from .imaging import atomic_directory, atomic_files_into, remove_file_inside
 
         settings, input_hashes = stage.settings(context), stage.inputs(context)
         key = _stage_key(stage, settings, input_hashes)
@@ -712,9 +709,7 @@ class Run:
             raise
         if foreign:  # this stage's own earlier outputs that it did not make again
             for rel in sorted(earlier - set(outputs)):
-                path = self.out_dir / rel
-                if path.is_file() and not path.is_symlink():
-                    path.unlink()
+                remove_file_inside(self.out_dir, rel)
         seconds = time.perf_counter() - clock
         record.update(
             status="done",

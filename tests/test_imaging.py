@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dp360.errors import InputImageError
+from dp360.errors import InputImageError, RunDirectoryError
 from dp360.imaging import (
     MAX_PIXELS,
     MAX_SIDE,
@@ -21,6 +21,8 @@ from dp360.imaging import (
     current_umask,
     downscaled_size,
     load_portrait,
+    remove_empty_folder_inside,
+    remove_file_inside,
     remove_stale_temporaries,
     save_image_atomic,
     write_json_atomic,
@@ -344,3 +346,89 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     assert (root / "views" / "000.png").read_bytes() == b"done"
     assert (root / "frames" / "0000.png").read_bytes() == b"old frame"  # put back
     assert remove_stale_temporaries(root) == [] and remove_stale_temporaries(tmp_path / "missing") == []
+
+
+# ------------------------------------------------------------------------ links in shared folders
+
+
+def _user_folder(tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "mine.txt").write_text("user")
+    return user
+
+
+def test_files_moved_into_a_shared_folder_never_go_through_a_planted_link(tmp_path):
+    user = _user_folder(tmp_path)
+    shared = tmp_path / "run" / "nerf"
+    shared.mkdir(parents=True)
+    (shared / "models").symlink_to(user, target_is_directory=True)
+    with pytest.raises(RunDirectoryError, match=r"models' is a symbolic link"):
+        with atomic_files_into(shared) as staging:
+            (staging / "models").mkdir()
+            (staging / "models" / "mine.txt").write_text("dp360")
+            (staging / "models" / "step.ckpt").write_text("dp360")
+    assert sorted(os.listdir(user)) == ["mine.txt"] and (user / "mine.txt").read_text() == "user"
+    assert [name for name in os.listdir(shared.parent) if name != "nerf"] == []  # no staging left
+
+    # the shared folder itself a link: refused as well
+    os.unlink(shared / "models")
+    os.rmdir(shared)
+    shared.symlink_to(user, target_is_directory=True)
+    with pytest.raises(RunDirectoryError, match="symbolic link"):
+        with atomic_files_into(shared) as staging:
+            (staging / "mine.txt").write_text("dp360")
+    assert sorted(os.listdir(user)) == ["mine.txt"] and (user / "mine.txt").read_text() == "user"
+
+
+def test_files_moved_into_a_shared_folder_merge_subfolders_and_replace_their_own(tmp_path):
+    shared = tmp_path / "export"
+    (shared / "sub").mkdir(parents=True)
+    (shared / "sub" / "keep.txt").write_text("other stage")
+    (shared / "was_a_file").write_text("old output")
+    (shared / "was_a_folder").mkdir()
+    (shared / "was_a_folder" / "x").write_text("old output")
+    with atomic_files_into(shared) as staging:
+        (staging / "sub").mkdir()
+        (staging / "sub" / "new.txt").write_text("new")
+        (staging / "was_a_file").mkdir()
+        (staging / "was_a_file" / "y").write_text("new")
+        (staging / "was_a_folder").write_text("new")
+    assert (shared / "sub" / "keep.txt").read_text() == "other stage"
+    assert (shared / "sub" / "new.txt").read_text() == "new"
+    assert (shared / "was_a_file" / "y").read_text() == "new"
+    assert (shared / "was_a_folder").read_text() == "new"
+
+
+def test_files_removed_inside_a_run_are_never_reached_through_a_link(tmp_path):
+    user = _user_folder(tmp_path)
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "head.glb").write_bytes(b"ours")
+    (run / "views").symlink_to(user, target_is_directory=True)
+    (run / "export" / "link.txt").symlink_to(user / "mine.txt")
+
+    with pytest.raises(RunDirectoryError, match=r"views' is a symbolic link"):
+        remove_file_inside(run, "views/mine.txt")
+    assert not remove_file_inside(run, "export/link.txt")  # a link in place of a file: left alone
+    assert not remove_empty_folder_inside(run, "views")  # a link in place of a folder: left alone
+    assert (user / "mine.txt").read_text() == "user" and (run / "export" / "link.txt").is_symlink()
+    assert not remove_file_inside(run, "export/missing.png") and not remove_file_inside(run, "gone/x.png")
+
+    assert remove_file_inside(run, "export/head.glb") and not (run / "export" / "head.glb").exists()
+    assert not remove_empty_folder_inside(run, "export")  # still holds the link
+    os.unlink(run / "export" / "link.txt")
+    assert remove_empty_folder_inside(run, "export") and not (run / "export").exists()
+
+
+def test_stale_temporaries_sweep_never_follows_a_link(tmp_path):
+    user = _user_folder(tmp_path)
+    (user / ".x.abcdefgh.tmp").write_text("user")  # named like ours, but in the user's folder
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "views").symlink_to(user, target_is_directory=True)  # not descended into
+    (run / ".nerf.abcdefgh.tmp").symlink_to(user, target_is_directory=True)  # the link goes, not the folder
+    removed = remove_stale_temporaries(run)
+    assert [path.name for path in removed] == [".nerf.abcdefgh.tmp"]
+    assert sorted(os.listdir(user)) == [".x.abcdefgh.tmp", "mine.txt"]
+    assert (run / "views").is_symlink()
