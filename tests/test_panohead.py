@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -442,6 +443,35 @@ def test_well_formed_pickle_converts_and_loads_strictly(tmp_path, tiny):
             loaded(z, _front(), generator=torch.Generator().manual_seed(0))["image"],
             tiny(z, _front(), generator=torch.Generator().manual_seed(0))["image"],
         )
+
+
+def test_a_conversion_replaces_only_a_generator_dp360_converted(tmp_path, tiny):
+    path = write_network_pickle(tmp_path / "tiny.pkl", tiny, tiny.config.init_kwargs())
+    folder = convert_panohead_pickle(path, tmp_path / "panohead")
+    assert json.loads((folder / "panohead.json").read_text())["format"] == "dp360-panohead"
+    before = (folder / "generator.safetensors").stat().st_mtime_ns
+    convert_panohead_pickle(path, folder)  # ours: replaced
+    assert (folder / "generator.safetensors").stat().st_mtime_ns != before
+
+    # look-alikes: the right names, shapes and init_kwargs, but not dp360's record, or a link
+    lookalike = tmp_path / "lookalike"
+    shutil.copytree(folder, lookalike)
+    config = json.loads((lookalike / "panohead.json").read_text())
+    del config["format"]
+    (lookalike / "panohead.json").write_text(json.dumps(config))
+    linked = tmp_path / "linked"
+    shutil.copytree(folder, linked)
+    user_file = tmp_path / "user.safetensors"
+    user_file.write_bytes(b"user")
+    (linked / "generator.safetensors").unlink()
+    (linked / "generator.safetensors").symlink_to(user_file)
+    for target in (lookalike, linked):
+        kept = {name: (target / name).read_bytes() for name in os.listdir(target)}
+        with pytest.raises(Dp360Error, match="not a converted dp360 PanoHead generator; choose a new or empty folder"):
+            convert_panohead_pickle(path, target)
+        assert {name: (target / name).read_bytes() for name in os.listdir(target)} == kept
+    assert user_file.read_bytes() == b"user"
+    load_generator(lookalike)  # an older conversion (no format name) still loads
 
 
 def test_a_pickle_with_wrong_shapes_is_refused_with_the_offenders(tmp_path, tiny):

@@ -1,7 +1,9 @@
 """The PanoHead generator in the weights cache: pickle -> safetensors + JSON config, and back.
 
 Converted folder (`<cache>/bundles/panohead/`): `generator.safetensors` (the state dict with the
-released names), `panohead.json` ({"class_name", "init_kwargs", "source", "source_sha256"}).
+released names), `panohead.json` ({"format": "dp360-panohead", "dp360_version", "class_name",
+"init_kwargs", "source", "source_sha256"}). Only a folder with that format name is replaced by a
+conversion; loading reads older conversions (without it) too.
 Loading builds the network from the recorded kwargs on the meta device and assigns the tensors
 strictly, so the file is never held twice in memory.
 """
@@ -9,6 +11,7 @@ strictly, so the file is never held twice in memory.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -16,7 +19,7 @@ import torch
 from ..errors import Dp360Error
 from ..imaging import atomic_directory, file_sha256
 from ..outputs import check_output_folder
-from ..safety import one_line, read_json_object, safetensors_header, shape_problems
+from ..safety import MAX_CONFIG_BYTES, one_line, read_json_object, read_plain_file, safetensors_header, shape_problems
 from .generator import PanoHeadConfig, PanoHeadGenerator
 from .persistence import PickledNetwork, read_network_pickle
 
@@ -25,6 +28,8 @@ CONFIG_FILE = "panohead.json"
 # Registered on the generator by the training loop after construction; a pickle re-saved from
 # rebuilt modules lacks it. It is never used for rendering.
 OPTIONAL_KEYS = ("dataset_label_std",)
+# panohead.json's "format": only dp360 writes it, so a conversion replaces only such a folder.
+PANOHEAD_FORMAT = "dp360-panohead"
 
 
 def panohead_dir() -> Path:
@@ -68,14 +73,28 @@ def _build_on_meta(config: PanoHeadConfig, source: str, advice: str) -> PanoHead
 
 
 def _panohead_refusal(folder: Path) -> str | None:
-    """None when `folder` is a converted generator (which a conversion may replace), else why not."""
-    if {entry.name for entry in folder.iterdir()} == {CONFIG_FILE, WEIGHTS_FILE} and (folder / WEIGHTS_FILE).is_file():
-        try:
-            if "init_kwargs" in read_json_object(folder / CONFIG_FILE, ""):
-                return None
-        except Dp360Error:
-            pass
-    return "already holds files that are not a converted dp360 PanoHead generator"
+    """None when `folder` is a generator dp360 converted (which a conversion may replace), else
+    why not: it must hold exactly the two plain files (no links) and a config carrying dp360's
+    format name. A look-alike (the right names and shapes, but not written by dp360) is the user's."""
+    not_ours = "already holds files that are not a converted dp360 PanoHead generator"
+    try:
+        entries = {entry.name: entry for entry in os.scandir(folder)}
+        if set(entries) != {CONFIG_FILE, WEIGHTS_FILE} or not all(
+            entry.is_file(follow_symlinks=False) for entry in entries.values()
+        ):
+            return not_ours
+        config = json.loads(read_plain_file(folder / CONFIG_FILE, MAX_CONFIG_BYTES))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return not_ours
+    if not isinstance(config, dict) or config.get("format") != PANOHEAD_FORMAT:
+        return not_ours
+    return None
+
+
+def _identity() -> dict[str, str]:
+    from .. import __version__
+
+    return {"format": PANOHEAD_FORMAT, "dp360_version": __version__}
 
 
 def check_panohead_pickle(pickle_path: str | Path) -> tuple[PickledNetwork, PanoHeadGenerator]:
@@ -111,6 +130,7 @@ def convert_panohead_pickle(pickle_path: str | Path, out_dir: str | Path | None 
     with atomic_directory(out) as staging:
         save_file(state, str(staging / WEIGHTS_FILE))
         payload = {
+            **_identity(),
             "class_name": network.class_name,
             "init_kwargs": generator.config.init_kwargs(),
             "source": pickle_path.name,
@@ -134,6 +154,7 @@ def save_generator(generator: PanoHeadGenerator, out_dir: str | Path, source: st
         (staging / CONFIG_FILE).write_text(
             json.dumps(
                 {
+                    **_identity(),
                     "class_name": "training.triplane.TriPlaneGenerator",
                     "init_kwargs": generator.config.init_kwargs(),
                     "source": source,
