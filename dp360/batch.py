@@ -208,11 +208,11 @@ class BatchFolder:
             raise RunDirectoryError(f"Output path '{out}' is a file; choose a folder for --out.")
         if not out.is_dir():
             return
-        if self.manifest_path.is_file():
+        if os.path.lexists(self.manifest_path):  # a link, FIFO or folder there: refused by _read
             self._read()
             self.lock.check_free()
             return
-        if (out / MANIFEST_NAME).is_file():
+        if os.path.lexists(out / MANIFEST_NAME):
             raise RunDirectoryError(
                 f"'{out}' is the run folder of one portrait, not a batch; choose a new or empty folder for --out."
             )
@@ -237,7 +237,7 @@ class BatchFolder:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lock.acquire()
         try:
-            previous = self._read() if self.manifest_path.is_file() else {}
+            previous = self._read() if os.path.lexists(self.manifest_path) else {}
             names = run_names(inputs, previous.get("runs"))
             self.manifest = {
                 "format": BATCH_FORMAT,

@@ -443,19 +443,30 @@ def test_a_folder_with_a_look_alike_batch_json_is_not_taken_for_a_batch(tmp_path
         BatchFolder(folder).check()
 
 
-def test_a_batch_json_planted_as_a_link_is_refused(tmp_path):
+@pytest.mark.parametrize("planted", ["link to a copy", "dangling link", "fifo", "folder"])
+def test_a_batch_json_planted_as_a_link_or_special_file_is_refused(tmp_path, planted):
     from dp360.batch import BATCH_MANIFEST, BatchFolder
     from dp360.errors import RunDirectoryError
 
     folder = BatchFolder(tmp_path / "batch")
     folder.open([tmp_path / "a.png"], "reconstruct")
     folder.close(None)
+    manifest = tmp_path / "batch" / BATCH_MANIFEST
     real = tmp_path / "elsewhere.json"
-    real.write_bytes((tmp_path / "batch" / BATCH_MANIFEST).read_bytes())
-    (tmp_path / "batch" / BATCH_MANIFEST).unlink()
-    (tmp_path / "batch" / BATCH_MANIFEST).symlink_to(real)
-    with pytest.raises(RunDirectoryError, match="is not a dp360 batch file"):
-        BatchFolder(tmp_path / "batch").check()
+    real.write_bytes(manifest.read_bytes())
+    manifest.unlink()
+    if planted == "link to a copy":
+        manifest.symlink_to(real)
+    elif planted == "dangling link":
+        manifest.symlink_to(tmp_path / "nowhere.json")
+    elif planted == "fifo":
+        os.mkfifo(manifest)
+    else:
+        manifest.mkdir()
+    for attempt in (BatchFolder(tmp_path / "batch").check, lambda: folder.open([tmp_path / "a.png"], "reconstruct")):
+        with pytest.raises(RunDirectoryError, match="is not a dp360 batch file"):
+            attempt()
+    assert real.read_bytes() and not (tmp_path / "nowhere.json").exists()
 
 
 def test_the_batch_log_is_never_appended_to_through_a_link(tmp_path, mine):
