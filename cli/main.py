@@ -243,9 +243,18 @@ class ConsoleReporter:
             err_console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True)
 
 
+# What Ctrl-C (or SIGTERM) leaves behind, said after "interrupted:" (a run's stages by default).
+INTERRUPTED_RUN = "finished stages are kept; rerun the same command to resume."
+INTERRUPTED_DOWNLOAD = "what was fetched is kept; rerun the same command to resume the download."
+INTERRUPTED_NOTHING_CHANGED = "nothing was changed."
+INTERRUPTED_NOTHING_WRITTEN = "nothing was written (dp360 writes to a temporary name, then renames)."
+INTERRUPTED_VIEWER = "the viewer stopped while it loaded the field, before it served; nothing was written."
+
+
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn dp360's user-facing errors into one line on stderr and a non-zero exit."""
+def user_errors(interrupted: str = INTERRUPTED_RUN) -> Iterator[None]:
+    """Turn dp360's user-facing errors into one line on stderr and a non-zero exit; `interrupted`
+    says what an interruption leaves behind."""
     from dp360.errors import Dp360Error
 
     try:
@@ -254,7 +263,7 @@ def user_errors() -> Iterator[None]:
         err_console.print(f"[red]error:[/] {escape(str(error))}", soft_wrap=True)
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt as interrupt:
-        err_console.print("[red]interrupted[/]: finished stages are kept; rerun the same command to resume.")
+        err_console.print(f"[red]interrupted[/]: {interrupted}", soft_wrap=True)
         raise typer.Exit(interrupt_exit_code(interrupt)) from None
     except Exception as error:
         from dp360.errors import filesystem_error
@@ -1130,7 +1139,7 @@ def weights_download(
     from dp360 import weights
     from dp360.runtime import resolve_device
 
-    with user_errors():
+    with user_errors(INTERRUPTED_DOWNLOAD):
         names = [name.value for name in what] if what else [name.value for name in WeightName]
         fp16 = dtype in (DType.fp16, DType.bf16) or (dtype is DType.auto and resolve_device("auto").startswith("cuda"))
         needs = [need for need in weights.default_needs(fp16=fp16) if need.name in names]
@@ -1198,7 +1207,7 @@ def weights_verify(
     if kind is CheckpointKind.panohead:
         from dp360.panohead.store import check_panohead_pickle
 
-        with user_errors():
+        with user_errors(INTERRUPTED_NOTHING_CHANGED):
             path = _official_checkpoint(kind.value, checkpoint, cache_dir)
             network, _ = check_panohead_pickle(path)
             err_console.print(
@@ -1210,7 +1219,7 @@ def weights_verify(
     from dp360.diffusion.models.components import build_components, component_config
     from dp360.diffusion.models.convert import convert_official
 
-    with user_errors():
+    with user_errors(INTERRUPTED_NOTHING_CHANGED):
         path = _official_checkpoint(kind.value, checkpoint, cache_dir)
         state = load_official_checkpoint(path)
         chosen = FAMILIES[family.value]
@@ -1266,7 +1275,7 @@ def weights_convert(
     from dp360 import weights
     from dp360.diffusion.models.bundle import convert_to_bundle
 
-    with user_errors():
+    with user_errors(INTERRUPTED_NOTHING_WRITTEN):
         path = _official_checkpoint(kind.value, checkpoint, cache_dir)
         if kind is CheckpointKind.panohead:
             from dp360.panohead.store import convert_panohead_pickle
@@ -1321,7 +1330,7 @@ def report(run_dir: RunDirArgument) -> None:
     from dp360.report import REPORT_FOLDER, REPORT_NAME, read_run, write_report
     from dp360.run import LOCK_NAME, RunLock, check_no_links
 
-    with user_errors():
+    with user_errors(INTERRUPTED_NOTHING_WRITTEN):
         _check_run_dir(run_dir)
         RunLock(Path(run_dir)).check_free()
         read_run(run_dir)  # a folder dp360 did not make is refused before the lock file is made there
@@ -1355,7 +1364,7 @@ def view(
     from dp360.nerf.viewer import check_address, fitted_config, start_viewer
     from dp360.runtime import resolve_device
 
-    with user_errors():
+    with user_errors(INTERRUPTED_VIEWER):
         address = check_address(host, port)  # before the (slow) loading
         fitted_config(run_dir)
         running = start_viewer(run_dir, address, resolve_device(device))

@@ -328,6 +328,22 @@ def test_dp360_view_refuses_bad_addresses_and_runs_without_a_field_before_loadin
     assert everywhere.url.startswith("http://127.0.0.1:")
 
 
+def test_ctrl_c_while_the_viewer_loads_says_what_it_left(cli, run, monkeypatch):
+    """Ctrl-C before the viewer serves: exit 130 and a sentence about the viewer, not the run's
+    "finished stages are kept; rerun to resume" (nothing of the run was touched)."""
+    from dp360.nerf import viewer
+
+    def interrupted_while_loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    before = sorted((path.relative_to(run).as_posix(), path.stat().st_mtime_ns) for path in run.rglob("*"))
+    monkeypatch.setattr(viewer, "start_viewer", interrupted_while_loading)
+    code, stdout, stderr = cli("view", run, "--port", "0")
+    assert code == 130 and stdout == ""
+    assert "interrupted: the viewer stopped while it loaded the field" in stderr and "resume" not in stderr
+    assert sorted((path.relative_to(run).as_posix(), path.stat().st_mtime_ns) for path in run.rglob("*")) == before
+
+
 class _RenderThread(__import__("threading").Thread):
     """Stands in for nerfstudio's RenderStateMachine: renders in Python lines until told to stop
     (`interrupt_render_flag`, which nerfstudio's traced render raises on), or, `stuck`, ignores it."""
