@@ -1,4 +1,5 @@
-"""Issue 22 item 4: the release's DDIM coefficients come from its stored (float16) alphas_cumprod."""
+"""Issue 22 item 4: the release's DDIM coefficients and its forward diffusion of the initial latent
+come from its stored (float16) schedule buffers."""
 
 import math
 
@@ -47,7 +48,7 @@ def _dp360_coefficients(scheduler, steps=50, eta=0.5):
 def test_float16_buffers_give_the_release_coefficients():
     stored = DDIMScheduler(**SD15).alphas_cumprod.to(torch.float16)
     scheduler = DDIMScheduler(**SD15)
-    apply_release_schedule(scheduler, stored)
+    apply_release_schedule(scheduler, {"alphas_cumprod": stored})
     ours, release = _dp360_coefficients(scheduler), _release_coefficients(stored)
     for t, expected in release.items():
         assert ours[t] == pytest.approx(expected, rel=1e-4, abs=1e-6), t
@@ -59,16 +60,18 @@ def test_float16_buffers_give_the_release_coefficients():
 def test_float32_buffers_leave_the_schedule_unchanged():
     plain = DDIMScheduler(**SD15)
     scheduler = DDIMScheduler(**SD15)
-    apply_release_schedule(scheduler, plain.alphas_cumprod.clone())
+    apply_release_schedule(scheduler, {"alphas_cumprod": plain.alphas_cumprod.clone()})
     assert _dp360_coefficients(scheduler) == _dp360_coefficients(plain)
     untouched = DDIMScheduler(**SD15)
-    apply_release_schedule(untouched, None)
+    apply_release_schedule(untouched, {})
     assert torch.equal(untouched.alphas_cumprod, plain.alphas_cumprod)
 
 
 def test_bad_stored_schedule_is_refused():
     with pytest.raises(Dp360Error, match="stored noise schedule"):
-        apply_release_schedule(DDIMScheduler(**SD15), torch.zeros(1000), "reconvert")
+        apply_release_schedule(DDIMScheduler(**SD15), {"alphas_cumprod": torch.zeros(1000)}, "reconvert")
+    with pytest.raises(Dp360Error, match=r"stored noise schedule \(sqrt_alphas_cumprod\)"):
+        apply_release_schedule(DDIMScheduler(**SD15), {"sqrt_alphas_cumprod": torch.full((1000,), math.nan)}, "x")
 
 
 def test_converted_bundle_keeps_float16_buffers_and_loads_them(tmp_path):
@@ -95,3 +98,54 @@ def test_converted_bundle_keeps_float16_buffers_and_loads_them(tmp_path):
     pipe = load_bundle(bundle, kind="back")
     assert torch.equal(pipe.scheduler.alphas_cumprod, stored.float())
     assert float(pipe.scheduler.final_alpha_cumprod) == float(stored[0])
+
+
+def _tiny_back_checkpoint(path, buffers):
+    from dp360.diffusion.models.components import BACK_COMPONENTS, component_config
+    from dp360.diffusion.models.configs import TINY
+    from dp360.diffusion.models.convert import to_official_layout
+    from dp360.diffusion.models.tiny import tiny_components
+
+    components = tiny_components(BACK_COMPONENTS, 1)
+    checkpoint = to_official_layout(
+        {name: (component_config(TINY, name), module.state_dict()) for name, module in components.items()}
+    )
+    torch.save({**checkpoint, **buffers, "logvar": torch.zeros(1000)}, path)
+    return path
+
+
+def test_the_initial_latent_is_forward_diffused_with_the_stored_coefficients(tmp_path):
+    """The release's q_sample at t = 999 multiplies by its stored float16 sqrt buffers; dp360 does the
+    same when the bundle keeps them, and diffusers' add_noise (float32) when it does not."""
+    from dp360.diffusion.models.bundle import convert_to_bundle, load_bundle
+
+    exact = DDIMScheduler(**SD15).alphas_cumprod.double()  # the release computes them in float64
+    release = {
+        "alphas_cumprod": exact.to(torch.float16),
+        "sqrt_alphas_cumprod": exact.sqrt().to(torch.float16),
+        "sqrt_one_minus_alphas_cumprod": (1 - exact).sqrt().to(torch.float16),
+    }
+    init = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+
+    def latents(buffers, name):
+        checkpoint = _tiny_back_checkpoint(tmp_path / f"{name}.th", buffers)
+        pipe = load_bundle(convert_to_bundle(checkpoint, tmp_path / name, "back", family="tiny"), kind="back")
+        result = pipe.prepare_latents(2, torch.Generator().manual_seed(7), init, device=torch.device("cpu"))
+        noise = pipe.prepare_latents(2, torch.Generator().manual_seed(7), None, device=torch.device("cpu"))
+        return result, noise / pipe.scheduler.init_noise_sigma, pipe.scheduler
+
+    ours, noise, _ = latents(release, "float16")
+    expected = (
+        release["sqrt_alphas_cumprod"][999].float() * init
+        + release["sqrt_one_minus_alphas_cumprod"][999].float() * noise
+    )
+    assert torch.equal(ours, expected)
+
+    # the square roots of the rounded alphas_cumprod (diffusers' add_noise) are not the stored values
+    from_alphas, _, scheduler = latents({"alphas_cumprod": release["alphas_cumprod"]}, "alphas-only")
+    assert torch.equal(from_alphas, scheduler.add_noise(init, noise, torch.tensor([999])))
+    assert (from_alphas - ours).abs().max() > 1e-6
+
+    # a float32 checkpoint: the float32 schedule, as before
+    plain, _, _ = latents({}, "float32")
+    assert torch.equal(plain, DDIMScheduler(**SD15).add_noise(init, noise, torch.tensor([999])))

@@ -32,7 +32,7 @@ from ...safety import (
     shape_problems,
 )
 from .components import BACK_COMPONENTS, MAIN_COMPONENTS, build_components, component_config
-from .configs import FAMILIES, ModelFamily
+from .configs import FAMILIES, FORWARD_COEFFICIENTS, ModelFamily
 from .convert import SCHEDULE_BUFFERS, ConversionError, convert_official
 
 BUNDLE_FILE = "dp360_bundle.json"
@@ -388,22 +388,40 @@ def _reconvert_advice(kind: str) -> str:
     return f"convert the checkpoint again with `dp360 weights convert {kind}`"
 
 
-def apply_release_schedule(scheduler, alphas_cumprod: torch.Tensor | None, advice: str = "") -> None:
-    """Use the checkpoint's stored alphas_cumprod, cast to float32, as the release's DDIM sampler does:
-    diffusers' DDIM step then computes a_t, a_prev (a_0 after the last step), sigma and the update from
-    these values exactly as the release's make_schedule/p_sample_ddim do."""
-    if alphas_cumprod is None:
-        return
-    count = scheduler.config.num_train_timesteps
-    values = alphas_cumprod.detach().to(torch.float32)
+def _stored_schedule(buffers: dict[str, torch.Tensor], key: str, count: int, high: float, advice: str):
+    values = buffers.get(key)
+    if values is None:
+        return None
+    values = values.detach().to(torch.float32)
     if (
         values.shape != (count,)
         or not bool(torch.isfinite(values).all())
-        or not bool(((values > 0) & (values <= 1)).all())
+        or not bool(((values > 0) & (values <= high)).all())
     ):
-        raise ConfigError(f"The bundle's stored noise schedule is not {count} values in (0, 1]; {advice}.")
-    scheduler.alphas_cumprod = values.clone()
-    scheduler.final_alpha_cumprod = torch.tensor(1.0) if scheduler.config.set_alpha_to_one else values[0].clone()
+        raise ConfigError(f"The bundle's stored noise schedule ({key}) is not {count} values in (0, {high}]; {advice}.")
+    return values.clone()
+
+
+def apply_release_schedule(scheduler, buffers: dict[str, torch.Tensor], advice: str = "") -> None:
+    """Sample with the checkpoint's stored schedule buffers, cast to float32, as the release does
+    (they are float16 there, so their rounding shows in the views):
+    - alphas_cumprod: diffusers' DDIM step then computes a_t, a_prev (a_0 after the last step), sigma
+      and the update from these values exactly as the release's make_schedule/p_sample_ddim do;
+    - sqrt_alphas_cumprod and sqrt_one_minus_alphas_cumprod: the release's q_sample, which forward-
+      diffuses the PanoHead latent to t = 999, multiplies by these stored values (not by the square
+      roots of the rounded alphas_cumprod, which diffusers' add_noise would take).
+    Absent buffers leave diffusers' float32 schedule."""
+    count = scheduler.config.num_train_timesteps
+    alphas_cumprod = _stored_schedule(buffers, "alphas_cumprod", count, 1.0, advice)
+    if alphas_cumprod is not None:
+        scheduler.alphas_cumprod = alphas_cumprod
+        scheduler.final_alpha_cumprod = (
+            torch.tensor(1.0) if scheduler.config.set_alpha_to_one else alphas_cumprod[0].clone()
+        )
+    signal = _stored_schedule(buffers, "sqrt_alphas_cumprod", count, 1.0, advice)
+    noise = _stored_schedule(buffers, "sqrt_one_minus_alphas_cumprod", count, 1.0, advice)
+    if signal is not None and noise is not None:
+        setattr(scheduler, FORWARD_COEFFICIENTS, (signal, noise))
 
 
 def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, kind: str | None = None):
@@ -427,7 +445,7 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype 
         if release.is_file():
             from safetensors.torch import load_file
 
-            apply_release_schedule(scheduler, load_file(str(release)).get("alphas_cumprod"), advice)
+            apply_release_schedule(scheduler, load_file(str(release)), advice)
     except Exception as error:  # noqa: BLE001 - a loader boundary: what slipped past the checks above
         raise Dp360Error(
             f"The bundle '{bundle_dir}' cannot be loaded ({type(error).__name__}: {one_line(error)}); {advice}."

@@ -10,6 +10,9 @@ from typing import Any
 # CLIP token ids of the empty prompt "": BOS then EOS, padded with EOS to 77 tokens.
 CLIP_BOS, CLIP_EOS, CLIP_LENGTH = 49406, 49407, 77
 VAE_SCALING_FACTOR = 0.18215
+# The DDIM scheduler attribute that holds the release's stored (sqrt(a_t), sqrt(1 - a_t)), float32,
+# set by `load_bundle` when the bundle keeps them; `prepare_latents` forward-diffuses with them.
+FORWARD_COEFFICIENTS = "release_forward_coefficients"
 
 
 @dataclass(frozen=True)

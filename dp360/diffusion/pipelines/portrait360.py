@@ -36,6 +36,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel
 
+from ..models.configs import FORWARD_COEFFICIENTS
 from ..models.reference_attention import ReferenceBanks
 from ..models.temporal import TemporalModules, attach_temporal_modules
 from .common import (
@@ -180,8 +181,13 @@ class _DDIMSampling:
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         if init_latents is None:
             return noise * self.scheduler.init_noise_sigma
-        last = torch.tensor([self.scheduler.config.num_train_timesteps - 1], device=noise.device)
-        return self.scheduler.add_noise(init_latents.float().to(noise.device), noise, last)
+        last = self.scheduler.config.num_train_timesteps - 1
+        init_latents = init_latents.float().to(noise.device)
+        stored = getattr(self.scheduler, FORWARD_COEFFICIENTS, None)
+        if stored is not None:  # the release's q_sample: its stored (float16) sqrt coefficients
+            signal, noise_scale = (float(values[last]) for values in stored)
+            return signal * init_latents + noise_scale * noise
+        return self.scheduler.add_noise(init_latents, noise, torch.tensor([last], device=noise.device))
 
 
 class BackViewPipeline(ReferencePipelineMixin, _DDIMSampling, DiffusionPipeline):
