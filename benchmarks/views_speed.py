@@ -2,10 +2,11 @@
 full-size random weights.
 
     python benchmarks/views_speed.py [--family sd15|tiny] [--size 512] [--views 32] [--steps 50]
-        [--dtype fp16,bf16] [--repeats 3] [--warmup-steps 2] [--call-arg KEY=VALUE] [--device auto]
+        [--dtype fp16,autocast] [--repeats 3] [--warmup-steps 2] [--call-arg KEY=VALUE] [--device auto]
         [--json PATH]
 
-Variants compared: dp360's work pattern in each `--dtype` (the pipeline's defaults: one
+Variants compared: dp360's work pattern in each `--dtype` (fp16 weights, or `autocast`: fp32 weights
+under CUDA's fp16 autocast, as the release runs; the pipeline's defaults: one
 reference-network pass per step serves every chunk, no ControlNet in the unconditional pass, and
 its other shortcuts), and the reference-faithful pattern (`share_reference_pass=False`: the
 reference network at batch 8 for every chunk and step) in the first dtype
@@ -36,7 +37,7 @@ import torch
 
 from dp360.diffusion.models.components import MAIN_COMPONENTS
 from dp360.diffusion.models.configs import FAMILIES
-from dp360.runtime import DTYPES, resolve_device, torch_dtype
+from dp360.runtime import DTYPES, precision_context, resolve_device, torch_dtype
 
 COMPONENTS = (
     "unet cond",
@@ -121,7 +122,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=None, help="pixels (default: the family's, 512 for sd15)")
     parser.add_argument("--views", type=int, default=32)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--dtype", default=None, help="comma-separated; default fp16,bf16 on CUDA, bf16 on a CPU")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        help="comma-separated from fp16,bf16,fp32,autocast (fp32 weights under fp16 autocast, as the release runs); "
+        "default fp16,autocast on CUDA, bf16 on a CPU",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--no-reference-pattern", action="store_true", help="skip the reference-faithful variant")
@@ -146,10 +152,12 @@ def main() -> None:
     if args.repeats < 1 or args.steps < 1 or args.warmup_steps < 1:
         parser.error("--repeats, --steps and --warmup-steps must be at least 1")
     device = resolve_device(args.device)
-    dtype_names = (args.dtype or ("fp16,bf16" if benchlib.is_cuda(device) else "bf16")).split(",")
+    dtype_names = (args.dtype or ("fp16,autocast" if benchlib.is_cuda(device) else "bf16")).split(",")
     for name in dtype_names:
         if name not in DTYPES:
             parser.error(f"unknown dtype {name!r}; use {', '.join(DTYPES)}")
+        if name == "autocast" and not benchlib.is_cuda(device):
+            parser.error("autocast (fp32 weights under CUDA's fp16 autocast) needs a CUDA GPU")
     family = benchlib.family_at(args.family, args.size)
     size = family.image_size
     benchlib.quiet_libraries()
@@ -185,16 +193,18 @@ def main() -> None:
 
     for variant in variants:  # warm-up
         cast(modules, torch_dtype(variant["dtype"]))
-        run_once(views, back_view, inputs, args.warmup_steps, variant["shared"], device, timer, call_args)
+        with precision_context(variant["dtype"], device):
+            run_once(views, back_view, inputs, args.warmup_steps, variant["shared"], device, timer, call_args)
     runs: dict[str, list[dict]] = {variant["label"]: [] for variant in variants}
     weights_gib: dict[str, float | None] = {}
     for repeat in range(args.repeats):
         for variant in benchlib.rotated(variants, repeat):
             cast(modules, torch_dtype(variant["dtype"]))
             weights_gib[variant["label"]] = benchlib.allocated_gib(device)
-            runs[variant["label"]].append(
-                run_once(views, back_view, inputs, args.steps, variant["shared"], device, timer, call_args)
-            )
+            with precision_context(variant["dtype"], device):
+                runs[variant["label"]].append(
+                    run_once(views, back_view, inputs, args.steps, variant["shared"], device, timer, call_args)
+                )
     timer.remove()
 
     results = {}

@@ -70,6 +70,7 @@ class DType(str, Enum):
     fp16 = "fp16"
     bf16 = "bf16"
     fp32 = "fp32"
+    autocast = "autocast"
 
 
 class FitPreset(str, Enum):  # dp360.nerf.fit.FIT_PRESETS (not imported here: it loads torch)
@@ -180,7 +181,13 @@ def _device_named(value: str) -> str:
 
 
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device_named)]
-DTypeOption = Annotated[DType, typer.Option(help="Compute precision (auto: fp16 on CUDA, fp32 elsewhere).")]
+DTypeOption = Annotated[
+    DType,
+    typer.Option(
+        help="Compute precision (auto: fp16 on CUDA, fp32 elsewhere; autocast: fp32 weights under CUDA's fp16 "
+        "autocast, as the release runs)."
+    ),
+]
 SeedOption = Annotated[int, typer.Option(help="Random seed of the run, 0 to 4294967295.")]
 ForceOption = Annotated[
     bool,

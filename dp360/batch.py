@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import Dp360Error, RunDirectoryError
-from .run import DEVICE_DTYPES, MANIFEST_NAME, RunLock, RunOptions
+from .run import MANIFEST_NAME, RunLock, RunOptions, dtype_refusal
 
 if TYPE_CHECKING:
     from .diffusion.stage import ViewModels, ViewSettings
@@ -360,10 +360,9 @@ class BatchRecipe:
         from .runtime import resolve_dtype
 
         dtype = resolve_dtype(self.options.dtype, kind)
-        if dtype not in DEVICE_DTYPES[kind]:
-            raise Dp360Error(
-                f"--dtype {dtype} is not supported on {kind} workers; use {' or '.join(DEVICE_DTYPES[kind])}."
-            )
+        refusal = dtype_refusal(dtype, kind, shown=f"{kind} workers")
+        if refusal:
+            raise Dp360Error(refusal)
         if {"fit", "render", "export"} & set(self.stages):
             # gsplat's toolchain is this machine's only when its GPU serves (remote workers check their own)
             self.field.check(kind, toolchain=kind == "cuda" and _local_cuda())

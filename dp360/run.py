@@ -64,7 +64,21 @@ LOCK_NAME = ".dp360.lock"
 MIN_MAX_PIXELS, MAX_MAX_PIXELS = 1_000_000, 1_000_000_000
 # The dtypes each device kind can run the networks in (half precision on a CPU is refused: most
 # of its kernels are missing or far slower than fp32 there).
-DEVICE_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp16", "bf16", "fp32"), "mps": ("fp16", "fp32")}
+DEVICE_DTYPES = {"cpu": ("fp32", "bf16"), "cuda": ("fp16", "bf16", "fp32", "autocast"), "mps": ("fp16", "fp32")}
+
+
+def dtype_refusal(dtype: str, device: str, shown: str | None = None) -> str | None:
+    """The sentence refusing `dtype` on `device` (a device name or kind, called `shown` in it), or
+    None when it runs there."""
+    from .runtime import AUTOCAST_NEEDS_CUDA
+
+    supported = DEVICE_DTYPES[device.split(":")[0]]
+    shown = shown or device
+    if dtype in supported:
+        return None
+    if dtype == "autocast":
+        return AUTOCAST_NEEDS_CUDA.format(device=shown)
+    return f"--dtype {dtype} is not supported on {shown}; use {' or '.join(supported)}."
 
 
 def pipeline_stages() -> tuple[Stage, ...]:
@@ -794,9 +808,9 @@ def check_run_settings(
     check_seed(options.seed)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    supported = DEVICE_DTYPES[device.split(":")[0]]
-    if dtype not in supported:
-        raise Dp360Error(f"--dtype {dtype} is not supported on {device}; use {' or '.join(supported)}.")
+    refusal = dtype_refusal(dtype, device)
+    if refusal:
+        raise Dp360Error(refusal)
     if options.max_pixels is not None:
         check_int("--max-pixels", options.max_pixels, MIN_MAX_PIXELS, MAX_MAX_PIXELS)
     for settings, used_by in ((prepare, {"prepare"}), (views, {"noise", "views"}), (noise, {"noise"})):

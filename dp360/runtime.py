@@ -8,7 +8,11 @@ import sys
 
 from .errors import Dp360Error
 
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32", "autocast")
+AUTOCAST_NEEDS_CUDA = (
+    "--dtype autocast runs float32 weights under CUDA's float16 autocast, so it needs a CUDA GPU, not {device}; "
+    "use --dtype fp32 (or bf16) there."
+)
 # Distributions whose versions every run records (and `dp360 doctor` prints).
 KEY_PACKAGES = (
     "dp360",
@@ -90,18 +94,32 @@ def refuse_unusable_gpu(requested: str) -> None:
 
 
 def torch_dtype(name: str):
-    """fp16 | bf16 | fp32 -> the torch dtype."""
+    """fp16 | bf16 | fp32 | autocast -> the torch dtype of the weights (autocast: float32)."""
     import torch
 
-    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "autocast": torch.float32}[name]
+
+
+def precision_context(name: str, device: str):
+    """The context the networks run in: for `autocast`, float32 weights under CUDA's float16 autocast
+    (as the released inference runs); for the others, nothing (the weights' dtype is the compute's)."""
+    import contextlib
+
+    import torch
+
+    if name != "autocast":
+        return contextlib.nullcontext()
+    if not device.startswith("cuda"):
+        raise Dp360Error(AUTOCAST_NEEDS_CUDA.format(device=device))
+    return torch.autocast(device_type="cuda", dtype=torch.float16)
 
 
 def resolve_dtype(requested: str | None, device: str) -> str:
-    """fp16 | bf16 | fp32; the default is fp16 on CUDA and fp32 elsewhere (CPU half is slow)."""
+    """fp16 | bf16 | fp32 | autocast; the default is fp16 on CUDA and fp32 elsewhere (CPU half is slow)."""
     if requested is None or requested == "auto":
         return "fp16" if device.startswith("cuda") else "fp32"
     if requested not in DTYPES:
-        raise Dp360Error(f"Unknown dtype '{requested}'; use fp16, bf16 or fp32.")
+        raise Dp360Error(f"Unknown dtype '{requested}'; use fp16, bf16, fp32 or autocast.")
     return requested
 
 

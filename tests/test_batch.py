@@ -145,6 +145,7 @@ def test_folders_and_settings_are_refused_before_anything_starts(cli, tmp_path):
         (("--out", tmp_path / "new", "--steps", "0"), "--steps must be"),
         (("--out", tmp_path / "new", "--gpus-per-task", "0"), "--gpus-per-task must be"),
         (("--out", tmp_path / "new", "--device", "cpu", "--dtype", "fp16"), "fp16 is not supported"),
+        (("--out", tmp_path / "new", "--device", "cpu", "--dtype", "autocast"), "needs a CUDA GPU, not cpu workers"),
         (("--out", tmp_path / "new", "--field", "splatfacto"), "--field splatfacto needs a CUDA GPU"),
         (("--out", tmp_path / "new", "--address", "127.0.0.1:1"), "Cannot reach the Ray cluster at 127.0.0.1:1"),
     ]

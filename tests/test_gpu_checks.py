@@ -414,3 +414,37 @@ def test_the_cpu_estimate_leaves_cpu_gpu_tiny_and_absent_models_alone(machine, t
     assert seconds > CPU_VIEWS_LIMIT_S and seconds == pytest.approx(flops / speed, rel=0.5)
     # no guidance: one UNet pass fewer per view and step
     assert views_seconds("sd15", 32, 50, 1.0)[1] < 0.7 * flops
+
+
+# -- --dtype autocast ------------------------------------------------------------------------------
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_float32_weights_in_float16_on_cuda_only(device):
+    from dp360.runtime import precision_context, torch_dtype
+
+    layer = torch.nn.Linear(8, 8).to(device, torch_dtype("autocast"))
+    assert layer.weight.dtype == torch.float32
+    inputs = torch.randn(2, 8, device=device)
+    if device == "cpu":
+        with pytest.raises(Dp360Error, match="--dtype autocast .* needs a CUDA GPU, not cpu"):
+            precision_context("autocast", device)
+    else:
+        with torch.no_grad(), precision_context("autocast", device):
+            assert layer(inputs).dtype == torch.float16
+    for name in ("fp32", "bf16", "fp16"):  # the weights' dtype is the compute's: no context
+        with torch.no_grad(), precision_context(name, device):
+            assert layer(inputs).dtype == torch.float32
+
+
+def test_autocast_uses_the_float32_bundles(tmp_path):
+    from dp360.diffusion.stage import ViewModels
+
+    for precision in ("fp16", "fp32"):
+        for kind in ("main", "back"):
+            (tmp_path / f"{kind}-{precision}").mkdir()
+    assert ViewModels.locate(32, "autocast", tmp_path).main_bundle == tmp_path / "main-fp32"
+    assert ViewModels.locate(32, "fp16", tmp_path).main_bundle == tmp_path / "main-fp16"

@@ -375,6 +375,8 @@ BAD_SETTINGS = [
     ("views", ("--invert-steps", "-1"), "--invert-steps"),
     ("views", ("--pti-steps", "-1"), "--pti-steps"),
     ("views", ("--dtype", "fp16", "--device", "cpu"), "fp16"),
+    ("views", ("--dtype", "autocast", "--device", "cpu"), "--dtype autocast runs float32 weights under CUDA's"),
+    ("reconstruct", ("--dtype", "autocast", "--device", "cpu"), "needs a CUDA GPU, not cpu"),
     ("views", ("--yaw", "nan"), "--yaw"),
     ("prepare", ("--yaw", "inf"), "--yaw"),
     ("prepare", ("--pitch", "nan"), "--pitch"),

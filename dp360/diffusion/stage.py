@@ -288,6 +288,7 @@ class ViewModels:
         from .. import weights
 
         root = Path(weights_dir) if weights_dir is not None else weights.bundles_dir()
+        # autocast runs float32 weights (under float16 autocast): the fp32 bundles first
         order = ("fp16", "fp32") if dtype in ("fp16", "bf16") else ("fp32", "fp16")
 
         def bundle(kind: str) -> Path:
@@ -340,6 +341,7 @@ class ViewModels:
         return result
 
     def build_views(self, run_dir: Path, folder: Path, settings: ViewSettings, device: str, dtype: str) -> dict:
+        from ..runtime import precision_context
         from ..runtime import torch_dtype as to_torch_dtype
         from .models.bundle import load_bundle
 
@@ -369,7 +371,7 @@ class ViewModels:
                 self._pipelines[key] = loaded
             return loaded
 
-        with BackgroundWriter() as writer:
+        with BackgroundWriter() as writer, precision_context(dtype, device):
             back_pipeline = pipeline("back", self.back_bundle)
             back = generate_back_view(back_pipeline, front, camera_images, settings)
             # The back-view model is done: with --offload its call ended with every network in CPU
