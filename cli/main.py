@@ -273,7 +273,7 @@ def user_errors(interrupted: str = INTERRUPTED_RUN) -> Iterator[None]:
         err_console.print(f"[red]interrupted[/]: {interrupted}", soft_wrap=True)
         raise typer.Exit(interrupt_exit_code(interrupt)) from None
     except Exception as error:
-        from dp360.errors import filesystem_error
+        from dp360.atomic import filesystem_error
 
         translated = filesystem_error(error)
         if translated is None:
@@ -738,7 +738,7 @@ def reconstruct(
             )
             raise typer.Exit(interrupt_exit_code(interrupt)) from None
         except Exception as error:
-            from dp360.errors import filesystem_error
+            from dp360.atomic import filesystem_error
 
             problem = error if isinstance(error, Dp360Error) else filesystem_error(error)
             if problem is None:

@@ -216,7 +216,7 @@ class BatchFolder:
             raise RunDirectoryError(
                 f"'{out}' is the run folder of one portrait, not a batch; choose a new or empty folder for --out."
             )
-        from .imaging import is_dp360_temporary
+        from .atomic import is_dp360_temporary
 
         foreign = [
             child.name
@@ -231,7 +231,7 @@ class BatchFolder:
 
     def open(self, inputs: list[Path], command: str) -> dict[str, Path]:
         """Take the folder (lock, names) and return each input's run folder."""
-        from .imaging import write_json_atomic
+        from .atomic import write_json_atomic
 
         self.check()
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,7 +278,7 @@ class BatchFolder:
             os.close(descriptor)
 
     def close(self, counts: dict[str, int] | None) -> None:
-        from .imaging import write_json_atomic
+        from .atomic import write_json_atomic
 
         if not self.lock.held:
             return
@@ -538,7 +538,7 @@ class PortraitWorker:
         return {**self.view_models.loads, **self.noise_models.loads}
 
     def run(self, task: PortraitTask) -> PortraitResult:
-        from .errors import filesystem_error
+        from .atomic import filesystem_error
         from .run import read_manifest, run_pipeline
 
         clock, started = _StageClock(), time.perf_counter()

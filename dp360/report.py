@@ -30,8 +30,8 @@ from urllib.parse import quote
 import numpy as np
 
 from . import cameras
+from .atomic import file_sha256, write_bytes_atomic
 from .errors import RunDirectoryError
-from .imaging import file_sha256, write_bytes_atomic
 from .stage import Stage, StageContext
 
 REPORT_NAME = "report.html"

@@ -496,7 +496,7 @@ class Run:
     def _ours_only(self) -> bool:
         """The folder holds nothing but a lock and temporaries of dp360 (an earlier run killed
         before it wrote its manifest)."""
-        from .imaging import is_dp360_temporary
+        from .atomic import is_dp360_temporary
 
         return all(child.name == LOCK_NAME or is_dp360_temporary(child.name) for child in self.out_dir.iterdir())
 
@@ -534,7 +534,8 @@ class Run:
     def open(self, source: LoadedImage | ViewsInput, device: str, dtype: str) -> None:
         """Take the folder: lock it, check that it is ours and holds this input's run (a portrait's
         or a views folder's), remove temporaries of dead runs, and load or start the manifest."""
-        from .imaging import remove_stale_temporaries, save_image_atomic
+        from .atomic import remove_stale_temporaries
+        from .imaging import save_image_atomic
         from .runtime import environment
 
         out = self.out_dir
@@ -589,7 +590,7 @@ class Run:
     def _discard_stages(self, previous: dict[str, Any]) -> None:
         """Remove the outputs of a replaced run, the files its record lists (so dp360's own), and
         the folders they leave empty; anything else is left where it is and named in a note."""
-        from .imaging import remove_empty_folder_inside, remove_file_inside
+        from .atomic import remove_empty_folder_inside, remove_file_inside
 
         folders = set(_all_stage_folders())
         emptied: set[Path] = set()
@@ -607,7 +608,7 @@ class Run:
     def _foreign_files(self, folders: Any, own: set[str]) -> list[str]:
         """The files (and links) inside the stage folders `folders` that `own` does not list and that
         are no temporaries of dp360: the user's, never replaced nor removed."""
-        from .imaging import is_dp360_temporary
+        from .atomic import is_dp360_temporary
 
         found = []
         for folder in sorted(folders):
@@ -641,7 +642,7 @@ class Run:
         self.reporter.note(message)
 
     def _save(self) -> None:
-        from .imaging import write_json_atomic
+        from .atomic import write_json_atomic
 
         self.manifest["updated_at"] = _now()
         write_json_atomic(self.manifest_path, self.manifest)
@@ -663,7 +664,7 @@ class Run:
 
     def stage(self, stage: Stage, context: StageContext) -> dict[str, Any]:
         """Run `stage` unless an identical earlier result is present."""
-        from .imaging import atomic_directory, atomic_files_into, remove_file_inside
+        from .atomic import atomic_directory, atomic_files_into, remove_file_inside
 
         settings, input_hashes = stage.settings(context), stage.inputs(context)
         key = _stage_key(stage, settings, input_hashes)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .imaging import atomic_path
+from .atomic import atomic_path
 
 
 def write_mp4(path: str | Path, frames: Sequence[np.ndarray], fps: float = 10.0) -> Path:

@@ -452,7 +452,7 @@ def extract_sphere32(archive: str | Path, destination: Path | None = None) -> Pa
     import zipfile
     from collections import defaultdict
 
-    from .imaging import atomic_directory
+    from .atomic import atomic_directory
 
     destination = Path(destination) if destination is not None else cache_dir() / "sphere32"
     try:

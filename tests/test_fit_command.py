@@ -83,7 +83,7 @@ def test_fit_makes_the_turntable_mesh_and_report_and_records_the_views(fitted_ru
     manifest = json.loads((run / "run.json").read_text())
     source = manifest["input"]
     assert source["kind"] == "views" and Path(source["path"]) == views.resolve() and source["views"] == 32
-    from dp360.imaging import file_sha256
+    from dp360.atomic import file_sha256
 
     expected = {path.name: file_sha256(path) for path in views.iterdir()}
     assert source["files"] == expected

@@ -10,23 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dp360.errors import InputImageError, RunDirectoryError
-from dp360.imaging import (
-    MAX_PIXELS,
-    MAX_SIDE,
-    MIN_SIDE,
+from dp360.atomic import (
     atomic_directory,
     atomic_files_into,
     atomic_path,
     current_umask,
-    downscaled_size,
-    load_portrait,
     remove_empty_folder_inside,
     remove_file_inside,
     remove_stale_temporaries,
-    save_image_atomic,
     write_json_atomic,
 )
+from dp360.errors import InputImageError, RunDirectoryError
+from dp360.imaging import MAX_PIXELS, MAX_SIDE, MIN_SIDE, downscaled_size, load_portrait, save_image_atomic
 
 from .images import cut_copy, png_with_size, truncated_copy
 
@@ -294,7 +289,7 @@ def test_written_files_and_folders_follow_the_umask(tmp_path, gradient, umask, m
 _KILLED_WRITER = """
 import contextlib, os, sys
 from pathlib import Path
-from dp360.imaging import atomic_directory, atomic_files_into, atomic_path
+from dp360.atomic import atomic_directory, atomic_files_into, atomic_path
 
 root = Path(sys.argv[1])
 with contextlib.ExitStack() as stack:

@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from .. import cameras
+from ..atomic import file_sha256, write_json_atomic
 from ..errors import Dp360Error
-from ..imaging import file_sha256, save_image_atomic, write_json_atomic
+from ..imaging import save_image_atomic
 from ..stage import Stage, StageContext, Unavailable, check_float, check_int, check_seed
 from ..video import write_mp4
 from ..weights import Need

@@ -153,7 +153,7 @@ class ArcFaceModel:
 
 def write_random_arcface(path: str | Path, layers: tuple[int, int, int, int] = (2, 2, 2, 2), seed: int = 0) -> Path:
     """An IResNet (iresnet18 by default) with random weights in the arcface_torch layout (tests)."""
-    from ..imaging import atomic_path
+    from ..atomic import atomic_path
 
     torch.manual_seed(seed)
     state = IResNet(layers).state_dict()

@@ -145,7 +145,7 @@ def read_capture(path: str | Path) -> Capture:
 def write_capture(folder: str | Path, frames: list[dict[str, Any]]) -> Path:
     """`transforms.json` for frames given as {file_path, cam2world (OpenCV), intrinsics (pixels),
     width, height, optional mask_path}: the layout `read_capture` reads (for the dataset scripts)."""
-    from ..imaging import write_json_atomic
+    from ..atomic import write_json_atomic
 
     entries = []
     for frame in frames:

@@ -117,7 +117,7 @@ def check_table_target(out: str | Path, overwrite: bool = False) -> tuple[Path, 
 
 
 def write_table(out: str | Path, results: list[dict[str, Any]], truth: str | None, overwrite: bool = False):
-    from ..imaging import write_bytes_atomic
+    from ..atomic import write_bytes_atomic
 
     md_path, csv_path = check_table_target(out, overwrite)
     write_bytes_atomic(md_path, markdown(results, truth).encode("utf-8"))

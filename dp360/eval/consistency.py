@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from .. import cameras
+from ..atomic import file_sha256
 from ..errors import Dp360Error
-from ..imaging import file_sha256
 from ..stage import Stage, StageContext, Unavailable
 from . import metrics
 from .capture import load_image, read_capture
@@ -194,7 +194,7 @@ def _settings(context: StageContext) -> dict[str, Any]:
 
 
 def _build(context: StageContext, folder: Path) -> dict[str, Any]:
-    from ..imaging import write_json_atomic
+    from ..atomic import write_json_atomic
 
     result = consistency(context.run_dir, context.device)
     write_json_atomic(folder / CONSISTENCY_FILE, result)

@@ -36,7 +36,7 @@ def evaluate_paths(
     """Every check first (settings, folders, the table's target, the run locks), then per
     candidate: its metrics against `truth` and its consistency score (a run with a field);
     written as RUN/eval/metrics.json and metrics.png for runs, and as `table` (.md and .csv)."""
-    from ..imaging import write_json_atomic
+    from ..atomic import write_json_atomic
     from ..run import RunLock
     from .capture import read_capture
     from .compare import check_table_target, write_table

@@ -263,7 +263,7 @@ def write_random_inception(path: str | Path, seed: int = 0) -> Path:
     import torch
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from ..imaging import atomic_path
+    from ..atomic import atomic_path
 
     class _Unloaded(FeatureExtractorInceptionV3):
         def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init

@@ -20,7 +20,7 @@ def plot_metrics(path: str | Path, truth: dict[str, Any] | None, consistency: di
     # A bare Figure (no pyplot): no global backend switch in the caller's process, no display.
     from matplotlib.figure import Figure
 
-    from ..imaging import atomic_path
+    from ..atomic import atomic_path
 
     panels = []
     if truth:

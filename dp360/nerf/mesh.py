@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..atomic import atomic_path
 from ..errors import Dp360Error
-from ..imaging import atomic_path
 from ..outputs import check_file_target
 from .fit import LoadedField
 

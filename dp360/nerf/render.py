@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from .. import cameras
+from ..atomic import atomic_directory, atomic_path
 from ..errors import Dp360Error
-from ..imaging import atomic_directory, atomic_path, save_image_atomic
+from ..imaging import save_image_atomic
 from ..outputs import check_file_target, check_frames_target
 from .fit import LoadedField
 

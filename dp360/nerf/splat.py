@@ -472,7 +472,7 @@ def write_splat_ply(parameters: dict[str, np.ndarray], out: Path, overwrite: boo
     is refused unless `overwrite` (see dp360.outputs)."""
     from plyfile import PlyData, PlyElement
 
-    from ..imaging import atomic_path
+    from ..atomic import atomic_path
     from ..outputs import check_file_target
 
     out = check_file_target(out, overwrite)

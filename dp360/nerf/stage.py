@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import file_sha256
 from ..errors import Dp360Error
-from ..imaging import file_sha256
 from ..stage import Stage, StageContext
 from .fit import FIT_FILE, FitSettings, fit_checkpoints, fit_field, is_splat_fit, load_field
 from .mesh import MESH_FORMATS, MeshSettings, coloured_mesh, is_textured, write_mesh

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .. import cameras
-from ..imaging import save_image_atomic, write_json_atomic
+from ..atomic import write_json_atomic
+from ..imaging import save_image_atomic
 
 BACKGROUND = (0.8, 0.8, 0.8)
 # rays per pixel side in `render`: 4 x 4 samples per pixel, averaged

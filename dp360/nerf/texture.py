@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from .. import cameras
+from ..atomic import atomic_path
 from ..errors import Dp360Error
-from ..imaging import atomic_path
 from ..outputs import check_file_target
 from ..safety import read_json_object
 

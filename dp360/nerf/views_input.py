@@ -185,7 +185,7 @@ def decode_view(path: Path, max_pixels: int | None = None):
 def read_views(folder: str | Path, max_pixels: int | None = None) -> ViewsInput:
     """The views folder `folder`, every file checked (see the module's docstring); a Dp360Error
     naming the first problem otherwise. Reads, never writes."""
-    from ..imaging import file_sha256
+    from ..atomic import file_sha256
     from ..safety import MAX_CONFIG_BYTES, read_json_object
 
     folder = Path(folder)
@@ -285,7 +285,8 @@ def view_name(index: int) -> str:
 def import_views(views: ViewsInput, folder: Path) -> dict[str, Any]:
     """Copy the views into `folder` as 000.png ... (8-bit RGB) with a transforms.json pointing at
     them, written by `cameras.to_nerfstudio_transforms` (per-frame intrinsics where they differ)."""
-    from ..imaging import save_image_atomic, write_json_atomic
+    from ..atomic import write_json_atomic
+    from ..imaging import save_image_atomic
 
     copies = []
     for index, frame in enumerate(views.frames):

@@ -115,7 +115,7 @@ def write_random_backbone(path: str | Path, seed: int = 0) -> Path:
     """A VGG16 state dict with random weights in torchvision's layout (tests, benchmarks)."""
     from torchvision.models import vgg16
 
-    from ..imaging import atomic_path
+    from ..atomic import atomic_path
 
     torch.manual_seed(seed)
     state = {f"features.{key}": value for key, value in vgg16(weights=None).features.state_dict().items()}

@@ -336,7 +336,7 @@ def _persistent_tree(
 
 def write_network_pickle(path: str | Path, generator: torch.nn.Module, init_kwargs: dict[str, Any]) -> Path:
     """Write `generator` as a training snapshot in the persistence layout ({'G_ema': ...})."""
-    from ..imaging import atomic_path
+    from ..atomic import atomic_path
 
     tree = _persistent_tree(generator, "training.triplane.TriPlaneGenerator", init_kwargs)
     with atomic_path(Path(path)) as temporary, open(temporary, "wb") as handle:

@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 
 from .. import cameras
+from ..atomic import atomic_directory, file_sha256, write_json_atomic
 from ..errors import Dp360Error
-from ..imaging import atomic_directory, file_sha256, save_image_atomic, write_json_atomic
+from ..imaging import save_image_atomic
 from ..stage import Stage, StageContext, Unavailable, check_int
 from ..weights import Need
 from .inversion import InversionSettings, canonical_ws, invert, render_views, render_views_with_depth, to_uint8

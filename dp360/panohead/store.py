@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_directory, file_sha256
 from ..errors import Dp360Error
-from ..imaging import atomic_directory, file_sha256
 from ..outputs import check_output_folder
 from ..safety import MAX_CONFIG_BYTES, one_line, read_json_object, read_plain_file, safetensors_header, shape_problems
 from .generator import PanoHeadConfig, PanoHeadGenerator

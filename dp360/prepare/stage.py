@@ -19,8 +19,9 @@ import cv2
 import numpy as np
 
 from .. import cameras, weights
+from ..atomic import write_json_atomic
 from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
-from ..imaging import LoadedImage, save_image_atomic, write_json_atomic
+from ..imaging import LoadedImage, save_image_atomic
 from ..stage import Stage, StageContext, check_float, check_int
 from ..weights import Need
 from .align import (

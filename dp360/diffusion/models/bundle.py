@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ... import __version__
+from ...atomic import atomic_directory
 from ...errors import Dp360Error
-from ...imaging import atomic_directory
 from ...outputs import check_output_folder
 from ...safety import (
     ConfigError,
