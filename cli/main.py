@@ -18,6 +18,7 @@ from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
 import dp360
+from dp360 import cache
 from dp360 import weights as weight_files
 from dp360.diffusion.models.configs import FAMILIES
 
@@ -1254,7 +1255,7 @@ def _official_checkpoint(kind: str, checkpoint: Path | None, cache_dir: str | No
     if found is None:
         file_name = weights.WEIGHT_FILES[kind].file_name
         raise Dp360Error(
-            f"{file_name} is not on this machine (not kept in {weights.downloads_dir()}, not in the Hugging Face "
+            f"{file_name} is not on this machine (not kept in {cache.downloads_dir()}, not in the Hugging Face "
             f"cache); pass it with --checkpoint FILE, or fetch and keep it with "
             f"`dp360 weights download {kind} --keep-checkpoints`."
         )
@@ -1279,7 +1280,6 @@ def weights_convert(
     """Convert an official checkpoint into per-component diffusers folders in safetensors."""
     import torch
 
-    from dp360 import weights
     from dp360.diffusion.models.bundle import convert_to_bundle
 
     with user_errors(INTERRUPTED_NOTHING_WRITTEN):
@@ -1289,7 +1289,7 @@ def weights_convert(
 
             err_console.print(f"[green]✓[/] {convert_panohead_pickle(path, out)}")
             return
-        target = out or weights.bundle_path(kind.value, fp16)
+        target = out or cache.bundle_path(kind.value, fp16)
         convert_to_bundle(path, target, kind.value, family=family.value, dtype=torch.float16 if fp16 else torch.float32)
         err_console.print(f"[green]✓[/] {target}")
 

@@ -501,7 +501,7 @@ def _node_lock(name: str) -> Iterator[None]:
     that the first one fetches the weights and the others wait and find them."""
     import fcntl
 
-    from .weights import cache_dir
+    from .cache import cache_dir
 
     path = cache_dir() / name
     path.parent.mkdir(parents=True, exist_ok=True)

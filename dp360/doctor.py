@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import runtime, weights
+from . import cache, runtime, weights
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -147,7 +147,7 @@ def check_opencv() -> Check:
 def check_face_detectors() -> Check:
     from .prepare.detectors import dlib_landmark_model_path
 
-    retina = weights.facexlib_dir() / weights.RETINAFACE_FILES["resnet50"]
+    retina = cache.facexlib_dir() / weights.RETINAFACE_FILES["resnet50"]
     try:
         dlib_path = dlib_landmark_model_path()
         dlib_ok = True
@@ -171,8 +171,8 @@ def check_face_detectors() -> Check:
 
 
 def check_cache() -> Check:
-    root = weights.cache_dir()
-    files = weights.describe_cache()
+    root = cache.cache_dir()
+    files = cache.describe_cache()
     total = sum(size for _, size in files)
     hf_home = os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")
     listing = ", ".join(f"{path.relative_to(root)} ({_gib(size)})" for path, size in files[:8]) or "empty"
@@ -214,7 +214,7 @@ def pending_bytes() -> int:
 
 
 def check_disk() -> Check:
-    root = weights.cache_dir()
+    root = cache.cache_dir()
     probe = next(parent for parent in (root, *root.parents) if parent.exists())
     free_cache = shutil.disk_usage(probe).free
     free_here = shutil.disk_usage(Path.cwd()).free

@@ -1,6 +1,7 @@
 """Where dp360's weight files come from, where they live, and how they are fetched on first use.
 
-Cache root: `$DP360_CACHE`, else `$XDG_CACHE_HOME/dp360`, else `~/.cache/dp360`:
+Cache root (`dp360.cache` names every location): `$DP360_CACHE`, else `$XDG_CACHE_HOME/dp360`,
+else `~/.cache/dp360`:
 - `bundles/{main,back}-{fp16,fp32}/`, `bundles/panohead/`: converted models (safetensors);
 - `sphere32/`: the 32 camera images from the official inference data;
 - `perceptual/`: torchvision's VGG16 weights (the PanoHead inversion's LPIPS backbone);
@@ -20,6 +21,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .cache import (
+    PERCEPTUAL_FILE,
+    PERCEPTUAL_HOME,
+    bundle_path,
+    cache_dir,
+    downloads_dir,
+    facexlib_dir,
+    panohead_dir,
+    perceptual_dir,
+)
 from .errors import DetectorUnavailableError, Dp360Error
 
 RETINAFACE_FILES = {
@@ -27,19 +38,6 @@ RETINAFACE_FILES = {
     "mobile0.25": "detection_mobilenet0.25_Final.pth",
 }
 FACEXLIB_RELEASE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/"
-
-
-def cache_dir() -> Path:
-    if os.environ.get("DP360_CACHE"):
-        return Path(os.environ["DP360_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "dp360"
-
-
-def facexlib_dir() -> Path:
-    if os.environ.get("DP360_FACEXLIB_DIR"):
-        return Path(os.environ["DP360_FACEXLIB_DIR"]).expanduser()
-    return cache_dir() / "facexlib"
 
 
 def offline() -> bool:
@@ -66,14 +64,6 @@ def retinaface_weights(network: str = "resnet50", weights_dir: Path | None = Non
         return fetch(probe(url, file_name, hub=False), path, progress=False)
     except DownloadError as error:
         raise DetectorUnavailableError(f"RetinaFace weights could not be downloaded ({error}); {how}.") from None
-
-
-def describe_cache() -> list[tuple[Path, int]]:
-    """Files in the dp360 cache with their sizes in bytes."""
-    root = cache_dir()
-    if not root.is_dir():
-        return []
-    return sorted((path, path.stat().st_size) for path in root.rglob("*") if path.is_file())
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,10 +122,10 @@ WEIGHT_FILES = {
         ),
         WeightFile(
             "perceptual",
-            "vgg16-397923af.pth",
+            PERCEPTUAL_FILE,
             "torchvision VGG16 ImageNet weights: LPIPS backbone of the PanoHead inversion (BSD-3)",
             0.53,
-            home_url="https://download.pytorch.org/models/",
+            home_url=PERCEPTUAL_HOME,
             sha256_prefix="397923af",
         ),
         WeightFile(
@@ -155,19 +145,6 @@ EXTRA_FILES = {item.name: (item.file_name, item.size_gb, item.what) for item in 
 def files_url(home_url: str, file_name: str) -> str:
     mirror = os.environ.get(FILES_ENDPOINT_VARIABLE, "").strip()
     return f"{mirror.rstrip('/')}/{file_name}" if mirror else home_url + file_name
-
-
-def bundles_dir() -> Path:
-    return cache_dir() / "bundles"
-
-
-def bundle_path(kind: str, fp16: bool = False) -> Path:
-    return bundles_dir() / f"{kind}-{'fp16' if fp16 else 'fp32'}"
-
-
-def downloads_dir() -> Path:
-    """Raw downloads (and their resumable partial files) before conversion."""
-    return cache_dir() / "downloads"
 
 
 def cached_official(name: str, cache: str | None = None) -> Path | None:
@@ -246,14 +223,11 @@ class Need:
 
 def default_needs(view_count: int = 32, fp16: bool = False) -> list[Need]:
     """What a full run with default locations needs (the doctor's list)."""
-    from .panohead.perceptual import backbone_path
-    from .panohead.store import panohead_dir
-
     needs = [
         Need("main", bundle_path("main", fp16), fp16),
         Need("back", bundle_path("back", fp16), fp16),
         Need("panohead", panohead_dir()),
-        Need("perceptual", backbone_path()),
+        Need("perceptual", perceptual_dir() / PERCEPTUAL_FILE),
         Need("retinaface", facexlib_dir() / RETINAFACE_FILES["resnet50"], optional=True),
     ]
     if view_count == 32:

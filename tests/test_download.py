@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dp360 import weights
+from dp360 import cache, weights
 from dp360.download import DownloadError, partial_path
 from dp360.weights import MissingWeightsError, Need
 
@@ -104,14 +104,14 @@ def test_reconstruct_from_an_empty_cache_fetches_everything_and_runs_every_stage
     assert sorted(hub.bytes_sent) == sorted([MAIN, BACK, PANOHEAD, DATA, VGG])
     for name, content in {**hub.hub_files, VGG: hub.plain_files[VGG]}.items():
         assert hub.bytes_sent[name] == len(content), name
-    cache = Path(os.environ["DP360_CACHE"])
+    cache_root = Path(os.environ["DP360_CACHE"])
     for kind in ("main", "back"):
-        manifest = json.loads((cache / "bundles" / f"{kind}-fp32" / "dp360_bundle.json").read_text())
+        manifest = json.loads((cache_root / "bundles" / f"{kind}-fp32" / "dp360_bundle.json").read_text())
         assert manifest["family"] == "tiny" and manifest["dtype"] == "float32"  # found by shape, fp32 on CPU
-    assert len(list((cache / "sphere32").glob("*.png"))) == 32
-    assert (cache / "perceptual" / VGG).read_bytes() == hub.plain_files[VGG]
+    assert len(list((cache_root / "sphere32").glob("*.png"))) == 32
+    assert (cache_root / "perceptual" / VGG).read_bytes() == hub.plain_files[VGG]
     # the raw checkpoints were removed after their verified conversion; nothing partial is left
-    assert [path.name for path in (cache / "downloads").iterdir() if not path.name.endswith(".lock")] == []
+    assert [path.name for path in (cache_root / "downloads").iterdir() if not path.name.endswith(".lock")] == []
     assert (out / "export" / "turntable.mp4").is_file() and (out / "export" / "head.glb").is_file()
 
     requests = len(hub.requests)
@@ -128,10 +128,10 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, monkeypatch):
     monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
     content = hub.hub_files[PANOHEAD]
     hub.cut_after[PANOHEAD] = len(content) // 2
-    target = weights.cache_dir() / "bundles" / "panohead"
+    target = cache.cache_dir() / "bundles" / "panohead"
     with pytest.raises(DownloadError, match="next run resumes"):
         weights.ensure([Need("panohead", target)], progress=False)
-    partial = partial_path(weights.downloads_dir() / PANOHEAD)
+    partial = partial_path(cache.downloads_dir() / PANOHEAD)
     kept = partial.stat().st_size
     assert len(content) // 2 - 16 * 1024 <= kept <= len(content) // 2 and not target.exists()
 
@@ -141,51 +141,51 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, monkeypatch):
     assert hub.downloads(PANOHEAD)[-1] == f"bytes={kept}-"  # only the rest was asked for
     assert hub.bytes_sent[PANOHEAD] - sent_before == len(content) - kept
     assert Need("panohead", target).present() and not partial.exists()
-    assert not (weights.downloads_dir() / PANOHEAD).exists()
+    assert not (cache.downloads_dir() / PANOHEAD).exists()
 
 
 def test_a_partial_file_of_another_version_is_not_resumed(hub):
-    destination = weights.downloads_dir() / DATA
+    destination = cache.downloads_dir() / DATA
     destination.parent.mkdir(parents=True)
     partial_path(destination).write_bytes(b"x" * 100)  # no record of what it is a prefix of
-    weights.ensure([Need("data", weights.cache_dir() / "sphere32")], progress=False)
+    weights.ensure([Need("data", cache.cache_dir() / "sphere32")], progress=False)
     assert hub.downloads(DATA) == [None]
-    assert len(list((weights.cache_dir() / "sphere32").glob("*.png"))) == 32
+    assert len(list((cache.cache_dir() / "sphere32").glob("*.png"))) == 32
 
 
 @pytest.mark.parametrize("name", [PANOHEAD, VGG])
 def test_a_file_whose_hash_does_not_match_is_refused_and_deleted(hub, name):
     hub.damaged.add(name)
     need = (
-        Need("panohead", weights.cache_dir() / "bundles" / "panohead")
+        Need("panohead", cache.cache_dir() / "bundles" / "panohead")
         if name == PANOHEAD
-        else Need("perceptual", weights.cache_dir() / "perceptual" / VGG)
+        else Need("perceptual", cache.cache_dir() / "perceptual" / VGG)
     )
     with pytest.raises(DownloadError, match="not the published file"):
         weights.ensure([need], progress=False)
     assert not need.present()
-    leftovers = [path.name for path in weights.cache_dir().rglob("*") if path.is_file() and path.suffix != ".lock"]
+    leftovers = [path.name for path in cache.cache_dir().rglob("*") if path.is_file() and path.suffix != ".lock"]
     assert leftovers == []
 
 
 def test_retinaface_comes_from_the_files_mirror(hub):
-    target = weights.facexlib_dir() / RETINAFACE
+    target = cache.facexlib_dir() / RETINAFACE
     assert weights.ensure([Need("retinaface", target)], progress=False) == ["retinaface"]
     assert target.read_bytes() == hub.plain_files[RETINAFACE]
 
 
 def test_fp16_bundles_are_made_for_half_precision_and_checkpoints_kept_on_request(hub):
-    target = weights.bundle_path("main", fp16=True)
+    target = cache.bundle_path("main", fp16=True)
     weights.ensure([Need("main", target, fp16=True)], keep_checkpoints=True, progress=False)
     assert json.loads((target / "dp360_bundle.json").read_text())["dtype"] == "float16"
-    kept = weights.downloads_dir() / MAIN
+    kept = cache.downloads_dir() / MAIN
     assert kept.read_bytes() == hub.hub_files[MAIN]
     assert weights.cached_official("main") == kept  # what `weights convert main` reads
 
 
 def test_the_disk_is_checked_before_any_download(hub, monkeypatch):
     monkeypatch.setattr(weights, "_disk_free", lambda path: (path, 1000))
-    needs = [Need("main", weights.bundle_path("main")), Need("data", weights.cache_dir() / "sphere32")]
+    needs = [Need("main", cache.bundle_path("main")), Need("data", cache.cache_dir() / "sphere32")]
     with pytest.raises(MissingWeightsError, match=r"need 0\.\d GB of free disk") as error:
         weights.ensure(needs, progress=False)
     assert "dp360 weights download main" in str(error.value)
@@ -227,20 +227,20 @@ def test_weights_files_given_by_the_user_are_never_fetched(hub, tmp_path):
     from dp360.diffusion.stage import ViewModels
     from dp360.panohead.stage import NoiseModels
 
-    assert ViewModels.locate(32, "fp16").main_bundle == weights.bundle_path("main", fp16=True)
-    assert ViewModels.locate(32, "fp32").main_bundle == weights.bundle_path("main")
+    assert ViewModels.locate(32, "fp16").main_bundle == cache.bundle_path("main", fp16=True)
+    assert ViewModels.locate(32, "fp32").main_bundle == cache.bundle_path("main")
     # --weights-dir: every model comes from there, none from (or into) the cache
     assert NoiseModels.locate(tmp_path).generator_need() is None
-    assert NoiseModels.locate().generator_need() == Need("panohead", weights.cache_dir() / "bundles" / "panohead")
+    assert NoiseModels.locate().generator_need() == Need("panohead", cache.cache_dir() / "bundles" / "panohead")
 
 
 def test_downloads_show_a_progress_bar_with_the_file_name_and_size(hub, capsys):
     from dp360.download import fetch, probe
 
     url = weights.WEIGHT_FILES["retinaface"].url()
-    fetch(probe(url, RETINAFACE, hub=False), weights.facexlib_dir() / RETINAFACE, progress=True)
+    fetch(probe(url, RETINAFACE, hub=False), cache.facexlib_dir() / RETINAFACE, progress=True)
     shown = capsys.readouterr().err
     size_kb = len(hub.plain_files[RETINAFACE]) / 1000
     assert RETINAFACE in shown and f"{size_kb:.1f}/{size_kb:.1f} kB" in shown  # complete, of the server's size
-    fetch(probe(url, RETINAFACE, hub=False), weights.facexlib_dir() / "quiet.pth", progress=False)
+    fetch(probe(url, RETINAFACE, hub=False), cache.facexlib_dir() / "quiet.pth", progress=False)
     assert capsys.readouterr().err == ""

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import cameras
+from .. import cache, cameras
 from ..atomic import file_sha256, write_json_atomic
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
@@ -265,12 +265,11 @@ class ViewModels:
 
     @classmethod
     def default(cls, view_count: int = 32) -> ViewModels:
-        from .. import weights
 
         return cls(
-            weights.bundle_path("main"),
-            weights.bundle_path("back"),
-            weights.cache_dir() / "sphere32" if view_count == 32 else weights.cache_dir() / f"cameras{view_count}",
+            cache.bundle_path("main"),
+            cache.bundle_path("back"),
+            cache.cache_dir() / "sphere32" if view_count == 32 else cache.cache_dir() / f"cameras{view_count}",
         )
 
     @classmethod
@@ -286,9 +285,8 @@ class ViewModels:
     ) -> ViewModels:
         """Bundles from `weights_dir` (default: the dp360 cache), preferring the precision that
         matches `dtype` and falling back to the other one; cameras from `camera_dir` if given."""
-        from .. import weights
 
-        root = Path(weights_dir) if weights_dir is not None else weights.bundles_dir()
+        root = Path(weights_dir) if weights_dir is not None else cache.bundles_dir()
         # autocast runs float32 weights (under float16 autocast): the fp32 bundles first
         order = ("fp16", "fp32") if dtype in ("fp16", "bf16") else ("fp32", "fp16")
 
@@ -423,15 +421,14 @@ def _check(context: StageContext) -> Unavailable | None:
 def _weights(context: StageContext) -> tuple[Need, ...]:
     """The two bundles and the sphere32 images where they are to be in dp360's cache (not those
     from --weights-dir or --cameras); for other view counts, PanoHead renders the camera images."""
-    from .. import weights
 
     models, settings = context.config.view_models, context.config.views
     needs: list[Need] = []
     for kind, folder in (("main", Path(models.main_bundle)), ("back", Path(models.back_bundle))):
-        if folder.parent == weights.bundles_dir() and folder.name in (f"{kind}-fp16", f"{kind}-fp32"):
+        if folder.parent == cache.bundles_dir() and folder.name in (f"{kind}-fp16", f"{kind}-fp32"):
             needs.append(Need(kind, folder, fp16=folder.name.endswith("fp16")))
     camera_dir = Path(models.camera_dir)
-    if settings.views == 32 and camera_dir == weights.cache_dir() / "sphere32":
+    if settings.views == 32 and camera_dir == cache.cache_dir() / "sphere32":
         needs.append(Need("data", camera_dir))
     elif not camera_dir.is_dir():
         generator = context.config.noise_models.generator_need()

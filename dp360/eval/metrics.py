@@ -189,7 +189,7 @@ def identity_similarity(
 
 def inception_path() -> Path:
     """Where dp360 looks for the Inception weights (it never downloads them itself)."""
-    from ..weights import cache_dir
+    from ..cache import cache_dir
 
     return cache_dir() / "inception" / INCEPTION_FILE
 

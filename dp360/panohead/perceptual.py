@@ -21,21 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache import PERCEPTUAL_FILE, PERCEPTUAL_HOME, perceptual_dir
 from ..errors import Dp360Error
 from ..safety import load_tensors, one_line
-from ..weights import WEIGHT_FILES
 
-VGG16_FILE = WEIGHT_FILES["perceptual"].file_name  # where it comes from and its hash: dp360.weights
-VGG16_URL = WEIGHT_FILES["perceptual"].home_url + VGG16_FILE
+VGG16_FILE = PERCEPTUAL_FILE  # its download and hash: dp360.weights
+VGG16_URL = PERCEPTUAL_HOME + VGG16_FILE
 SLICE_ENDS = (4, 9, 16, 23, 30)  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
-
-
-def perceptual_dir() -> Path:
-    from ..weights import cache_dir
-
-    return cache_dir() / "perceptual"
 
 
 def backbone_path() -> Path:

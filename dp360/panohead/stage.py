@@ -163,8 +163,8 @@ class NoiseModels:
 
     @classmethod
     def locate(cls, weights_dir: Path | None = None) -> NoiseModels:
+        from ..cache import panohead_dir
         from .perceptual import backbone_path
-        from .store import panohead_dir
 
         # --weights-dir holds every converted model of the run; dp360's cache is used (and filled
         # on first use) only without it
@@ -173,7 +173,7 @@ class NoiseModels:
 
     def generator_need(self) -> Need | None:
         """The converted generator, when it is to be in dp360's cache (fetched on first use)."""
-        from .store import panohead_dir
+        from ..cache import panohead_dir
 
         return Need("panohead", self.generator_dir) if Path(self.generator_dir) == panohead_dir() else None
 
@@ -212,7 +212,7 @@ class NoiseModels:
 
     def camera_images(self, view_count: int, device: str) -> Path:
         """Camera-condition renders for `view_count` views, cached per generator."""
-        from ..weights import cache_dir
+        from ..cache import cache_dir
 
         digest = self.hashes()["panohead"][:12]
         out_dir = cache_dir() / "cameras" / f"orbit{view_count}-{digest}"

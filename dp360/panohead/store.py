@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..atomic import atomic_directory, file_sha256
+from ..cache import panohead_dir
 from ..errors import Dp360Error
 from ..outputs import check_output_folder
 from ..safety import MAX_CONFIG_BYTES, one_line, read_json_object, read_plain_file, safetensors_header, shape_problems
@@ -30,12 +31,6 @@ CONFIG_FILE = "panohead.json"
 OPTIONAL_KEYS = ("dataset_label_std",)
 # panohead.json's "format": only dp360 writes it, so a conversion replaces only such a folder.
 PANOHEAD_FORMAT = "dp360-panohead"
-
-
-def panohead_dir() -> Path:
-    from ..weights import bundles_dir
-
-    return bundles_dir() / "panohead"
 
 
 # The released generator holds 55 M values; a configuration asking for far more is not PanoHead

@@ -2,7 +2,7 @@
 
 - `retinaface`: facexlib's RetinaFace (ResNet-50), the accurate default. Its weights are
   fetched once from facexlib's release page into the dp360 cache, or read from a folder you
-  fill by hand (see `dp360.weights.facexlib_dir`).
+  fill by hand (see `dp360.cache.facexlib_dir`).
 - `dlib`: dlib's HOG face detector plus its 68-point landmark model, shipped inside the
   `face-recognition-models` package, so it works offline. PanoHead's own cropping is built on
   the same 68 landmarks.

@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .. import cameras, weights
+from .. import cache, cameras, weights
 from ..atomic import write_json_atomic
 from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
 from ..imaging import LoadedImage, save_image_atomic
@@ -388,7 +388,7 @@ def _weights(context: StageContext) -> tuple[Need, ...]:
         return ()
     if settings.no_crop and settings.yaw is not None and settings.pitch is not None:
         return ()
-    target = weights.facexlib_dir() / weights.RETINAFACE_FILES["resnet50"]
+    target = cache.facexlib_dir() / weights.RETINAFACE_FILES["resnet50"]
     return (Need("retinaface", target, optional=settings.detector == "auto" or settings.no_crop),)
 
 
