@@ -30,8 +30,8 @@ from dp360 import cameras
 from dp360.eval.capture import write_capture
 from dp360.eval.evaluate import evaluate_paths
 from dp360.eval.truth import EvalSettings
+from dp360.manifest import new_manifest
 from dp360.nerf import synthetic
-from dp360.run import new_manifest
 from dp360.runtime import resolve_device
 
 

@@ -645,7 +645,8 @@ def reconstruct(
     from dp360.diffusion.stage import ViewModels, check_memory_options
     from dp360.errors import Dp360Error
     from dp360.panohead.stage import NoiseModels
-    from dp360.run import RunOptions, check_run_settings, pipeline_stages
+    from dp360.registry import pipeline_stages
+    from dp360.run import RunOptions, check_run_settings
     from dp360.run import reconstruct as reconstruct_run
 
     settings = _prepare_settings(detector, detector_weights, no_crop, yaw, pitch, face_index, force_crop, allow_small)
@@ -1041,11 +1042,11 @@ def export(
     f_dc/f_rest, opacity, scale, rotation), which splat viewers open; this needs no GPU.
     """
     from dp360.errors import Dp360Error
+    from dp360.manifest import LOCK_NAME, RunLock, check_no_links
     from dp360.nerf.fit import is_splat_fit, load_field
     from dp360.nerf.mesh import MeshSettings, coloured_mesh, write_mesh
     from dp360.outputs import check_file_target
     from dp360.report import read_run
-    from dp360.run import LOCK_NAME, RunLock, check_no_links
     from dp360.runtime import resolve_device
 
     with user_errors():
@@ -1334,20 +1335,21 @@ def report(run_dir: RunDirArgument) -> None:
     the views with their cameras, the turntable, the mesh from four sides, the stages' timings and
     settings, and the notes and warnings (a stage that did not run shows why).
     """
+    from dp360.manifest import LOCK_NAME, RunLock, check_no_links
+    from dp360.registry import stage_names_of
     from dp360.report import REPORT_FOLDER, REPORT_NAME, read_run, write_report
-    from dp360.run import LOCK_NAME, RunLock, check_no_links
 
     with user_errors(INTERRUPTED_NOTHING_WRITTEN):
         _check_run_dir(run_dir)
         RunLock(Path(run_dir)).check_free()
-        read_run(run_dir)  # a folder dp360 did not make is refused before the lock file is made there
+        manifest = read_run(run_dir)  # a folder dp360 did not make is refused before the lock file is made there
         inside = ((REPORT_FOLDER,), (LOCK_NAME, f"{REPORT_FOLDER}/{REPORT_NAME}"))
         check_no_links(run_dir, *inside)  # never written through a link, whatever points where
         lock = RunLock(Path(run_dir))
         lock.acquire()  # no run writes into the folder while the page reads it
         try:
             check_no_links(run_dir, *inside)  # again, under the lock
-            path = write_report(run_dir)
+            path = write_report(run_dir, stage_names=stage_names_of(manifest))
         finally:
             lock.release()
     typer.echo(str(path))

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import Dp360Error, RunDirectoryError
-from .run import MANIFEST_NAME, RunLock, RunOptions, dtype_refusal
+from .manifest import MANIFEST_NAME, RunLock
+from .run import RunOptions, dtype_refusal
 
 if TYPE_CHECKING:
     from .diffusion.stage import ViewModels, ViewSettings
@@ -314,7 +315,7 @@ class BatchRecipe:
     @classmethod
     def reconstruct(cls, **settings) -> BatchRecipe:
         """Everything, as `dp360 reconstruct`: done when the turntable and the mesh are there."""
-        from .run import pipeline_stages
+        from .registry import pipeline_stages
 
         return cls(tuple(stage.name for stage in pipeline_stages()), ("prepare",), ("render", "export"), **settings)
 
@@ -387,7 +388,8 @@ class BatchRecipe:
     def fetch_weights(self, kind: str, dtype: str, out_dir: Path, note) -> list[str]:
         """Fetch and convert the weights every portrait needs into this node's cache (no portrait's
         input is read: the stages' weights depend on their settings only)."""
-        from .run import fetch_weights, pipeline_stages
+        from .registry import pipeline_stages
+        from .run import fetch_weights
         from .stage import RunConfig, StageContext
 
         view_models, noise_models = self.locate(dtype)
@@ -519,7 +521,7 @@ class PortraitWorker:
 
     def __init__(self, recipe: BatchRecipe, kind: str, dtype: str, environment: dict[str, str], threads: int):
         os.environ.update(environment)
-        from .run import pipeline_stages
+        from .registry import pipeline_stages
 
         pipeline_stages()  # imports every stage's code (torch, diffusers, nerfstudio) while the worker starts
         if kind == "cpu":
@@ -539,7 +541,8 @@ class PortraitWorker:
 
     def run(self, task: PortraitTask) -> PortraitResult:
         from .atomic import filesystem_error
-        from .run import read_manifest, run_pipeline
+        from .manifest import read_manifest
+        from .run import run_pipeline
 
         clock, started = _StageClock(), time.perf_counter()
         result = PortraitResult(task.input, task.run_dir, "failed", pid=os.getpid(), attempts=task.attempt)

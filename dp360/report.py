@@ -63,7 +63,7 @@ _UNSHOWN_RECORD_FIELDS = ("last_run",)
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """The run's manifest, or one sentence saying the folder is not a run."""
-    from .run import read_manifest
+    from .manifest import read_manifest
 
     run_dir = Path(run_dir)
     path = run_dir / MANIFEST
@@ -331,9 +331,11 @@ def _json_block(value: Any) -> str:
 
 
 class _Page:
-    def __init__(self, run_dir: Path, manifest: dict[str, Any]):
+    def __init__(self, run_dir: Path, manifest: dict[str, Any], stage_names: Sequence[str] = ()):
         self.run_dir = run_dir
         self.manifest = manifest
+        # the stages of this kind of run in order (`dp360.registry`); without them, the recorded ones
+        self.stage_names = tuple(stage_names) or tuple(manifest.get("stages", {}))
         self.records: dict[str, dict[str, Any]] = {
             name: record for name, record in manifest.get("stages", {}).items() if name != "report"
         }
@@ -663,12 +665,9 @@ class _Page:
             self.notice(f"not available: {name.upper()}: {reason}")
 
     def stages(self) -> None:
-        from .run import pipeline_stages, views_run_stages
-
         self.add("<h2 id='stages'>Stages</h2>")
         rows = []
-        stages = views_run_stages() if self.imported() else pipeline_stages()
-        order = [stage.name for stage in stages if stage.name != "report"]
+        order = [name for name in self.stage_names if name != "report"]
         names = order + [name for name in self.records if name not in order]
         total = 0.0
         for name in names:
@@ -734,18 +733,19 @@ class _Page:
         )
 
 
-def render_report(run_dir: str | Path, manifest: dict[str, Any] | None = None) -> str:
+def render_report(run_dir: str | Path, manifest: dict[str, Any] | None = None, stage_names: Sequence[str] = ()) -> str:
     """The page of a run folder, as HTML text (for `export/report.html`: its links are relative
-    to `export/`)."""
+    to `export/`). `stage_names`: the stages of this kind of run, in order (`dp360.registry`), so
+    that those the command did not run are listed as such; without them, the recorded stages."""
     run_dir = Path(run_dir)
-    return _Page(run_dir, read_run(run_dir) if manifest is None else manifest).render()
+    return _Page(run_dir, read_run(run_dir) if manifest is None else manifest, stage_names).render()
 
 
-def write_report(run_dir: str | Path, folder: str | Path | None = None) -> Path:
+def write_report(run_dir: str | Path, folder: str | Path | None = None, stage_names: Sequence[str] = ()) -> Path:
     """Write the page into `folder` (default RUN_DIR/export/) atomically; returns its path. The
     caller holds the run's lock (`dp360 report` does, and the runner for the stage)."""
     run_dir = Path(run_dir)
-    text = render_report(run_dir)
+    text = render_report(run_dir, stage_names=stage_names)
     target = Path(folder or run_dir / REPORT_FOLDER) / REPORT_NAME
     target.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(target, text.encode("utf-8"))
@@ -753,7 +753,7 @@ def write_report(run_dir: str | Path, folder: str | Path | None = None) -> Path:
 
 
 def _build(context: StageContext, folder: Path) -> dict[str, Any]:
-    path = write_report(context.run_dir, folder)
+    path = write_report(context.run_dir, folder, context.stage_names)
     return {"bytes": path.stat().st_size}
 
 

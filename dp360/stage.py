@@ -61,6 +61,8 @@ class StageContext:
     views_input: ViewsInput | None = None  # the checked views folder of a `dp360 fit` run
     # name -> the stages of this run that provide its results instead (`Stage.provides`)
     providers: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # the names of the stages of this kind of run, in order (the report lists them)
+    stage_names: tuple[str, ...] = ()
 
     def done(self, name: str) -> bool:
         """Whether the results of stage `name`, or of a stage providing them, are there."""

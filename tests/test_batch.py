@@ -279,7 +279,7 @@ def test_ctrl_c_stops_a_dp360_batch_process_records_it_and_exits_130(tiny, tmp_p
     import sys
 
     from dp360.batch import BATCH_MANIFEST
-    from dp360.run import LOCK_NAME
+    from dp360.manifest import LOCK_NAME
 
     images = _portraits(tmp_path / "in", "first", "second")
     before = {image: image.read_bytes() for image in images}

@@ -17,8 +17,8 @@ from dp360.errors import Dp360Error
 from dp360.eval import metrics
 from dp360.eval.capture import read_capture, write_capture
 from dp360.eval.truth import Candidate, EvalSettings, Models, evaluate
+from dp360.manifest import new_manifest
 from dp360.nerf import synthetic
-from dp360.run import new_manifest
 
 
 @pytest.fixture(scope="module")
@@ -308,7 +308,7 @@ def test_a_fitted_field_has_a_finite_consistency_score(fitted, vgg):
 
 def test_the_consistency_stage_runs_after_export_and_needs_a_field(tmp_path):
     from dp360.eval.consistency import CONSISTENCY_STAGE
-    from dp360.run import pipeline_stages
+    from dp360.registry import pipeline_stages
     from dp360.stage import StageContext
 
     names = [stage.name for stage in pipeline_stages()]

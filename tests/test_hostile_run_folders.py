@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from dp360 import manifest as manifest_module
 from dp360 import run as run_module
+from dp360.manifest import LOCK_NAME, MANIFEST_FORMAT, RunLock, check_no_links, new_manifest
 from dp360.prepare import PrepareSettings
-from dp360.run import LOCK_NAME, RunLock, RunOptions, new_manifest
+from dp360.run import RunOptions
 
 DLIB = ("--detector", "dlib")
 pytestmark = pytest.mark.timeout(300)
@@ -198,8 +200,8 @@ def test_a_stage_folder_resolving_outside_the_run_is_refused(tmp_path, mine):
     (run_dir / "export").mkdir(parents=True)
     with pytest.raises(run_module.RunDirectoryError, match="symbolic link"):
         _plant(run_dir / "export" / "sub", mine)
-        run_module.check_no_links(run_dir, folders=("export/sub",))
-    run_module.check_no_links(run_dir, folders=("export",), files=("export/missing.glb",))  # missing: fine
+        check_no_links(run_dir, folders=("export/sub",))
+    check_no_links(run_dir, folders=("export",), files=("export/missing.glb",))  # missing: fine
 
 
 # -- 2. a run folder is one dp360 can show it made ------------------------------------------------
@@ -266,7 +268,7 @@ def test_eval_takes_a_folder_with_dp360s_own_run_json_for_a_run(cli, run):
 
 def test_a_run_json_is_dp360s_own_and_keeps_its_id(run, astronaut_path):
     manifest = json.loads((run / "run.json").read_text())
-    assert manifest["format"] == "dp360-run" and manifest["format_version"] == run_module.MANIFEST_FORMAT
+    assert manifest["format"] == "dp360-run" and manifest["format_version"] == MANIFEST_FORMAT
     assert isinstance(manifest["dp360_version"], str) and len(manifest["run_id"]) == 32
     run_module.prepare(astronaut_path, run, PrepareSettings(detector="dlib"), RunOptions(device="cpu", force=True))
     assert json.loads((run / "run.json").read_text())["run_id"] == manifest["run_id"]
@@ -314,15 +316,17 @@ def test_render_refuses_an_out_name_naming_another_format(cli, run, tmp_path):
 
 
 def test_mutation_without_nofollow_the_planted_lock_truncates_the_users_file(monkeypatch, run, mine, astronaut_path):
-    monkeypatch.setattr(run_module, "LOCK_OPEN_FLAGS", os.O_RDWR | os.O_CREAT)
-    monkeypatch.setattr(run_module, "check_no_links", lambda *args, **kwargs: None)
+    monkeypatch.setattr(manifest_module, "LOCK_OPEN_FLAGS", os.O_RDWR | os.O_CREAT)
+    for module in (run_module, manifest_module):
+        monkeypatch.setattr(module, "check_no_links", lambda *args, **kwargs: None)
     _plant(run / LOCK_NAME, mine / "diary.txt")
     run_module.prepare(astronaut_path, run, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))
     assert (mine / "diary.txt").read_text() != "dear diary\n"  # the guarded test above would fail
 
 
 def test_mutation_without_the_link_check_report_replaces_the_users_page(cli, monkeypatch, run, mine):
-    monkeypatch.setattr(run_module, "check_no_links", lambda *args, **kwargs: None)
+    for module in (run_module, manifest_module):
+        monkeypatch.setattr(module, "check_no_links", lambda *args, **kwargs: None)
     _plant(run / "export", mine)
     code, _, stderr = cli("report", run)
     assert code == 0, stderr

@@ -9,10 +9,10 @@ import pytest
 import trimesh
 
 from dp360.errors import Dp360Error
+from dp360.manifest import new_manifest
 from dp360.nerf.mesh import write_mesh
 from dp360.nerf.render import write_frames
 from dp360.outputs import check_file_target, check_frames_target
-from dp360.run import new_manifest
 from dp360.video import read_mp4
 
 FRAMES = [np.full((16, 16, 3), value, np.uint8) for value in (0, 128)]

@@ -270,7 +270,7 @@ def test_rasterizer_draws_the_nearest_surface_with_the_right_silhouette():
 
 
 def test_report_command_rewrites_the_page_and_refuses_other_folders(incomplete_run, tmp_path, cli):
-    from dp360.run import RunLock
+    from dp360.manifest import RunLock
 
     run = tmp_path / "run"
     shutil.copytree(incomplete_run, run)

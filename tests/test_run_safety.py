@@ -19,8 +19,9 @@ import pytest
 
 from dp360 import run as run_module
 from dp360.errors import RunDirectoryError
+from dp360.manifest import LOCK_NAME, RunLock
 from dp360.prepare import PrepareSettings
-from dp360.run import LOCK_NAME, RunLock, RunOptions
+from dp360.run import RunOptions
 
 from .images import no_face
 

@@ -14,6 +14,7 @@ import torch
 from plyfile import PlyData
 
 from dp360 import cameras
+from dp360.manifest import new_manifest
 from dp360.nerf.fit import EXPERIMENT, FIT_FILE, SPLAT_METHOD, TIMESTAMP, FitSettings
 from dp360.nerf.splat import (
     SEED_BALL_RADIUS,
@@ -28,7 +29,6 @@ from dp360.nerf.splat import (
     splat_schedule,
     write_splat_ply,
 )
-from dp360.run import new_manifest
 
 SPHERE_CENTRE, SPHERE_RADIUS = np.array([0.08, 0.05, -0.04]), 0.25
 

@@ -37,7 +37,7 @@ def evaluate_paths(
     candidate: its metrics against `truth` and its consistency score (a run with a field);
     written as RUN/eval/metrics.json and metrics.png for runs, and as `table` (.md and .csv)."""
     from ..atomic import write_json_atomic
-    from ..run import RunLock
+    from ..manifest import RunLock
     from .capture import read_capture
     from .compare import check_table_target, write_table
     from .consistency import FOLDER, consistency, recorded

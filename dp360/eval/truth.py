@@ -85,8 +85,8 @@ class Candidate:
         path = Path(path)
         if os.path.lexists(path / "run.json"):
             from ..errors import RunDirectoryError
+            from ..manifest import read_manifest
             from ..nerf.fit import FIT_FILE
-            from ..run import read_manifest
 
             try:  # eval writes into a run (RUN/eval/): only into one dp360 can show it made
                 read_manifest(path / "run.json")
