@@ -52,7 +52,7 @@ def write_tiny_weights(folder: Path, cache: Path) -> tuple[Path, Path]:
 def settings(args, tiny: bool) -> dict:
     """The recipe's settings: tiny ones for the tiny models, the defaults for real weights."""
     from dp360.diffusion.stage import ViewSettings
-    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.common import FitSettings
     from dp360.nerf.mesh import MeshSettings
     from dp360.nerf.render import TurntableSettings
     from dp360.nerf.stage import FieldStageSettings

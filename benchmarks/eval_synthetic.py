@@ -68,7 +68,8 @@ def truth_capture(folder: Path, mesh, size: int) -> Path:
 
 
 def main() -> None:
-    from dp360.nerf.fit import FitSettings, fit_field
+    from dp360.nerf.common import FitSettings
+    from dp360.nerf.fit import fit_field
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64, help="the views' size in pixels")

@@ -2,7 +2,7 @@
 
     python benchmarks/fit_determinism.py [--size 64] [--preset cpu|test] [--iterations 100] [--repeats 3]
 
-dp360 fits on a CPU with PyTorch's deterministic algorithms on (`dp360.nerf.fit.deterministic_on`),
+dp360 fits on a CPU with PyTorch's deterministic algorithms on (`dp360.nerf.common.deterministic_on`),
 so that a seeded run reproduces its field, turntable and mesh exactly. This fits the same synthetic
 head alternately with and without them, in one process, after a warm-up fit, and prints the seconds
 per iteration of each and whether two deterministic fits gave identical weights.
@@ -20,17 +20,19 @@ import torch
 
 from dp360.nerf import fit as fit_module
 from dp360.nerf import synthetic
+from dp360.nerf import train as train_module
+from dp360.nerf.common import FitSettings
 
 
 def _fit(views: Path, folder: Path, settings, deterministic: bool) -> tuple[float, dict]:
-    original = fit_module.deterministic_on
+    original = train_module.deterministic_on
     if not deterministic:
-        fit_module.deterministic_on = lambda device: contextlib.nullcontext()
+        train_module.deterministic_on = lambda device: contextlib.nullcontext()
     try:
         folder.mkdir()
         summary = fit_module.fit_field(views, folder, settings, "cpu", progress=False)
     finally:
-        fit_module.deterministic_on = original
+        train_module.deterministic_on = original
     (checkpoint,) = folder.rglob("step-*.ckpt")
     weights = torch.load(checkpoint, map_location="cpu", weights_only=False)["pipeline"]
     return summary["fit_seconds"] / settings.iterations, weights
@@ -43,7 +45,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    settings = fit_module.FitSettings.preset(args.preset, iterations=args.iterations)
+    settings = FitSettings.preset(args.preset, iterations=args.iterations)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         views = synthetic.write_views(root / "views", size=args.size)

@@ -34,7 +34,8 @@ import trimesh
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from dp360.nerf import synthetic
-from dp360.nerf.fit import FitSettings, fit_field, load_field
+from dp360.nerf.common import FitSettings
+from dp360.nerf.fit import fit_field, load_field
 from dp360.nerf.render import render_pose
 from dp360.runtime import resolve_device
 

@@ -127,7 +127,7 @@ def memory_mode(args) -> str:
 
 def run_once(args, out: Path, paths: dict, panohead: Path, backbone: Path, device: str, dtype: str) -> dict:
     from dp360.diffusion.stage import ViewModels, ViewSettings
-    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.common import FitSettings
     from dp360.nerf.mesh import MeshSettings
     from dp360.nerf.render import TurntableSettings
     from dp360.nerf.stage import FieldStageSettings

@@ -74,7 +74,7 @@ class DType(str, Enum):
     autocast = "autocast"
 
 
-class FitPreset(str, Enum):  # dp360.nerf.fit.FIT_PRESETS (not imported here: it loads torch)
+class FitPreset(str, Enum):  # dp360.nerf.common.FIT_PRESETS (not imported here: it loads torch)
     gpu = "gpu"
     cpu = "cpu"
     test = "test"
@@ -411,7 +411,7 @@ def _field_settings(
 ):
     """The fit, turntable and mesh settings of `reconstruct`, `fit` and `batch`; `on_cuda` picks the default
     fit preset (gpu, else cpu) when only --fit-iterations is given."""
-    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.common import FitSettings
     from dp360.nerf.mesh import MeshSettings
     from dp360.nerf.render import TurntableSettings
     from dp360.nerf.stage import FieldStageSettings
@@ -1043,7 +1043,8 @@ def export(
     """
     from dp360.errors import Dp360Error
     from dp360.manifest import LOCK_NAME, RunLock, check_no_links
-    from dp360.nerf.fit import is_splat_fit, load_field
+    from dp360.nerf.checkpoint import is_splat_fit
+    from dp360.nerf.fit import load_field
     from dp360.nerf.mesh import MeshSettings, coloured_mesh, write_mesh
     from dp360.outputs import check_file_target
     from dp360.report import read_run

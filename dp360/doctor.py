@@ -265,7 +265,7 @@ def check_nerfstudio_commands() -> Check:
     import ctypes
     from importlib.metadata import entry_points
 
-    from .nerf.fit import METHOD
+    from .nerf.common import METHOD
 
     problems, advice = [], []
     if METHOD not in entry_points(group="nerfstudio.method_configs").names:

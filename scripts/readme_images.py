@@ -35,7 +35,8 @@ from PIL import Image
 
 from dp360 import cameras
 from dp360.nerf import synthetic
-from dp360.nerf.fit import FIT_FILE, FitSettings, fit_field, load_field
+from dp360.nerf.common import FIT_FILE, FitSettings
+from dp360.nerf.fit import fit_field, load_field
 from dp360.nerf.mesh import MeshSettings, coloured_mesh, write_mesh
 from dp360.nerf.render import TurntableSettings, render_turntable, turntable_poses
 from dp360.nerf.texture import render_textured

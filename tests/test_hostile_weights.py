@@ -444,7 +444,7 @@ def test_retinaface_weights(tmp_path, case):
 
 
 def _nerf_run(folder: Path) -> tuple[Path, Path]:
-    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.common import FitSettings
 
     nerf = folder / "run" / "nerf"
     checkpoint = nerf / "dp360" / "nerfacto-head" / "fit" / "nerfstudio_models" / "step-000000040.ckpt"

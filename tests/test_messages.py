@@ -97,7 +97,7 @@ def test_closed_sets_are_choices_from_the_library():
     from dp360 import weights
     from dp360.diffusion.models.bundle import KIND_COMPONENTS
     from dp360.diffusion.models.configs import FAMILIES
-    from dp360.nerf.fit import FIT_PRESETS
+    from dp360.nerf.common import FIT_PRESETS
     from dp360.nerf.mesh import MESH_FORMATS
     from dp360.nerf.render import FORMATS
 

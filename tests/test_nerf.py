@@ -342,7 +342,8 @@ def test_textured_mesh_from_the_views_is_as_sharp_as_the_field(fitted, tmp_path)
 def test_fit_converges_on_a_white_and_a_black_background(background, tmp_path):
     """The head is opaque and coloured, not a black or hazy shape, whether the views' background is
     brighter or darker than every head pixel."""
-    from dp360.nerf.fit import FitSettings, fit_field
+    from dp360.nerf.common import FitSettings
+    from dp360.nerf.fit import fit_field
 
     views = synthetic.write_views(tmp_path / "views", size=32, background=background)
     (tmp_path / "nerf").mkdir()
@@ -364,7 +365,8 @@ def test_health_check_fails_a_fit_whose_colour_head_collapses(tmp_path):
     """nerfacto's own start (an almost empty field, the learning rate at full size from step 0) on
     views brighter than the head saturates the colour head: the fit stops with the numbers."""
     from dp360.errors import Dp360Error
-    from dp360.nerf.fit import FitSettings, fit_field
+    from dp360.nerf.common import FitSettings
+    from dp360.nerf.fit import fit_field
 
     views = synthetic.write_views(tmp_path / "views", size=32, background=(1.0, 1.0, 1.0))
     (tmp_path / "nerf").mkdir()
@@ -382,7 +384,7 @@ def test_health_of_a_field_made_to_collapse(fitted):
     import torch
 
     from dp360.errors import Dp360Error
-    from dp360.nerf.fit import check_health, field_health
+    from dp360.nerf.train import check_health, field_health
 
     views, nerf, summary = fitted
     field = load_field(nerf, "cpu", views)
@@ -428,7 +430,7 @@ def test_ray_batches_draw_their_foreground_share(share):
 
 def test_a_foreground_share_outside_0_to_1_is_refused():
     from dp360.errors import Dp360Error
-    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.common import FitSettings
 
     with pytest.raises(Dp360Error, match="foreground share of the rays must be between 0 and 1"):
         FitSettings.preset("test", foreground_ray_share=1.5).check()

@@ -17,7 +17,8 @@ import yaml
 from PIL import Image
 
 from dp360.nerf import synthetic
-from dp360.nerf.fit import EXPERIMENT, METHOD, TIMESTAMP, FitSettings, load_field
+from dp360.nerf.common import EXPERIMENT, METHOD, TIMESTAMP, FitSettings
+from dp360.nerf.fit import load_field
 from dp360.nerf.render import render_pose
 
 SIZE = 48

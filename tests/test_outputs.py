@@ -139,7 +139,8 @@ EXPORT = ("--mesh-resolution", "16", "--mesh-faces", "100", "--texture-size", "6
 def run(tmp_path_factory):
     """A run folder whose field only needs to load."""
     from dp360.nerf import synthetic
-    from dp360.nerf.fit import FitSettings, fit_field
+    from dp360.nerf.common import FitSettings
+    from dp360.nerf.fit import fit_field
 
     root = tmp_path_factory.mktemp("run")
     views = synthetic.write_views(root / "views", size=24, view_count=8)

@@ -49,7 +49,7 @@ def with_substitutions(source: str, names: set[str]) -> ast.Module:
 def tiny(tmp_path_factory) -> dict:
     from dp360.diffusion.models.tiny import write_tiny_bundles
     from dp360.diffusion.stage import ViewModels, ViewSettings
-    from dp360.nerf.fit import FitSettings
+    from dp360.nerf.common import FitSettings
     from dp360.nerf.mesh import MeshSettings
     from dp360.nerf.render import TurntableSettings
     from dp360.nerf.stage import FieldStageSettings

@@ -15,7 +15,7 @@ from plyfile import PlyData
 
 from dp360 import cameras
 from dp360.manifest import new_manifest
-from dp360.nerf.fit import EXPERIMENT, FIT_FILE, SPLAT_METHOD, TIMESTAMP, FitSettings
+from dp360.nerf.common import EXPERIMENT, FIT_FILE, SPLAT_METHOD, TIMESTAMP, FitSettings
 from dp360.nerf.splat import (
     SEED_BALL_RADIUS,
     HeadSplatModel,
@@ -259,7 +259,8 @@ def test_the_export_reads_the_splats_from_the_checkpoint_without_cuda(cli, tmp_p
 
 
 def test_the_export_stage_writes_the_splat_ply_and_says_why_there_is_no_mesh(tmp_path):
-    from dp360.nerf.stage import SPLAT_FILE, build_export
+    from dp360.nerf.splat import SPLAT_FILE
+    from dp360.nerf.stage import build_export
 
     run, parameters = _splat_run(tmp_path / "run", count=64)
     out = tmp_path / "staging"
@@ -292,7 +293,8 @@ def test_a_fit_key_names_the_field_only_when_it_is_splats():
 
 
 def test_the_report_links_the_splats_and_says_why_there_is_no_mesh(tmp_path):
-    from dp360.nerf.stage import SPLAT_FILE, build_export
+    from dp360.nerf.splat import SPLAT_FILE
+    from dp360.nerf.stage import build_export
     from dp360.report import render_report
 
     run, _ = _splat_run(tmp_path / "run", count=32)

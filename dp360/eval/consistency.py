@@ -149,7 +149,7 @@ def _mean(values) -> float | None:
 
 
 def _check(context: StageContext) -> Unavailable | None:
-    from ..nerf.fit import FIT_FILE
+    from ..nerf.common import FIT_FILE
 
     if not (context.run_dir / "nerf" / FIT_FILE).is_file():
         return Unavailable("not_available", "the consistency score needs a fitted field; run the fit stage first")

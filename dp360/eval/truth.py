@@ -86,7 +86,7 @@ class Candidate:
         if os.path.lexists(path / "run.json"):
             from ..errors import RunDirectoryError
             from ..manifest import read_manifest
-            from ..nerf.fit import FIT_FILE
+            from ..nerf.common import FIT_FILE
 
             try:  # eval writes into a run (RUN/eval/): only into one dp360 can show it made
                 read_manifest(path / "run.json")

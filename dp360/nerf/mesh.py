@@ -18,7 +18,7 @@ import torch
 from ..atomic import atomic_path
 from ..errors import Dp360Error
 from ..outputs import check_file_target
-from .fit import LoadedField
+from .checkpoint import LoadedField
 
 MESH_FORMATS = ("glb", "obj", "ply")
 TEXTURE_SOURCES = ("views", "field", "vertex")  # `--texture`
@@ -207,7 +207,7 @@ def view_depths(field: LoadedField, views: int = SURFACE_VIEWS, size: int = SURF
     it where the field is transparent."""
     from PIL import Image
 
-    from .fit import foreground_alpha
+    from .common import foreground_alpha
 
     outputs = field.pipeline.datamanager.train_dataparser_outputs
     cameras_all, filenames = outputs.cameras, outputs.image_filenames

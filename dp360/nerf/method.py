@@ -53,7 +53,7 @@ from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 
-from .fit import METHOD, FitSettings, border_colour_of, foreground_alpha
+from .common import METHOD, FitSettings, border_colour_of, foreground_alpha
 
 DESCRIPTION = (
     "dp360's head field: nerfacto for a 360-degree orbit of exact cameras around a bounded head on a plain "

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 from nerfstudio.plugins.types import MethodSpecification
 
-from .fit import FitSettings, checkpoint_numpy_globals
+from .checkpoint import checkpoint_numpy_globals
+from .common import FitSettings
 from .method import DESCRIPTION, head_config
 from .splat import DESCRIPTION as SPLAT_DESCRIPTION
 from .splat import splat_config

@@ -16,7 +16,7 @@ from ..atomic import atomic_directory, atomic_path
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
 from ..outputs import check_file_target, check_frames_target
-from .fit import LoadedField
+from .checkpoint import LoadedField
 
 FORMATS = ("mp4", "gif", "frames")
 

@@ -47,19 +47,12 @@ from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoMode
 
 from .. import cameras
 from ..errors import Dp360Error
-from .fit import (
-    EXPERIMENT,
-    FIT_FILE,
-    METHOD,
-    SPLAT_METHOD,
-    TIMESTAMP,
-    FitSettings,
-    resolve_background,
-)
+from .checkpoint import load_fitted
+from .common import EXPERIMENT, FIT_FILE, METHOD, SPLAT_METHOD, TIMESTAMP, FitSettings, resolve_background
 from .mesh import HEAD_BOX_HALF
-from .method import HeadPipelineConfig, WithoutLpips, no_download_metrics
-from .stage import SPLAT_FILE
+from .method import HeadPipelineConfig, WithoutLpips, head_config, no_download_metrics
 
+SPLAT_FILE = "head.splat.ply"  # in export/: the splats in the standard 3DGS PLY layout
 SEED_FILE = "seed_points.npz"  # in the fit's folder: what the splats started from
 SEED_POINT_COUNT = 50_000
 SEED_BALL_RADIUS = 0.3  # a ball of this radius lies inside the +-0.5 head box and holds the head's core
@@ -202,7 +195,6 @@ def pick_seed_points(run_dir: Path, seed: int, device: str, count: int = SEED_PO
     (`noise/depth.npz`), else the surface of a nerfacto field the run holds in `nerf/`, else a
     ball inside the head box."""
     from ..panohead.stage import DEPTH_FILE
-    from .fit import load_field
 
     run_dir = Path(run_dir)
     if (run_dir / "noise" / DEPTH_FILE).is_file():
@@ -214,7 +206,8 @@ def pick_seed_points(run_dir: Path, seed: int, device: str, count: int = SEED_PO
         except (OSError, ValueError, AttributeError):
             method = None
         if method == METHOD:
-            return density_seed_points(load_field(run_dir / "nerf", device, run_dir / "views"), count, seed)
+            field = load_fitted(run_dir / "nerf", device, run_dir / "views", head_config)
+            return density_seed_points(field, count, seed)
     return ball_seed_points(count, seed)
 
 
@@ -370,10 +363,11 @@ def fit_splat(
     """Train splats on `views_dir` into `out_dir` (a fresh folder), in the layout of `fit_field`
     (`dp360/dp360-splat/fit/` and fit.json). Returns a summary. `seed_points`: what to start from
     (default: a ball inside the head box); written to `out_dir/seed_points.npz`."""
-    from .fit import _check_views, train, write_fit
+    from .common import check_views_folder
+    from .train import train, write_fit
 
     require_cuda(device)
-    _check_views(views_dir)
+    check_views_folder(views_dir)
     background = resolve_background(views_dir, settings.background)
     seeds = seed_points if seed_points is not None else ball_seed_points(SEED_POINT_COUNT, settings.seed)
     seed_file = seeds.save(Path(out_dir) / SEED_FILE)
@@ -407,12 +401,12 @@ def splat_parameters(model: SplatfactoModel) -> dict[str, np.ndarray]:
 def splat_parameters_of_checkpoint(nerf_dir: Path) -> dict[str, np.ndarray]:
     """The Gaussians of a run's splat field read from its checkpoint (checked, as `load_field`
     reads it), without building the model: exporting them needs no CUDA."""
-    from .fit import REFIT, _read_fit_checkpoint, fit_checkpoints
+    from .checkpoint import REFIT, fit_checkpoints, read_fit_checkpoint
 
     checkpoints = fit_checkpoints(nerf_dir)
     if not checkpoints:
         raise Dp360Error(f"{nerf_dir} has no nerfstudio checkpoint; {REFIT}.")
-    weights = _read_fit_checkpoint(checkpoints[-1])["pipeline"]
+    weights = read_fit_checkpoint(checkpoints[-1])["pipeline"]
     parameters = {}
     for name in SPLAT_PARAMETERS:
         tensor = weights.get(f"_model.gauss_params.{name}", weights.get(f"module._model.gauss_params.{name}"))

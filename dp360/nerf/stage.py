@@ -11,7 +11,9 @@ from typing import Any
 from ..atomic import file_sha256
 from ..errors import Dp360Error
 from ..stage import Stage, StageContext
-from .fit import FIT_FILE, FitSettings, fit_checkpoints, fit_field, is_splat_fit, load_field
+from .checkpoint import fit_checkpoints, is_splat_fit
+from .common import FIT_FILE, FitSettings
+from .fit import fit_field, load_field
 from .mesh import MESH_FORMATS, MeshSettings, coloured_mesh, is_textured, write_mesh
 from .render import TurntableSettings, render_turntable, write_frames
 
@@ -20,7 +22,6 @@ MESH_STEM = "head"
 
 
 FIELDS = ("nerfacto", "splatfacto")  # `--field`: dp360-head (method.py) or dp360-splat (splat.py)
-SPLAT_FILE = "head.splat.ply"
 
 
 @dataclass
@@ -102,7 +103,7 @@ def build_export(
     run_dir: Path, folder: Path, settings: MeshSettings, formats: tuple[str, ...], device: str
 ) -> dict[str, Any]:
     if is_splat_fit(run_dir / "nerf"):
-        from .splat import NO_MESH, splat_parameters_of_checkpoint, write_splat_ply
+        from .splat import NO_MESH, SPLAT_FILE, splat_parameters_of_checkpoint, write_splat_ply
 
         # the Gaussians come straight from the checkpoint (no CUDA needed); splats have no density to mesh
         parameters = splat_parameters_of_checkpoint(run_dir / "nerf")

@@ -126,7 +126,8 @@ def write_fitted_run(root: str | Path, size: int = 48, iterations: int = 250, se
     """A run's `views/` (the synthetic head at `size` px) and `nerf/` (a field fitted on a CPU with
     the "test" preset and `iterations`) under `root`: the tests' tiny fitted run. Returns
     (views folder, nerf folder, the fit's summary)."""
-    from .fit import FitSettings, fit_field
+    from .common import FitSettings
+    from .fit import fit_field
 
     root = Path(root)
     views = write_views(root / "views", size=size)

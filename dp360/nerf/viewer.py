@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import Dp360Error, Terminated
-from .fit import FIT_FILE, run_folder
+from .checkpoint import run_folder
+from .common import FIT_FILE
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7007
