@@ -1,6 +1,6 @@
 """`dp360 batch`: many portraits on Ray (argument parsing and presentation over `dp360.batch`).
 
-Registered on the `dp360` app by cli/main.py, which imports this module at its end.
+Registered on the `dp360` app by cli/app.py; its options are cli/options.py's groups.
 """
 
 from __future__ import annotations
@@ -11,64 +11,23 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 
-from cli.main import (
-    INCOMPLETE_EXIT,
-    AllowSmallOption,
-    BackCameraOption,
-    CamerasOption,
-    Command,
-    CompileOption,
-    Detector,
-    DetectorOption,
-    DetectorWeightsOption,
-    DType,
-    DTypeOption,
-    ElevationOption,
-    EtaOption,
-    FieldKind,
-    FieldOption,
-    FitIterationsOption,
-    FitPresetOption,
-    ForceCropOption,
-    FpsOption,
-    FramesOption,
-    GuidanceOption,
-    InvertStepsOption,
-    JsonOption,
-    KeepCheckpointsOption,
-    LowVramOption,
-    MaxPixelsOption,
-    MeshFacesOption,
-    MeshFormatsOption,
-    MeshResolutionOption,
-    No3DNoiseOption,
-    NoCropOption,
-    NoDownloadOption,
-    OffloadOption,
-    PitchOption,
-    PtiStepsOption,
-    QuietOption,
-    ResolutionOption,
-    SeedOption,
-    StepsOption,
-    TextureOption,
-    TextureSizeOption,
-    TextureSource,
-    ViewsOption,
-    WeightsDirOption,
-    YawOption,
-    _field_settings,
-    _generation_settings,
-    _prepare_settings,
-    app,
-    err_console,
-    interrupt_exit_code,
-    user_errors,
+from cli.console import INCOMPLETE_EXIT, err_console, interrupt_exit_code, user_errors
+from cli.options import (
+    FIELD_GROUPS,
+    OUTPUT_OPTIONS,
+    RUN_GROUPS,
+    VIEW_GROUPS,
+    field_settings,
+    generation_settings,
+    prepare_settings,
+    run_options,
+    with_options,
 )
 
 
@@ -191,7 +150,7 @@ def _print_table(summary) -> None:
         err_console.print(problems)
 
 
-@app.command(cls=Command)
+@with_options(*VIEW_GROUPS, *FIELD_GROUPS, *RUN_GROUPS, OUTPUT_OPTIONS)
 def batch(
     inputs: Annotated[
         list[Path],
@@ -250,49 +209,12 @@ def batch(
     device: Annotated[
         BatchDevice, typer.Option(help="Workers on GPUs (cuda), on CPUs, or auto (GPUs when the cluster has them).")
     ] = BatchDevice.auto,
-    dtype: DTypeOption = DType.auto,
-    seed: SeedOption = 42,
     force: Annotated[
         bool,
         typer.Option("--force", help="Redo every portrait's stages even when their inputs and settings are unchanged."),
     ] = False,
-    detector: DetectorOption = Detector.auto,
-    detector_weights: DetectorWeightsOption = None,
-    no_crop: NoCropOption = False,
-    force_crop: ForceCropOption = False,
-    allow_small: AllowSmallOption = False,
-    yaw: YawOption = None,
-    pitch: PitchOption = None,
-    max_pixels: MaxPixelsOption = None,
-    no_download: NoDownloadOption = False,
-    keep_checkpoints: KeepCheckpointsOption = False,
-    json_output: JsonOption = False,
-    quiet: QuietOption = False,
-    steps: StepsOption = 50,
-    guidance: GuidanceOption = 3.0,
-    eta: EtaOption = 0.5,
-    view_count: ViewsOption = 32,
-    back_camera: BackCameraOption = None,
-    no_3d_noise: No3DNoiseOption = False,
-    invert_steps: InvertStepsOption = 200,
-    pti_steps: PtiStepsOption = 5,
-    weights_dir: WeightsDirOption = None,
-    cameras: CamerasOption = None,
-    offload: OffloadOption = False,
-    low_vram: LowVramOption = False,
-    compile_models: CompileOption = False,
-    fit_preset: FitPresetOption = None,
-    fit_iterations: FitIterationsOption = None,
-    field_kind: FieldOption = FieldKind.nerfacto,
-    frames: FramesOption = 120,
-    fps: FpsOption = 30,
-    resolution: ResolutionOption = 512,
-    elevation: ElevationOption = 0.0,
-    mesh_resolution: MeshResolutionOption = 256,
-    mesh_faces: MeshFacesOption = 200_000,
-    mesh_format: MeshFormatsOption = None,
-    texture: TextureOption = TextureSource.views,
-    texture_size: TextureSizeOption = 2048,
+    *,
+    options: SimpleNamespace,
 ) -> None:
     """Many portraits: `reconstruct` (or `--until views`) on each, spread over Ray workers.
 
@@ -305,8 +227,8 @@ def batch(
     Exit status: 0 when every portrait is done, 2 when one failed, 3 when one is incomplete.
     """
     from dp360.batch import BatchRecipe, ClusterSettings, run_batch
-    from dp360.run import RunOptions
 
+    json_output, quiet = options.json_output, options.quiet
     reporter = ProgressReporter(quiet or json_output)
     try:
         with user_errors():
@@ -316,46 +238,18 @@ def batch(
 
                 return device is BatchDevice.cuda or (device is BatchDevice.auto and torch.cuda.is_available())
 
-            views, noise = _generation_settings(
-                steps, guidance, eta, view_count, back_camera, seed, no_3d_noise, invert_steps, pti_steps
-            )
+            views, noise = generation_settings(options)
             settings = dict(
-                options=RunOptions(
-                    device=device.value,
-                    dtype=None if dtype is DType.auto else dtype.value,
-                    seed=seed,
-                    force=force,
-                    progress=not (quiet or json_output),
-                    max_pixels=max_pixels,
-                    download=not no_download,
-                    keep_checkpoints=keep_checkpoints,
-                ),
-                prepare=_prepare_settings(
-                    detector, detector_weights, no_crop, yaw, pitch, None, force_crop, allow_small
-                ),
+                options=run_options(options, device=device.value, force=force),
+                prepare=prepare_settings(options),
                 views=views,
                 noise=noise,
-                field=_field_settings(
-                    fit_preset,
-                    fit_iterations,
-                    on_gpus,
-                    seed,
-                    frames,
-                    elevation,
-                    fps,
-                    resolution,
-                    mesh_resolution,
-                    mesh_faces,
-                    mesh_format,
-                    field_kind,
-                    texture,
-                    texture_size,
-                ),
-                weights_dir=weights_dir,
-                camera_dir=cameras,
-                offload=offload,
-                low_vram=low_vram,
-                compile_models=compile_models,
+                field=field_settings(options, on_gpus),
+                weights_dir=options.weights_dir,
+                camera_dir=options.cameras,
+                offload=options.offload,
+                low_vram=options.low_vram,
+                compile_models=options.compile_models,
             )
             recipe = (BatchRecipe.until_views if until is Until.views else BatchRecipe.reconstruct)(**settings)
             cluster = ClusterSettings(address, gpus_per_task, cpus_per_task, workers, retries)

@@ -1,6 +1,4 @@
-"""`dp360 eval`: argument parsing and presentation over `dp360.eval` (registered by cli.main).
-
-cli.main's helpers are imported inside the command, so that this module imports on its own."""
+"""`dp360 eval`: argument parsing and presentation over `dp360.eval` (registered by cli/app.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +6,13 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Any, Optional
 
 import typer
+
+from cli.console import err_console, user_errors
+from cli.options import DEVICE_OPTION, OUTPUT_OPTIONS, with_options
 
 
 class Framing(str, Enum):  # dp360.eval.truth.FRAMINGS (not imported here: it loads numpy and more)
@@ -19,13 +21,7 @@ class Framing(str, Enum):  # dp360.eval.truth.FRAMINGS (not imported here: it lo
     camera = "camera"
 
 
-def _device_named(value: str) -> str:
-    """--device '' (or blanks) names no device: refused rather than read as auto."""
-    if isinstance(value, str) and not value.strip():
-        raise typer.BadParameter("name a device: auto, cpu, cuda, cuda:N or mps (an empty name is none of them).")
-    return value
-
-
+@with_options(DEVICE_OPTION, OUTPUT_OPTIONS)
 def eval_command(
     runs: Annotated[
         list[Path],
@@ -78,9 +74,8 @@ def eval_command(
         typer.Option("--table", help="Write a comparison table as NAME.md and NAME.csv.", show_default=False),
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace comparison tables written before.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.", callback=_device_named)] = "auto",
-    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json).")] = False,
+    *,
+    options: SimpleNamespace,
 ) -> None:
     """Measure runs: against a ground-truth capture with the paper's metrics (PSNR, SSIM, LPIPS
     front and back, CSIM front, FID), and by their view-consistency score (no truth needed).
@@ -88,11 +83,11 @@ def eval_command(
     Writes RUN/eval/metrics.json and RUN/eval/metrics.png (the metrics against yaw) for every run,
     and with --table a comparison of all of them.
     """
-    from cli.main import err_console, user_errors
     from dp360.eval.evaluate import evaluate_paths
     from dp360.eval.truth import EvalSettings
     from dp360.runtime import resolve_device
 
+    device, json_output, quiet = options.device, options.json_output, options.quiet
     with user_errors():
         if table is not None and (table.name in ("", ".", "..") or table.is_dir()):
             from dp360.errors import Dp360Error

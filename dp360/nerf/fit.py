@@ -35,8 +35,6 @@ from .common import (
     check_views_folder,
     resolve_background,
 )
-from .method import head_config
-from .splat import require_cuda, splat_config
 from .train import train, write_fit
 
 
@@ -52,11 +50,25 @@ class FieldMethod:
     description: str
 
 
+# nerfstudio's model code loads in seconds (and warns): the builders import it on first use only,
+# so that listing the stages, or a command that fits nothing, does not pay for it.
+def _nerfacto_config(*args: Any) -> Any:
+    from .method import head_config
+
+    return head_config(*args)
+
+
+def _splatfacto_config(*args: Any) -> Any:
+    from .splat import splat_config
+
+    return splat_config(*args)
+
+
 FIELD_METHODS = {
     item.name: item
     for item in (
-        FieldMethod("nerfacto", METHOD, head_config, False, "radiance field"),
-        FieldMethod("splatfacto", SPLAT_METHOD, splat_config, True, "3D Gaussian splats"),
+        FieldMethod("nerfacto", METHOD, _nerfacto_config, False, "radiance field"),
+        FieldMethod("splatfacto", SPLAT_METHOD, _splatfacto_config, True, "3D Gaussian splats"),
     )
 }
 
@@ -80,7 +92,7 @@ def fit_field(
     nerfstudio's config.yml points at the final checkpoint folder."""
     check_views_folder(views_dir)
     background = resolve_background(views_dir, settings.background)
-    config = head_config(settings, device, Path(views_dir).resolve(), background)
+    config = _nerfacto_config(settings, device, Path(views_dir).resolve(), background)
     trainer, timing = train(config, out_dir, settings, device, progress, "radiance field")
     summary = {
         "method": METHOD,
@@ -101,6 +113,8 @@ def load_field(nerf_dir: Path, device: str = "cpu", views_dir: Path | None = Non
         raise Dp360Error(f"{nerf_dir} holds no fitted field ({FIT_FILE} is missing); run `dp360 reconstruct` first.")
     field_method = field_method_of(read_fit_record(nerf_dir / FIT_FILE)[0].get("method"))
     if field_method.needs_cuda:
+        from .splat import require_cuda
+
         require_cuda(
             device,
             f"This run's field ({field_method.description})",
