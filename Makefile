@@ -13,10 +13,12 @@ example: setup
 test: setup
 	.venv/bin/python -m pytest -n 2 --dist loadfile
 
-# ruff: lint and format check (line length 120, settings in pyproject.toml).
+# ruff: lint and format check (line length 120, settings in pyproject.toml); import-linter: the
+# layers of .importlinter (cli > runner > stages > bottom layer; no import circles).
 lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports
 
 # The newest versions the ranges in pyproject.toml allow, without constraints.txt, in their own
 # environment; when the suite passes there, refresh constraints.txt from it.
