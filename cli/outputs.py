@@ -25,6 +25,7 @@ from cli.options import (
     turntable_settings,
     with_options,
 )
+from dp360 import layout
 
 RunDirArgument = Annotated[
     Path,
@@ -103,7 +104,7 @@ def render(
         settings.check()
         check_run_dir(run_dir)
         check_turntable_target(out, chosen, overwrite)  # before the (slow) rendering
-        field = load_field(Path(run_dir) / "nerf", resolve_device(options.device), Path(run_dir) / "views")
+        field = load_field(Path(run_dir) / layout.NERF, resolve_device(options.device), Path(run_dir) / layout.VIEWS)
         images, speed = render_turntable(field, settings, progress=not quiet)
         write_frames(images, out, chosen, options.fps, overwrite)
     if not quiet:
@@ -166,19 +167,19 @@ def export(
         settings = mesh_settings(options, density=mesh_density)
         settings.check()
         check_run_dir(run_dir)
-        splats = is_splat_fit(Path(run_dir) / "nerf")
+        splats = is_splat_fit(Path(run_dir) / layout.NERF)
         if splats and output_format not in (None, MeshFormat.ply):
             raise Dp360Error(
                 f"'{run_dir}' holds a splat field, which has no density to mesh as {mesh_format}; export its "
                 "Gaussians with --format ply, or refit with `dp360 reconstruct --field nerfacto --force` for a mesh."
             )
         default_name = "head.splat.ply" if splats else f"head.{mesh_format}"
-        target = out or Path(run_dir) / "export" / default_name
+        target = out or Path(run_dir) / layout.EXPORT / default_name
         # The default target lies inside the run folder, which dp360 owns (its run.json shows it):
         # it may replace it, never through a link, under the run's lock so that no run writes there
         # at the same time.
         overwrite = overwrite or out is None
-        inside = ((), ()) if out is not None else (("export",), (LOCK_NAME, f"export/{default_name}"))
+        inside = ((), ()) if out is not None else (("export",), (LOCK_NAME, f"{layout.EXPORT}/{default_name}"))
         if out is None:
             RunLock(Path(run_dir)).check_free()
             read_run(run_dir)  # a folder dp360 did not make is the user's: nothing is written there
@@ -192,13 +193,15 @@ def export(
             if splats:
                 from dp360.nerf.splat import splat_parameters_of_checkpoint, write_splat_ply
 
-                parameters = splat_parameters_of_checkpoint(Path(run_dir) / "nerf")
+                parameters = splat_parameters_of_checkpoint(Path(run_dir) / layout.NERF)
                 check_no_links(run_dir, *inside)
                 write_splat_ply(parameters, target, overwrite)
                 written = f"{len(parameters['means'])} splats"
             else:
-                field = load_field(Path(run_dir) / "nerf", resolve_device(options.device), Path(run_dir) / "views")
-                mesh = coloured_mesh(field, settings, Path(run_dir) / "views")
+                field = load_field(
+                    Path(run_dir) / layout.NERF, resolve_device(options.device), Path(run_dir) / layout.VIEWS
+                )
+                mesh = coloured_mesh(field, settings, Path(run_dir) / layout.VIEWS)
                 check_no_links(run_dir, *inside)  # nothing on the way became a link meanwhile
                 files = write_mesh(mesh, target, mesh_format, overwrite)
                 written = f"{len(mesh.faces)} faces" + (

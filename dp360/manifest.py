@@ -16,16 +16,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, layout
 from .errors import RunDirectoryError
 from .safety import read_plain_file
 
-MANIFEST_NAME = "run.json"
-INPUT_IMAGE = "input.png"  # the portrait of a portrait run, as decoded
+MANIFEST_NAME = layout.MANIFEST
+INPUT_IMAGE = layout.INPUT  # the portrait of a portrait run, as decoded
 RUN_FORMAT = "dp360-run"  # run.json's `format`: what marks a folder as a run dp360 made
 MANIFEST_FORMAT = 2  # run.json's `format_version` (1: before runs were marked; not taken for a run)
 MAX_MANIFEST_BYTES = 64 << 20  # a run.json is a few kB; far larger is not one of ours
-LOCK_NAME = ".dp360.lock"
+LOCK_NAME = layout.LOCK
 
 
 # -- links ---------------------------------------------------------------------------------------

@@ -29,31 +29,17 @@ from urllib.parse import quote
 
 import numpy as np
 
-from . import cameras
+from . import cameras, layout
 from .atomic import file_sha256, write_bytes_atomic
 from .errors import RunDirectoryError
 from .stage import Stage, StageContext
 
-REPORT_NAME = "report.html"
-REPORT_FOLDER = "export"
-MANIFEST = "run.json"
+REPORT_FOLDER, REPORT_NAME = layout.EXPORT, layout.name_of(layout.REPORT)
 # The mesh stills: four sides, a little above eye level, a square of this many pixels each.
 MESH_SIDES = (("front", 0.0), ("left", 90.0), ("back", 180.0), ("right", -90.0))
 MESH_ELEVATION = 10.0
 MESH_STILL_SIZE = 224
 MESH_BACKGROUND = (0.94, 0.94, 0.95)
-# The files the page shows, relative to the run folder, by the stage that makes them.
-INPUT_FILE = "input.png"
-OVERLAY_FILE = "prepared/overlay.png"
-CROP_FILE = "prepared/crop.png"
-FACE_FILE = "prepared/face.json"
-BACK_FILE = "views/back_ref.png"
-TRANSFORMS_FILE = "views/transforms.json"
-GRID_FILE = "views/grid.png"
-ORBIT_FILE = "views/orbit.mp4"
-TURNTABLE_FILE = "export/turntable.mp4"
-MESH_FILE = "export/head.glb"
-SPLAT_FILE = "export/head.splat.ply"  # instead of the mesh, for a splat field (`--field splatfacto`)
 # Record fields that change when nothing shown changes (a reused stage's `last_run`).
 _UNSHOWN_RECORD_FIELDS = ("last_run",)
 
@@ -66,10 +52,10 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     from .manifest import read_manifest
 
     run_dir = Path(run_dir)
-    path = run_dir / MANIFEST
+    path = run_dir / layout.MANIFEST
     if not path.is_file():
         raise RunDirectoryError(
-            f"'{run_dir}' holds no {MANIFEST}, so it is not a dp360 run; pass a folder written by `dp360 reconstruct`."
+            f"'{run_dir}' holds no {layout.MANIFEST}, so it is not a dp360 run; pass a folder written by `dp360 reconstruct`."
         )
     return read_manifest(path)
 
@@ -87,8 +73,10 @@ def _shown_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def _view_files(run_dir: Path) -> list[str]:
-    views = run_dir / "views"
-    return [f"views/{path.name}" for path in sorted(views.glob("[0-9][0-9][0-9].png"))] if views.is_dir() else []
+    views = run_dir / layout.VIEWS
+    return (
+        [f"{layout.VIEWS}/{path.name}" for path in sorted(views.glob("[0-9][0-9][0-9].png"))] if views.is_dir() else []
+    )
 
 
 def report_inputs(run_dir: str | Path) -> dict[str, str]:
@@ -96,13 +84,22 @@ def report_inputs(run_dir: str | Path) -> dict[str, str]:
     page shows, so that the page is redone when any of them changes."""
     run_dir = Path(run_dir)
     try:
-        manifest = json.loads((run_dir / MANIFEST).read_text())
+        manifest = json.loads((run_dir / layout.MANIFEST).read_text())
     except (OSError, ValueError):
         manifest = {}
     shown = json.dumps(_shown_manifest(manifest if isinstance(manifest, dict) else {}), sort_keys=True, default=str)
-    hashes = {MANIFEST: hashlib.sha256(shown.encode()).hexdigest()}
-    files = [INPUT_FILE, OVERLAY_FILE, CROP_FILE, FACE_FILE, BACK_FILE, TRANSFORMS_FILE, GRID_FILE, ORBIT_FILE]
-    files += [*_view_files(run_dir), TURNTABLE_FILE, MESH_FILE, SPLAT_FILE]
+    hashes = {layout.MANIFEST: hashlib.sha256(shown.encode()).hexdigest()}
+    files = [
+        layout.INPUT,
+        layout.OVERLAY,
+        layout.CROP,
+        layout.FACE,
+        layout.BACK_VIEW,
+        layout.TRANSFORMS,
+        layout.GRID,
+        layout.ORBIT,
+    ]
+    files += [*_view_files(run_dir), layout.TURNTABLE, layout.MESH, layout.SPLATS]
     for rel in files:
         path = run_dir / rel
         hashes[rel] = file_sha256(path) if path.is_file() else "missing"
@@ -387,7 +384,7 @@ class _Page:
         manifest = self.manifest
         source = manifest.get("input", {}) if isinstance(manifest.get("input"), dict) else {}
         environment = manifest.get("environment") if isinstance(manifest.get("environment"), dict) else {}
-        name = Path(str(source.get("path") or INPUT_FILE)).name
+        name = Path(str(source.get("path") or layout.INPUT)).name
         status = self.status()
         self.add(f"<h1>dp360 run: {_e(name)} <span class='status {_e(status)}'>{_e(status)}</span></h1>")
         size = source.get("size")
@@ -448,12 +445,12 @@ class _Page:
             )
             return
         figures = []
-        if self.has(INPUT_FILE):
-            figures.append(self.figure(INPUT_FILE, "input", 300))
-        problem = self.problem("prepare", (OVERLAY_FILE, CROP_FILE))
+        if self.has(layout.INPUT):
+            figures.append(self.figure(layout.INPUT, "input", 300))
+        problem = self.problem("prepare", (layout.OVERLAY, layout.CROP))
         if problem is None:
-            figures.append(self.figure(OVERLAY_FILE, "detection, landmarks, crop square and pose", 300))
-            figures.append(self.figure(CROP_FILE, _e(self._crop_caption()), 300))
+            figures.append(self.figure(layout.OVERLAY, "detection, landmarks, crop square and pose", 300))
+            figures.append(self.figure(layout.CROP, _e(self._crop_caption()), 300))
         if figures:
             self.add(f"<div class='row'>{''.join(figures)}</div>")
         if problem is not None:
@@ -462,7 +459,7 @@ class _Page:
     def _crop_caption(self) -> str:
         pose: Any = None
         try:
-            pose = json.loads((self.run_dir / FACE_FILE).read_text()).get("pose")
+            pose = json.loads((self.run_dir / layout.FACE).read_text()).get("pose")
         except (OSError, ValueError, AttributeError):
             pose = (self.records.get("prepare", {}).get("summary") or {}).get("pose")
         if not isinstance(pose, dict):
@@ -476,7 +473,7 @@ class _Page:
 
     def _cameras(self) -> list[tuple[str, float, float]]:
         try:
-            found = view_cameras(self.run_dir / TRANSFORMS_FILE)
+            found = view_cameras(self.run_dir / layout.TRANSFORMS)
         except (OSError, ValueError, KeyError, TypeError, IndexError, np.linalg.LinAlgError):
             return []
         # only plain file names inside views/ (never a path out of the run)
@@ -485,7 +482,7 @@ class _Page:
     def views(self) -> None:
         self.add("<h2 id='back'>Back view</h2>")
         imported = self.imported()
-        problem = self.problem("import") if imported else self.problem("views", (BACK_FILE,))
+        problem = self.problem("import") if imported else self.problem("views", (layout.BACK_VIEW,))
         views_cameras = self._cameras() if problem is None else []
         if imported:
             self.notice("none: the views were imported, not generated from a portrait")
@@ -495,7 +492,7 @@ class _Page:
             caption = "generated back view (model F)"
             if isinstance(back, int) and 0 <= back < len(views_cameras):
                 caption += f", camera {back}: yaw {_angle(views_cameras[back][1])}"
-            self.add(f"<div class='row'>{self.figure(BACK_FILE, _e(caption), 300)}</div>")
+            self.add(f"<div class='row'>{self.figure(layout.BACK_VIEW, _e(caption), 300)}</div>")
         else:
             self.notice(problem)
 
@@ -503,9 +500,9 @@ class _Page:
         if problem is not None:
             self.notice(problem)
             return
-        shown = [(name, yaw, elevation) for name, yaw, elevation in views_cameras if self.has(f"views/{name}")]
+        shown = [(name, yaw, elevation) for name, yaw, elevation in views_cameras if self.has(f"{layout.VIEWS}/{name}")]
         if not shown:
-            self.notice(f"missing: no view images listed in {TRANSFORMS_FILE}")
+            self.notice(f"missing: no view images listed in {layout.TRANSFORMS}")
             return
         self.add(
             f"<p>{len(shown)} views on the orbit (radius {cameras.CAMERA_RADIUS}, looking at the head's centre); "
@@ -514,14 +511,15 @@ class _Page:
         self.add(f"<div class='row'>{self._orbit_map(shown)}</div>")
         cells = "".join(
             self.figure(
-                f"views/{name}", f"{_e(Path(name).stem)} &middot; yaw {_angle(yaw)} &middot; elev {_angle(elevation)}"
+                f"{layout.VIEWS}/{name}",
+                f"{_e(Path(name).stem)} &middot; yaw {_angle(yaw)} &middot; elev {_angle(elevation)}",
             )
             for name, yaw, elevation in shown
         )
         self.add(f"<div class='views'>{cells}</div>")
         links = [
             f'<a href="{_href(rel)}">{_e(Path(rel).name)}</a>'
-            for rel in (GRID_FILE, ORBIT_FILE, TRANSFORMS_FILE)
+            for rel in (layout.GRID, layout.ORBIT, layout.TRANSFORMS)
             if self.has(rel)
         ]
         if links:
@@ -574,7 +572,7 @@ class _Page:
 
     def turntable(self) -> None:
         self.add("<h2 id='turntable'>Turntable</h2>")
-        problem = self.problem("render", (TURNTABLE_FILE,))
+        problem = self.problem("render", (layout.TURNTABLE,))
         if problem is not None:
             self.notice(problem)
             return
@@ -589,7 +587,7 @@ class _Page:
         caption = ", ".join(_e(detail) for detail in details if detail)
         width = summary.get("resolution") if isinstance(summary.get("resolution"), int) else 512
         self.add(
-            f'<div class="row"><figure><video src="{_e(quote(Path(TURNTABLE_FILE).name))}" controls loop muted autoplay '
+            f'<div class="row"><figure><video src="{_e(quote(Path(layout.TURNTABLE).name))}" controls loop muted autoplay '
             f'playsinline preload="auto" width="{max(256, min(width, 512))}" data-state="loading" '
             "onloadeddata=\"this.setAttribute('data-state','loaded')\" "
             "onerror=\"this.setAttribute('data-state','broken')\"></video>"
@@ -599,23 +597,23 @@ class _Page:
     def mesh(self) -> None:
         self.add("<h2 id='mesh'>Mesh</h2>")
         summary = (self.records.get("export") or {}).get("summary") or {}
-        if "splats" in summary and self.problem("export", (SPLAT_FILE,)) is None:
+        if "splats" in summary and self.problem("export", (layout.SPLATS,)) is None:
             # a splat field (`--field splatfacto`): its Gaussians instead of a mesh
             self.add(
                 f"<p>{_e(str(summary['splats']))} Gaussian splats in "
-                f'<a href="{_href(SPLAT_FILE)}">{_e(Path(SPLAT_FILE).name)}</a> (the standard 3DGS PLY layout, '
+                f'<a href="{_href(layout.SPLATS)}">{_e(Path(layout.SPLATS).name)}</a> (the standard 3DGS PLY layout, '
                 "which splat viewers open).</p>"
             )
             self.notice(summary.get("mesh") or "not written: a splat field has no density to mesh")
             return
-        problem = self.problem("export", (MESH_FILE,))
+        problem = self.problem("export", (layout.MESH,))
         if problem is not None:
             self.notice(problem)
             return
         try:
-            stills = mesh_stills(self.run_dir / MESH_FILE)
+            stills = mesh_stills(self.run_dir / layout.MESH)
         except Exception as error:  # a damaged file: the page still shows everything else
-            self.notice(f"failed: {MESH_FILE} could not be read ({type(error).__name__}: {error})")
+            self.notice(f"failed: {layout.MESH} could not be read ({type(error).__name__}: {error})")
             return
         summary = self.records["export"].get("summary") or {}
         facts = [f"{summary[key]} {key}" for key in ("faces", "vertices") if key in summary]
@@ -626,11 +624,11 @@ class _Page:
         ]
         files = f" Files: {' &middot; '.join(links)}" if links else ""
         self.add(
-            f"<p>{_e(', '.join(facts) or 'mesh')}; stills rendered from {_e(Path(MESH_FILE).name)} "
+            f"<p>{_e(', '.join(facts) or 'mesh')}; stills rendered from {_e(Path(layout.MESH).name)} "
             f"({MESH_ELEVATION:g}° above eye level): vertex colours, then the geometry in grey.{files}</p>"
         )
         if not stills:
-            self.notice(f"missing: {MESH_FILE} holds no faces")
+            self.notice(f"missing: {layout.MESH} holds no faces")
             return
         cells = []
         for side, colour, grey in stills:

@@ -56,3 +56,14 @@ def test_the_circle_finder_finds_a_circle():
     graph.add_import(importer="a.y", imported="a.x")
     graph.add_import(importer="a.z", imported="a.x")
     assert _circles(graph) == [["a.x", "a.y"]]
+
+
+def test_every_stage_writes_into_a_folder_the_layout_names():
+    from dp360 import layout
+    from dp360.registry import pipeline_stages, views_run_stages
+
+    folders = {layout.PREPARED, layout.NOISE, layout.VIEWS, layout.NERF, layout.EXPORT, layout.EVAL}
+    assert {stage.folder for stage in (*pipeline_stages(), *views_run_stages())} == folders
+    run = layout.RunLayout("/runs/head")
+    assert run.crop.as_posix() == "/runs/head/prepared/crop.png" and (run / layout.MESH).name == "head.glb"
+    assert layout.name_of(layout.SPLATS) == "head.splat.ply" and run.views.parent == run.root

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import cache, cameras
+from .. import cache, cameras, layout
 from ..atomic import file_sha256, write_json_atomic
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
@@ -223,8 +223,8 @@ def generate_views(
     images = output.images
     names = [f"{index:03d}.png" for index in range(len(images))]
     frames = [np.asarray(image) for image in images]
-    writer.submit(write_mp4, out_dir / "orbit.mp4", frames, 10)
-    writer.submit(save_image_atomic, out_dir / "grid.png", grid_image(images))
+    writer.submit(write_mp4, out_dir / layout.name_of(layout.ORBIT), frames, 10)
+    writer.submit(save_image_atomic, out_dir / layout.name_of(layout.GRID), grid_image(images))
     size = images[0].size[0]
     orbit = cameras.dp360_orbit(len(images))
     views = [
@@ -345,7 +345,7 @@ class ViewModels:
         from .models.bundle import load_bundle
 
         torch_dtype = to_torch_dtype(dtype)
-        front = Image.open(run_dir / "prepared" / "crop.png").convert("RGB")
+        front = Image.open(run_dir / layout.CROP).convert("RGB")
         camera_images = load_camera_images(self.camera_dir, settings.views)
         noise_frames = None
         if self.noise_dir is not None and settings.use_3d_noise:
@@ -376,7 +376,7 @@ class ViewModels:
             # The back-view model is done: with --offload its call ended with every network in CPU
             # memory; either way (unless resident) its memory is freed before the 360-view model loads.
             del back_pipeline
-            writer.submit(save_image_atomic, folder / "back_ref.png", np.asarray(back))
+            writer.submit(save_image_atomic, folder / layout.name_of(layout.BACK_VIEW), np.asarray(back))
             summary = generate_views(
                 pipeline("main", self.main_bundle), front, back, camera_images, noise_frames, settings, folder, writer
             )
@@ -439,14 +439,16 @@ def _weights(context: StageContext) -> tuple[Need, ...]:
 def _noise_frames(context: StageContext) -> Path | None:
     """The PanoHead frames the views start from, when the noise stage produced them."""
     if context.config.views.use_3d_noise and context.done("noise"):
-        return context.run_dir / "noise" / "frames"
+        return context.run_dir / layout.NOISE_FRAMES
     return None
 
 
 def _inputs(context: StageContext) -> dict[str, str]:
     frames = _noise_frames(context)
-    noise = {f"noise/{path.name}": file_sha256(path) for path in sorted(frames.glob("*.png"))} if frames else {}
-    crop = file_sha256(context.run_dir / "prepared" / "crop.png")
+    noise = (
+        {f"{layout.NOISE}/{path.name}": file_sha256(path) for path in sorted(frames.glob("*.png"))} if frames else {}
+    )
+    crop = file_sha256(context.run_dir / layout.CROP)
     return {"crop": crop, **context.config.view_models.hashes(), **noise}
 
 
@@ -458,7 +460,7 @@ def _build(context: StageContext, folder: Path) -> dict:
 
 VIEWS_STAGE = Stage(
     name="views",
-    folder="views",
+    folder=layout.VIEWS,
     description="back view (model F), then the consistent 360-degree views (DiffPortrait360)",
     settings=lambda context: {**context.config.views.key_dict(), "dtype": context.dtype},
     inputs=_inputs,

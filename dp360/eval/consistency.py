@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import cameras
+from .. import cameras, layout
 from ..atomic import file_sha256
 from ..errors import Dp360Error
 from ..stage import Stage, StageContext, Unavailable
@@ -32,9 +32,9 @@ from .capture import load_image, read_capture
 # before its last layer), so tiny runs (64 px views, 8 px renders) get PSNR only, in half a second.
 RESOLUTION_DIVISOR, MIN_RESOLUTION, MAX_RESOLUTION = 8, 8, 64
 LPIPS_MIN = 16
-CONSISTENCY_FILE = "consistency.json"
-FOLDER = "eval"
-REFERENCE_FILES = ("prepared/crop.png", "views/000.png")  # the input's front view, in this order
+CONSISTENCY_FILE = layout.name_of(layout.CONSISTENCY)
+FOLDER = layout.EVAL
+REFERENCE_FILES = (layout.CROP, f"{layout.VIEWS}/000.png")  # the input's front view, in this order
 # Below this view size the face in a PanoHead-framed view (about 40% of its width) is smaller than
 # dlib's detector finds even upsampled: CSIM is skipped without loading the face models.
 FACE_VIEW_MIN = 128
@@ -66,10 +66,10 @@ def consistency(
     from ..nerf.render import render_pose
 
     run_dir = Path(run_dir)
-    views = read_capture(run_dir / "views")
+    views = read_capture(run_dir / layout.VIEWS)
     view_size = min(views.frames[0].width, views.frames[0].height)
     resolution = resolution or score_resolution(view_size)
-    field = load_field(run_dir / "nerf", device, run_dir / "views")
+    field = load_field(run_dir / layout.NERF, device, run_dir / layout.VIEWS)
     lpips = lpips if lpips is not None else metrics.Lpips(device)
     if view_size < FACE_VIEW_MIN:
         identity = None
@@ -151,7 +151,7 @@ def _mean(values) -> float | None:
 def _check(context: StageContext) -> Unavailable | None:
     from ..nerf.common import FIT_FILE
 
-    if not (context.run_dir / "nerf" / FIT_FILE).is_file():
+    if not (context.run_dir / layout.NERF / FIT_FILE).is_file():
         return Unavailable("not_available", "the consistency score needs a fitted field; run the fit stage first")
     return None
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import cameras
+from .. import cameras, layout
 from ..errors import Dp360Error
 from . import metrics
 from .capture import Capture, CaptureFrame, load_image, load_mask, read_capture, resample
@@ -96,9 +96,11 @@ class Candidate:
                     "or is damaged, so dp360 eval writes nothing into it; pass a folder made by `dp360 reconstruct`, "
                     "or a capture folder with a transforms.json (such as a run's views/ folder)."
                 ) from None
-            if not (path / "views" / "transforms.json").is_file():
+            if not (path / layout.TRANSFORMS).is_file():
                 raise Dp360Error(f"Run '{path}' has no views yet; run `dp360 views` or `dp360 reconstruct` first.")
-            return cls(label or path.name, read_capture(path / "views"), path, (path / "nerf" / FIT_FILE).is_file())
+            return cls(
+                label or path.name, read_capture(path / layout.VIEWS), path, (path / layout.NERF / FIT_FILE).is_file()
+            )
         if (path / "transforms.json").is_file() or path.name == "transforms.json":
             capture = read_capture(path)
             return cls(label or capture.folder.name, capture)
@@ -154,7 +156,7 @@ def crop_zoom(run_dir: Path, reference: CaptureFrame) -> tuple[float | None, boo
     the reference image has the size of the run's input (as it has when it was the input). Zoom
     None when the run has no prepare crop to take it from."""
     try:
-        face = json.loads((run_dir / "prepared" / "face.json").read_text())
+        face = json.loads((run_dir / layout.FACE).read_text())
         side = float(face["crop_side_in_input_px"])
         from PIL import Image
 
@@ -308,7 +310,9 @@ def evaluate(
             from ..nerf.render import render_pose
 
             if field_model is None:
-                field_model = load_field(candidate.run_dir / "nerf", settings.device, candidate.run_dir / "views")
+                field_model = load_field(
+                    candidate.run_dir / layout.NERF, settings.device, candidate.run_dir / layout.VIEWS
+                )
             target_intrinsics = field_intrinsics
             radius = cameras.CAMERA_RADIUS if framing == "crop" else float(np.linalg.norm(aligned[:3, 3]))
             target_pose = _look_at_or_pose(direction * radius, aligned)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import layout
 from ..errors import Dp360Error
 from .common import (
     EXPERIMENT,
@@ -186,7 +187,7 @@ def load_fitted(nerf_dir: Path, device: str, views_dir: Path | None, build_confi
 def fit_views_dir(nerf_dir: Path, meta: dict[str, Any], views_dir: Path | None = None) -> Path:
     """The views a field was fitted to: `views_dir`, else the run's `views/`, else the folder its
     record names (a `dp360 fit` of views elsewhere); checked to hold a transforms.json."""
-    views = Path(views_dir) if views_dir is not None else Path(nerf_dir).parent / "views"
+    views = Path(views_dir) if views_dir is not None else Path(nerf_dir).parent / layout.VIEWS
     if not (views / "transforms.json").is_file() and meta.get("views_dir"):
         views = Path(meta["views_dir"])
     check_views_folder(views)

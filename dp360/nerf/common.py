@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import layout
 from ..errors import Dp360Error
 
-FIT_FILE = "fit.json"
+FIT_FILE = layout.name_of(layout.FIT_RECORD)
 MAX_FIT_ITERATIONS = 1_000_000
 EXPERIMENT, METHOD, TIMESTAMP = "dp360", "dp360-head", "fit"
 SPLAT_METHOD = "dp360-splat"  # `--field splatfacto` (splat.py); its folder replaces METHOD's

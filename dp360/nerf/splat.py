@@ -45,14 +45,14 @@ from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
 
-from .. import cameras
+from .. import cameras, layout
 from ..errors import Dp360Error
 from .checkpoint import load_fitted
 from .common import EXPERIMENT, FIT_FILE, METHOD, SPLAT_METHOD, TIMESTAMP, FitSettings, resolve_background
 from .mesh import HEAD_BOX_HALF
 from .method import HeadPipelineConfig, WithoutLpips, head_config, no_download_metrics
 
-SPLAT_FILE = "head.splat.ply"  # in export/: the splats in the standard 3DGS PLY layout
+SPLAT_FILE = layout.name_of(layout.SPLATS)  # in export/: the splats in the standard 3DGS PLY layout
 SEED_FILE = "seed_points.npz"  # in the fit's folder: what the splats started from
 SEED_POINT_COUNT = 50_000
 SEED_BALL_RADIUS = 0.3  # a ball of this radius lies inside the +-0.5 head box and holds the head's core
@@ -197,16 +197,16 @@ def pick_seed_points(run_dir: Path, seed: int, device: str, count: int = SEED_PO
     from ..panohead.stage import DEPTH_FILE
 
     run_dir = Path(run_dir)
-    if (run_dir / "noise" / DEPTH_FILE).is_file():
-        return depth_seed_points(run_dir / "noise" / DEPTH_FILE, count, seed)
-    record = run_dir / "nerf" / FIT_FILE
+    if (run_dir / layout.NOISE / DEPTH_FILE).is_file():
+        return depth_seed_points(run_dir / layout.NOISE / DEPTH_FILE, count, seed)
+    record = run_dir / layout.NERF / FIT_FILE
     if record.is_file():
         try:
             method = json.loads(record.read_text()).get("method")
         except (OSError, ValueError, AttributeError):
             method = None
         if method == METHOD:
-            field = load_fitted(run_dir / "nerf", device, run_dir / "views", head_config)
+            field = load_fitted(run_dir / layout.NERF, device, run_dir / layout.VIEWS, head_config)
             return density_seed_points(field, count, seed)
     return ball_seed_points(count, seed)
 
@@ -480,5 +480,5 @@ def write_splat_ply(parameters: dict[str, np.ndarray], out: Path, overwrite: boo
 
 NO_MESH = (
     "a splat field has no density to mesh (marching cubes needs nerfacto's); its Gaussians are in "
-    f"export/{SPLAT_FILE}, or refit with --field nerfacto for a mesh"
+    f"{layout.EXPORT}/{SPLAT_FILE}, or refit with --field nerfacto for a mesh"
 )

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import layout
 from ..atomic import file_sha256
 from ..errors import Dp360Error
 from ..stage import Stage, StageContext
@@ -17,8 +18,8 @@ from .fit import fit_field, load_field
 from .mesh import MESH_FORMATS, MeshSettings, coloured_mesh, is_textured, write_mesh
 from .render import TurntableSettings, render_turntable, write_frames
 
-TURNTABLE_NAME = "turntable.mp4"
-MESH_STEM = "head"
+TURNTABLE_NAME = layout.name_of(layout.TURNTABLE)
+MESH_STEM = layout.MESH_STEM
 
 
 FIELDS = ("nerfacto", "splatfacto")  # `--field`: dp360-head (method.py) or dp360-splat (splat.py)
@@ -75,7 +76,7 @@ def build_fit(
     progress: bool,
     note=lambda message: None,
 ) -> dict[str, Any]:
-    views_dir, final_dir = run_dir / "views", run_dir / "nerf"
+    views_dir, final_dir = run_dir / layout.VIEWS, run_dir / layout.NERF
     if field_name == "splatfacto":
         from .splat import fit_splat, pick_seed_points
 
@@ -93,7 +94,7 @@ def build_fit(
 def build_render(
     run_dir: Path, folder: Path, settings: TurntableSettings, device: str, progress: bool
 ) -> dict[str, Any]:
-    loaded = load_field(run_dir / "nerf", device, run_dir / "views")
+    loaded = load_field(run_dir / layout.NERF, device, run_dir / layout.VIEWS)
     frames, fps = render_turntable(loaded, settings, progress)
     write_frames(frames, folder / TURNTABLE_NAME, "mp4", settings.fps)
     return {"frames": len(frames), "resolution": settings.resolution, "render_fps": round(fps, 2)}
@@ -102,15 +103,15 @@ def build_render(
 def build_export(
     run_dir: Path, folder: Path, settings: MeshSettings, formats: tuple[str, ...], device: str
 ) -> dict[str, Any]:
-    if is_splat_fit(run_dir / "nerf"):
+    if is_splat_fit(run_dir / layout.NERF):
         from .splat import NO_MESH, SPLAT_FILE, splat_parameters_of_checkpoint, write_splat_ply
 
         # the Gaussians come straight from the checkpoint (no CUDA needed); splats have no density to mesh
-        parameters = splat_parameters_of_checkpoint(run_dir / "nerf")
+        parameters = splat_parameters_of_checkpoint(run_dir / layout.NERF)
         write_splat_ply(parameters, folder / SPLAT_FILE)
         return {"splats": int(len(parameters["means"])), "formats": ["splat.ply"], "mesh": f"not written: {NO_MESH}"}
-    loaded = load_field(run_dir / "nerf", device, run_dir / "views")
-    mesh = coloured_mesh(loaded, settings, run_dir / "views")
+    loaded = load_field(run_dir / layout.NERF, device, run_dir / layout.VIEWS)
+    mesh = coloured_mesh(loaded, settings, run_dir / layout.VIEWS)
     written = []
     for mesh_format in formats:
         written += write_mesh(mesh, folder / f"{MESH_STEM}.{mesh_format}", mesh_format)
@@ -131,11 +132,11 @@ def build_export(
 
 def view_hashes(run_dir: Path) -> dict[str, str]:
     """The files of `views/` the fit reads: the images and transforms.json (not the grid)."""
-    views = run_dir / "views"
+    views = run_dir / layout.VIEWS
     return {
-        f"views/{path.name}": file_sha256(path)
+        f"{layout.VIEWS}/{path.name}": file_sha256(path)
         for path in sorted(views.iterdir())
-        if path.suffix in (".png", ".json") and path.name != "grid.png"
+        if path.suffix in (".png", ".json") and path.name != layout.name_of(layout.GRID)
     }
 
 
@@ -143,9 +144,9 @@ def field_hashes(run_dir: Path) -> dict[str, str]:
     """What `load_field` reads: the fit's settings and background, its checkpoint, and the views'
     cameras. A refitted field that differs therefore redoes the turntable and the mesh; one that
     is bit-identical (a seeded CPU fit) keeps them."""
-    nerf = run_dir / "nerf"
-    hashes = {"nerf/" + FIT_FILE: _fit_record_hash(nerf / FIT_FILE)}
-    files = [run_dir / "views" / "transforms.json"]
+    nerf = run_dir / layout.NERF
+    hashes = {layout.FIT_RECORD: _fit_record_hash(nerf / FIT_FILE)}
+    files = [run_dir / layout.TRANSFORMS]
     files += fit_checkpoints(nerf)
     hashes.update({path.relative_to(run_dir).as_posix(): file_sha256(path) for path in files if path.is_file()})
     return hashes
@@ -178,15 +179,15 @@ def _fit_inputs(context: StageContext) -> dict[str, str]:
     from ..panohead.stage import DEPTH_FILE
 
     hashes = view_hashes(context.run_dir)
-    depth = context.run_dir / "noise" / DEPTH_FILE
+    depth = context.run_dir / layout.NOISE / DEPTH_FILE
     if context.config.field.field == "splatfacto" and depth.is_file():
-        hashes[f"noise/{DEPTH_FILE}"] = file_sha256(depth)
+        hashes[f"{layout.NOISE}/{DEPTH_FILE}"] = file_sha256(depth)
     return hashes
 
 
 FIT_STAGE = Stage(
     name="fit",
-    folder="nerf",
+    folder=layout.NERF,
     description="radiance field fit (nerfstudio)",
     settings=_fit_key,
     inputs=_fit_inputs,
@@ -205,7 +206,7 @@ FIT_STAGE = Stage(
 
 RENDER_STAGE = Stage(
     name="render",
-    folder="export",
+    folder=layout.EXPORT,
     description="turntable video",
     settings=lambda context: context.config.field.turntable.key_dict(),
     inputs=lambda context: field_hashes(context.run_dir),
@@ -219,7 +220,7 @@ RENDER_STAGE = Stage(
 
 EXPORT_STAGE = Stage(
     name="export",
-    folder="export",
+    folder=layout.EXPORT,
     description="mesh export",
     settings=lambda context: {
         **context.config.field.mesh.key_dict(),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import cameras
+from .. import cameras, layout
 from ..atomic import write_json_atomic
 from ..imaging import save_image_atomic
 
@@ -130,8 +130,8 @@ def write_fitted_run(root: str | Path, size: int = 48, iterations: int = 250, se
     from .fit import fit_field
 
     root = Path(root)
-    views = write_views(root / "views", size=size)
-    nerf = root / "nerf"
+    views = write_views(root / layout.VIEWS, size=size)
+    nerf = root / layout.NERF
     nerf.mkdir(parents=True)
     settings = FitSettings.preset("test", iterations=iterations, seed=seed)
     return views, nerf, fit_field(views, nerf, settings, "cpu", progress=False)

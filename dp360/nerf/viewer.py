@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import layout
 from ..errors import Dp360Error, Terminated
 from .checkpoint import run_folder
 from .common import FIT_FILE
@@ -143,7 +144,7 @@ def fitted_config(run_dir: str | Path) -> Path:
     if not run.is_dir():
         state = "is not a folder" if run.exists() else "does not exist"
         raise Dp360Error(f"Run folder '{run}' {state}; pass a folder written by {make}.")
-    nerf = run / "nerf"
+    nerf = run / layout.NERF
     if not any((run / name).exists() for name in ("run.json", "views", "nerf")):
         raise Dp360Error(f"'{run}' is not a dp360 run folder (no run.json, views/ or nerf/); make one with {make}.")
     config = run_folder(nerf) / "config.yml"
@@ -284,7 +285,7 @@ def start_viewer(run_dir: str | Path, address: ViewerAddress, device: str = "cpu
             websocket_port=address.port,
             num_rays_per_chunk=1 << 15,
         )
-        field = load_field(Path(run_dir) / "nerf", device, Path(run_dir) / "views")
+        field = load_field(Path(run_dir) / layout.NERF, device, Path(run_dir) / layout.VIEWS)
         pipeline = field.pipeline
         # nerfstudio's render threads time themselves into its writer's buffer (it sizes the
         # preview by the measured speed): set the buffer up, without its console writer.

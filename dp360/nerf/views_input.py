@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import cameras
+from .. import cameras, layout
 from ..errors import Dp360Error
 from ..stage import Stage, StageContext, Unavailable
 
@@ -308,7 +308,7 @@ def _check(context: StageContext) -> Unavailable | None:
 
 IMPORT_STAGE = Stage(
     name="import",
-    folder="views",
+    folder=layout.VIEWS,
     description="import the views (images and cameras)",
     settings=lambda context: {"images": "8-bit RGB PNG", "transparency": "composited on white"},
     inputs=lambda context: context.views_input.hashes(),

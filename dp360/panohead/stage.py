@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import cameras
+from .. import cameras, layout
 from ..atomic import atomic_directory, file_sha256, write_json_atomic
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
@@ -29,7 +29,7 @@ from ..weights import Need
 from .inversion import InversionSettings, canonical_ws, invert, render_views, render_views_with_depth, to_uint8
 
 CONDITION_FPS = 30
-DEPTH_FILE = "depth.npz"  # depth and opacity of the fitted head at the orbit cameras (seeds splats)
+DEPTH_FILE = layout.name_of(layout.DEPTH)  # depth and opacity of the fitted head at the orbit cameras (seeds splats)
 MAX_INVERSION_STEPS = 10_000
 
 
@@ -79,7 +79,7 @@ def build_noise(
     """Fill `folder` (the noise stage's staging folder); returns a small summary."""
     generator = generator.to(device)
     target = load_target(prepared_dir / "crop.png", generator.config.img_resolution)
-    label = read_label(prepared_dir / "dataset.json")
+    label = read_label(prepared_dir / layout.name_of(layout.DATASET))
     inversion = InversionSettings(invert_steps=settings.invert_steps, pti_steps=settings.pti_steps, seed=settings.seed)
     result = invert(
         generator, target, label, lpips, inversion, progress=progress, frontal_camera=_frontal_label(device)
@@ -89,7 +89,7 @@ def build_noise(
     frames, depth, opacity = render_views_with_depth(result.generator, result.ws, orbit, seed=settings.seed)
     del result.generator
 
-    frames_dir = folder / "frames"
+    frames_dir = folder / layout.name_of(layout.NOISE_FRAMES)
     frames_dir.mkdir(parents=True)
     pixels = to_uint8(frames)
     for index, frame in enumerate(pixels):
@@ -253,22 +253,22 @@ def _weights(context: StageContext) -> tuple[Need, ...]:
 
 
 def _inputs(context: StageContext) -> dict[str, str]:
-    prepared = context.run_dir / "prepared"
+    prepared = context.run_dir / layout.PREPARED
     return {
         "crop": file_sha256(prepared / "crop.png"),
-        "dataset": file_sha256(prepared / "dataset.json"),
+        "dataset": file_sha256(prepared / layout.name_of(layout.DATASET)),
         **context.config.noise_models.hashes(),
     }
 
 
 NOISE_STAGE = Stage(
     name="noise",
-    folder="noise",
+    folder=layout.NOISE,
     description="PanoHead inversion and 3D-aware noise frames",
     settings=lambda context: context.config.noise.key_dict(),
     inputs=_inputs,
     build=lambda context, folder: context.config.noise_models.build(
-        context.run_dir / "prepared", folder, context.config.noise, context.device, progress=context.progress
+        context.run_dir / layout.PREPARED, folder, context.config.noise, context.device, progress=context.progress
     ),
     check=_check,
     needs=("prepare",),

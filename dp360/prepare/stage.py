@@ -18,7 +18,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from .. import cache, cameras, weights
+from .. import cache, cameras, layout, weights
 from ..atomic import write_json_atomic
 from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
 from ..imaging import LoadedImage, save_image_atomic
@@ -41,7 +41,7 @@ from .pose import HeadFit, HeadPose, fit_head, pose_from_angles, pose_from_fit
 
 log = logging.getLogger(__name__)
 
-CROP_NAME = "crop.png"
+CROP_NAME = layout.name_of(layout.CROP)
 DETECTORS = ("auto", "retinaface", "dlib")
 # Orbit cameras look at the origin with y up: at +-90 degrees elevation the view is undefined.
 PITCH_LIMIT = 89.0
@@ -330,7 +330,7 @@ def prepare_portrait(
     save_image_atomic(out_dir / CROP_NAME, crop)
     if mask is not None:
         save_image_atomic(out_dir / "mask.png", mask)
-    write_json_atomic(out_dir / "dataset.json", cameras.panohead_dataset_json([(CROP_NAME, label)]))
+    write_json_atomic(out_dir / layout.name_of(layout.DATASET), cameras.panohead_dataset_json([(CROP_NAME, label)]))
     face = {
         "detector": detector,
         "face_count": face_count,
@@ -353,9 +353,10 @@ def prepare_portrait(
                 "landmarks5_in_crop": transform.apply(detection.landmarks5).round(2).tolist(),
             }
         )
-    write_json_atomic(out_dir / "face.json", face)
+    write_json_atomic(out_dir / layout.name_of(layout.FACE), face)
     save_image_atomic(
-        out_dir / "overlay.png", _draw_overlay(image, transform, detection, pose, detector, fit, fit_frame)
+        out_dir / layout.name_of(layout.OVERLAY),
+        _draw_overlay(image, transform, detection, pose, detector, fit, fit_frame),
     )
     return PrepareResult(
         crop=crop,
@@ -394,7 +395,7 @@ def _weights(context: StageContext) -> tuple[Need, ...]:
 
 PREPARE_STAGE = Stage(
     name="prepare",
-    folder="prepared",
+    folder=layout.PREPARED,
     description="detect the face, crop like PanoHead, estimate the camera",
     settings=lambda context: context.config.prepare.key_dict(),
     inputs=lambda context: {"input": context.image.sha256},
