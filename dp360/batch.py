@@ -416,7 +416,7 @@ class ClusterSettings:
     retries: int = 2  # more tries of a portrait that crashed or whose worker died (not of a bad input)
 
     def check(self) -> None:
-        from .stage import check_float, check_int
+        from .checks import check_float, check_int
 
         check_float("--gpus-per-task", self.gpus_per_task, 0.01, 64)
         check_float("--cpus-per-task", self.cpus_per_task, 0.01, 1024)

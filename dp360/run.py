@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from .checks import check_seed
 from .errors import Dp360Error, RunDirectoryError
 from .manifest import (
     INPUT_IMAGE,
@@ -46,7 +47,7 @@ from .manifest import (
     run_identity,
 )
 from .registry import pipeline_stages, views_run_stages
-from .stage import RunConfig, Stage, StageContext, Unavailable, check_seed
+from .stage import RunConfig, Stage, StageContext, Unavailable
 
 if TYPE_CHECKING:
     from .diffusion.stage import ViewModels, ViewSettings
@@ -533,8 +534,8 @@ def check_run_settings(
 ) -> tuple[str, str]:
     """Check every setting the named stages use, before anything is read or written; returns
     the resolved (device, dtype). Raises a Dp360Error naming the first bad setting."""
+    from .checks import check_int
     from .runtime import resolve_device, resolve_dtype
-    from .stage import check_int
 
     check_seed(options.seed)
     device = resolve_device(options.device)

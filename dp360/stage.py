@@ -1,4 +1,4 @@
-"""The one interface every stage of a run implements, and the settings checks they share.
+"""The one interface every stage of a run implements (its settings checks: `dp360.checks`).
 
 A `Stage` is declared by the package that owns it (prepare/, panohead/, diffusion/, nerf/) and
 says everything the runner (`dp360.run`) needs: its name and folder, its settings key, the
@@ -9,13 +9,10 @@ loops over the list of stages; adding a stage touches its own module and that li
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from .errors import Dp360Error
 
 if TYPE_CHECKING:
     from .diffusion.stage import ViewModels, ViewSettings
@@ -25,9 +22,6 @@ if TYPE_CHECKING:
     from .panohead.stage import NoiseModels, NoiseSettings
     from .prepare import PrepareSettings
     from .weights import Need
-
-# The seed feeds torch, numpy and Python's random: numpy's generator takes 32-bit seeds.
-SEED_MAX = 2**32 - 1
 
 
 @dataclass
@@ -109,24 +103,3 @@ class Stage:
     # stages whose results it makes in their place, for the stages that need those (importing
     # views provides what the views stage would have made)
     provides: tuple[str, ...] = ()
-
-
-# -- settings checks: one sentence naming the option and its range --------------------------------
-
-
-def check_int(option: str, value: Any, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise Dp360Error(f"{option} must be a whole number from {low} to {high}, not {value!r}.")
-
-
-def check_float(option: str, value: Any, low: float, high: float) -> None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not math.isfinite(number) or not low <= number <= high:
-        raise Dp360Error(f"{option} must be a finite number from {low:g} to {high:g}, not {value!r}.")
-
-
-def check_seed(seed: Any) -> None:
-    check_int("--seed", seed, 0, SEED_MAX)

@@ -16,9 +16,10 @@ from PIL import Image
 
 from .. import cache, cameras, layout
 from ..atomic import file_sha256, write_json_atomic
+from ..checks import check_float, check_int, check_seed
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
-from ..stage import Stage, StageContext, Unavailable, check_float, check_int, check_seed
+from ..stage import Stage, StageContext, Unavailable
 from ..video import write_mp4
 from ..weights import Need
 

@@ -54,7 +54,7 @@ class EvalSettings:
     arcface: str | Path | None = None
 
     def check(self) -> None:
-        from ..stage import check_float, check_int
+        from ..checks import check_float, check_int
 
         check_int("--size", self.size, 32, 2048)
         check_float("--tolerance", self.tolerance, 0.0, 180.0)

@@ -96,7 +96,7 @@ class FitSettings:
         return asdict(self)
 
     def check(self) -> None:
-        from ..stage import check_int, check_seed
+        from ..checks import check_int, check_seed
 
         check_int("--fit-iterations", self.iterations, 1, MAX_FIT_ITERATIONS)
         check_int("rays per batch", self.rays_per_batch, 1, 1 << 20)

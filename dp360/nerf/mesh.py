@@ -41,7 +41,7 @@ class MeshSettings:
         return asdict(self)
 
     def check(self) -> None:
-        from ..stage import check_float, check_int
+        from ..checks import check_float, check_int
 
         check_int("--mesh-resolution", self.resolution, 16, 1024)
         check_int("--mesh-faces", self.faces, 100, 50_000_000)

@@ -34,7 +34,7 @@ class TurntableSettings:
         return asdict(self)
 
     def check(self) -> None:
-        from ..stage import check_float, check_int
+        from ..checks import check_float, check_int
 
         check_int("--frames", self.frames, 1, 10_000)
         check_int("--resolution", self.resolution, 16, 4096)

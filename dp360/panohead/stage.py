@@ -22,9 +22,10 @@ from PIL import Image
 
 from .. import cameras, layout
 from ..atomic import atomic_directory, file_sha256, write_json_atomic
+from ..checks import check_int
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
-from ..stage import Stage, StageContext, Unavailable, check_int
+from ..stage import Stage, StageContext, Unavailable
 from ..weights import Need
 from .inversion import InversionSettings, canonical_ws, invert, render_views, render_views_with_depth, to_uint8
 

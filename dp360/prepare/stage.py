@@ -20,9 +20,10 @@ import numpy as np
 
 from .. import cache, cameras, layout, weights
 from ..atomic import write_json_atomic
+from ..checks import check_float, check_int
 from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
 from ..imaging import LoadedImage, save_image_atomic
-from ..stage import Stage, StageContext, check_float, check_int
+from ..stage import Stage, StageContext
 from ..weights import Need
 from .align import (
     CROP_SIZE,
