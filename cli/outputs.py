@@ -46,19 +46,6 @@ def check_run_dir(run_dir: Path) -> None:
         )
 
 
-def check_suffix_matches(out: Path, chosen: str, by_suffix: dict[str, str]) -> None:
-    """Refuse an --out whose suffix names another format than the one that would be written there
-    (PLY bytes in `m.obj`)."""
-    from dp360.errors import Dp360Error
-
-    named = by_suffix.get(out.suffix.lower())
-    if (named is not None and named != chosen) or (chosen == "frames" and out.suffix.lower() in by_suffix):
-        raise Dp360Error(
-            f"'{out.name}' names a .{named} file but --format is {chosen}; make the two agree "
-            f"(or leave out --format to write what the name says)."
-        )
-
-
 @with_options(TURNTABLE_OPTIONS, DEVICE_OPTION)
 def render(
     run_dir: RunDirArgument,
@@ -87,6 +74,7 @@ def render(
     from dp360.errors import Dp360Error
     from dp360.nerf.fit import load_field
     from dp360.nerf.render import check_turntable_target, render_turntable, write_frames
+    from dp360.outputs import check_suffix_matches
     from dp360.runtime import resolve_device
 
     with user_errors():
@@ -149,66 +137,19 @@ def export(
     to mesh: its Gaussians are written as a standard 3DGS PLY instead (positions, normals,
     f_dc/f_rest, opacity, scale, rotation), which splat viewers open; this needs no GPU.
     """
-    from dp360.errors import Dp360Error
-    from dp360.manifest import LOCK_NAME, RunLock, check_no_links
-    from dp360.nerf.checkpoint import is_splat_fit
-    from dp360.nerf.fit import load_field
-    from dp360.nerf.mesh import coloured_mesh, write_mesh
-    from dp360.outputs import check_file_target
-    from dp360.report import read_run
+    from dp360.nerf.export import export_run
     from dp360.runtime import resolve_device
 
     with user_errors():
-        by_suffix = {".glb": "glb", ".obj": "obj", ".ply": "ply"}
-        suffix_format = by_suffix.get(out.suffix.lower()) if out is not None else None
-        mesh_format = output_format.value if output_format else suffix_format or "glb"
-        if out is not None:
-            check_suffix_matches(out, mesh_format, by_suffix)
         settings = mesh_settings(options, density=mesh_density)
-        settings.check()
-        check_run_dir(run_dir)
-        splats = is_splat_fit(Path(run_dir) / layout.NERF)
-        if splats and output_format not in (None, MeshFormat.ply):
-            raise Dp360Error(
-                f"'{run_dir}' holds a splat field, which has no density to mesh as {mesh_format}; export its "
-                "Gaussians with --format ply, or refit with `dp360 reconstruct --field nerfacto --force` for a mesh."
+        asked = output_format.value if output_format else None
+        target, summary, files = export_run(run_dir, out, asked, settings, resolve_device(options.device), overwrite)
+        if "splats" in summary:
+            written = f"{summary['splats']} splats"
+        else:
+            written = f"{summary['faces']} faces" + (
+                f"; with {', '.join(p.name for p in files[1:])}" if files[1:] else ""
             )
-        default_name = "head.splat.ply" if splats else f"head.{mesh_format}"
-        target = out or Path(run_dir) / layout.EXPORT / default_name
-        # The default target lies inside the run folder, which dp360 owns (its run.json shows it):
-        # it may replace it, never through a link, under the run's lock so that no run writes there
-        # at the same time.
-        overwrite = overwrite or out is None
-        inside = ((), ()) if out is not None else (("export",), (LOCK_NAME, f"{layout.EXPORT}/{default_name}"))
-        if out is None:
-            RunLock(Path(run_dir)).check_free()
-            read_run(run_dir)  # a folder dp360 did not make is the user's: nothing is written there
-            check_no_links(run_dir, *inside)
-        check_file_target(target, overwrite)  # before the (slow) extraction
-        lock = RunLock(Path(run_dir))
-        if out is None:
-            lock.acquire()
-            check_no_links(run_dir, *inside)  # again, under the lock
-        try:
-            if splats:
-                from dp360.nerf.splat import splat_parameters_of_checkpoint, write_splat_ply
-
-                parameters = splat_parameters_of_checkpoint(Path(run_dir) / layout.NERF)
-                check_no_links(run_dir, *inside)
-                write_splat_ply(parameters, target, overwrite)
-                written = f"{len(parameters['means'])} splats"
-            else:
-                field = load_field(
-                    Path(run_dir) / layout.NERF, resolve_device(options.device), Path(run_dir) / layout.VIEWS
-                )
-                mesh = coloured_mesh(field, settings, Path(run_dir) / layout.VIEWS)
-                check_no_links(run_dir, *inside)  # nothing on the way became a link meanwhile
-                files = write_mesh(mesh, target, mesh_format, overwrite)
-                written = f"{len(mesh.faces)} faces" + (
-                    f"; with {', '.join(p.name for p in files[1:])}" if files[1:] else ""
-                )
-        finally:
-            lock.release()
     if not quiet:
         err_console.print(f"[green]✓[/] {target} ({written})")
 

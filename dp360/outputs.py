@@ -137,3 +137,14 @@ def check_output_folder(
     if empty and (out == Path.cwd() or out in Path.cwd().parents):
         raise refuse("is the current folder, which dp360 will not replace")
     return out
+
+
+def check_suffix_matches(out: Path, chosen: str, by_suffix: dict[str, str]) -> None:
+    """Refuse an --out whose suffix names another format than the one that would be written there
+    (PLY bytes in `m.obj`)."""
+    named = by_suffix.get(out.suffix.lower())
+    if (named is not None and named != chosen) or (chosen == "frames" and out.suffix.lower() in by_suffix):
+        raise Dp360Error(
+            f"'{out.name}' names a .{named} file but --format is {chosen}; make the two agree "
+            f"(or leave out --format to write what the name says)."
+        )

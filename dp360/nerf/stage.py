@@ -12,10 +12,11 @@ from .. import layout
 from ..atomic import file_sha256
 from ..errors import Dp360Error
 from ..stage import Stage, StageContext
-from .checkpoint import fit_checkpoints, is_splat_fit
+from .checkpoint import fit_checkpoints
 from .common import FIT_FILE, FitSettings
+from .export import export_field
 from .fit import fit_field, load_field
-from .mesh import MESH_FORMATS, MeshSettings, coloured_mesh, is_textured, write_mesh
+from .mesh import MESH_FORMATS, MeshSettings
 from .render import TurntableSettings, render_turntable, write_frames
 
 TURNTABLE_NAME = layout.name_of(layout.TURNTABLE)
@@ -103,28 +104,10 @@ def build_render(
 def build_export(
     run_dir: Path, folder: Path, settings: MeshSettings, formats: tuple[str, ...], device: str
 ) -> dict[str, Any]:
-    if is_splat_fit(run_dir / layout.NERF):
-        from .splat import NO_MESH, SPLAT_FILE, splat_parameters_of_checkpoint, write_splat_ply
-
-        # the Gaussians come straight from the checkpoint (no CUDA needed); splats have no density to mesh
-        parameters = splat_parameters_of_checkpoint(run_dir / layout.NERF)
-        write_splat_ply(parameters, folder / SPLAT_FILE)
-        return {"splats": int(len(parameters["means"])), "formats": ["splat.ply"], "mesh": f"not written: {NO_MESH}"}
-    loaded = load_field(run_dir / layout.NERF, device, run_dir / layout.VIEWS)
-    mesh = coloured_mesh(loaded, settings, run_dir / layout.VIEWS)
-    written = []
-    for mesh_format in formats:
-        written += write_mesh(mesh, folder / f"{MESH_STEM}.{mesh_format}", mesh_format)
-    return {
-        "files": [path.name for path in written],
-        "texture": mesh.metadata.get("texture") if is_textured(mesh) else "vertex colours",
-        "faces": int(len(mesh.faces)),
-        "vertices": int(len(mesh.vertices)),
-        "surface_from": mesh.metadata["surface_from"],
-        "iso_level": None if mesh.metadata["iso_level"] is None else round(mesh.metadata["iso_level"], 4),
-        "bounds": [[round(float(x), 4) for x in row] for row in mesh.bounds],
-        "formats": list(formats),
-    }
+    summary, _ = export_field(
+        run_dir, lambda mesh_format: folder / f"{MESH_STEM}.{mesh_format}", formats, settings, device
+    )
+    return summary
 
 
 # -- the stages -----------------------------------------------------------------------------------
