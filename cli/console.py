@@ -111,18 +111,13 @@ def raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-# The stages whose results a command promises; a run without them exits INCOMPLETE_EXIT.
-PROMISED = {
-    "prepare": ("prepare",),
-    "views": ("views",),
-    "reconstruct": ("render", "export"),
-    "fit": ("render", "export"),
-}
-INCOMPLETE_EXIT = 3  # distinct from 2 (bad input or settings)
+INCOMPLETE_EXIT = 3  # distinct from 2 (bad input or settings); what a command promises: dp360.recipes
 
 
 def missing_promises(summary, command: str) -> list[str]:
-    return [name for name in PROMISED[command] if summary.stages.get(name, {}).get("status") != "done"]
+    from dp360.recipes import recipe
+
+    return recipe(command).missing(summary.stages)
 
 
 def print_summary(summary, as_json: bool, quiet: bool, command: str) -> None:

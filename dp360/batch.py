@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import Dp360Error, RunDirectoryError
 from .manifest import MANIFEST_NAME, RunLock
+from .recipes import recipe
 from .run import RunOptions, dtype_refusal
 
 if TYPE_CHECKING:
@@ -313,16 +314,20 @@ class BatchRecipe:
     compile_models: bool = False
 
     @classmethod
+    def of(cls, command: str, **settings) -> BatchRecipe:
+        """The portraits' run as `dp360 COMMAND` (reconstruct, views) runs it (`dp360.recipes`)."""
+        chosen = recipe(command)
+        return cls(chosen.stages, chosen.require, chosen.promised, **settings)
+
+    @classmethod
     def reconstruct(cls, **settings) -> BatchRecipe:
         """Everything, as `dp360 reconstruct`: done when the turntable and the mesh are there."""
-        from .registry import pipeline_stages
-
-        return cls(tuple(stage.name for stage in pipeline_stages()), ("prepare",), ("render", "export"), **settings)
+        return cls.of("reconstruct", **settings)
 
     @classmethod
     def until_views(cls, **settings) -> BatchRecipe:
         """Prepare, 3D-aware noise and the views, as `dp360 views`."""
-        return cls(("prepare", "noise", "views"), ("prepare", "views"), ("views",), **settings)
+        return cls.of("views", **settings)
 
     def __post_init__(self) -> None:
         from .diffusion.stage import ViewSettings

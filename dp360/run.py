@@ -46,6 +46,7 @@ from .manifest import (
     read_manifest,
     run_identity,
 )
+from .recipes import recipe
 from .registry import pipeline_stages, views_run_stages
 from .stage import RunConfig, Stage, StageContext, Unavailable
 
@@ -730,7 +731,7 @@ def fit_views(
         stage_names=tuple(stage.name for stage in views_run_stages()),
     )
     fetch_weights(selected, context, options, run._note)
-    check_stages(selected, context, require=("import",))
+    check_stages(selected, context, require=recipe("fit").require)
     for note in views.notes:
         run._note(f"{views.path.name}: {note}")
     return run_stages(run, views, selected, context)
@@ -755,12 +756,13 @@ def reconstruct(
         prepare_settings,
         options,
         reporter,
-        stages=tuple(stage.name for stage in pipeline_stages()),
+        stages=recipe("reconstruct").stages,
         view_settings=view_settings,
         models=models,
         noise_settings=noise_settings,
         noise_models=noise_models,
         field_settings=field_settings,
+        require=recipe("reconstruct").require,
     )
 
 
@@ -783,10 +785,10 @@ def views(
         prepare_settings,
         options,
         reporter,
-        ("prepare", "noise", "views"),
+        recipe("views").stages,
         view_settings,
         models,
-        require=("prepare", "views"),
+        require=recipe("views").require,
         noise_settings=noise_settings,
         noise_models=noise_models,
     )
@@ -800,4 +802,13 @@ def prepare(
     reporter: Reporter | None = None,
 ) -> RunSummary:
     """Only the prepare stage: `out_dir/prepared/{crop.png, dataset.json, overlay.png, face.json}`."""
-    return run_pipeline(image_path, out_dir, prepare_settings, options, reporter, stages=("prepare",))
+    prepare_only = recipe("prepare")
+    return run_pipeline(
+        image_path,
+        out_dir,
+        prepare_settings,
+        options,
+        reporter,
+        stages=prepare_only.stages,
+        require=prepare_only.require,
+    )

@@ -67,3 +67,17 @@ def test_every_stage_writes_into_a_folder_the_layout_names():
     run = layout.RunLayout("/runs/head")
     assert run.crop.as_posix() == "/runs/head/prepared/crop.png" and (run / layout.MESH).name == "head.glb"
     assert layout.name_of(layout.SPLATS) == "head.splat.ply" and run.views.parent == run.root
+
+
+def test_each_command_runs_promises_and_requires_stages_of_its_kind_of_run_in_order():
+    from dp360.recipes import recipes
+    from dp360.registry import pipeline_stages, views_run_stages
+
+    portrait_order = [stage.name for stage in pipeline_stages()]
+    views_order = [stage.name for stage in views_run_stages()]
+    assert set(recipes()) == {"prepare", "views", "reconstruct", "fit"}
+    for name, recipe in recipes().items():
+        order = views_order if name == "fit" else portrait_order
+        assert list(recipe.stages) == [stage for stage in order if stage in recipe.stages], name
+        assert set(recipe.require) <= set(recipe.stages) and set(recipe.promised) <= set(recipe.stages), name
+    assert recipes()["reconstruct"].missing({"render": {"status": "done"}}) == ["export"]
