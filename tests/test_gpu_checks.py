@@ -312,10 +312,10 @@ def test_hash_grid_backend_and_its_cost(machine, tmp_path, monkeypatch):
 
 
 def test_the_fit_tells_which_hash_grid_it_uses(machine, tmp_path, monkeypatch):
-    from dp360.nerf import stage
+    from dp360.nerf import fit, stage
     from dp360.nerf.common import FitSettings
 
-    monkeypatch.setattr(stage, "fit_field", lambda *args, **kwargs: {"method": "dp360-head"})
+    monkeypatch.setattr(fit, "fit_field", lambda *args, **kwargs: {"method": "dp360-head"})
     notes = []
     summary = stage.build_fit(
         tmp_path, tmp_path / "nerf", FitSettings.preset("test"), "nerfacto", "cuda", False, notes.append

@@ -19,11 +19,13 @@ them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import Dp360Error
+from ..layout import RunLayout
 from .checkpoint import ConfigBuilder, LoadedField, load_fitted, read_fit_record
 from .common import (
     EXPERIMENT,
@@ -41,12 +43,15 @@ from .train import train, write_fit
 @dataclass(frozen=True)
 class FieldMethod:
     """One kind of field dp360 fits (`--field`): its nerfstudio method name (recorded in fit.json),
-    how its config is built, and whether it needs a CUDA GPU."""
+    how its config is built, how a run's fit stage fits it, and whether it needs a CUDA GPU."""
 
     name: str  # the --field value
     method: str  # nerfstudio's method name, recorded in fit.json and naming the fit's folder
     build_config: ConfigBuilder
-    needs_cuda: bool
+    # (run folder, staging folder, settings, device, progress, note) -> the fit stage's summary
+    fit_run: Callable[..., dict[str, Any]]
+    needs_cuda: bool  # gsplat rasterises on CUDA only
+    reads_panohead_depth: bool  # its fit starts from the PanoHead inversion's depth when there is one
     description: str
 
 
@@ -64,11 +69,32 @@ def _splatfacto_config(*args: Any) -> Any:
     return splat_config(*args)
 
 
+def _fit_nerfacto_run(run_dir: Path, folder: Path, settings: FitSettings, device: str, progress: bool, note) -> dict:
+    from ..gpu import hash_grid_backend
+
+    backend, detail = hash_grid_backend(device)
+    if device.startswith("cuda"):  # on the CPU there is no choice to tell about
+        note(f"fit: {detail}")
+    run = RunLayout(run_dir)
+    return {**fit_field(run.views, folder, settings, device, progress, final_dir=run.nerf), "hash_grid": backend}
+
+
+def _fit_splatfacto_run(run_dir: Path, folder: Path, settings: FitSettings, device: str, progress: bool, note) -> dict:
+    from .splat import fit_splat, pick_seed_points
+
+    run = RunLayout(run_dir)
+    # read before the staging folder replaces nerf/: a nerfacto field fitted there earlier can seed the splats
+    seeds = pick_seed_points(run_dir, settings.seed, device)
+    return fit_splat(run.views, folder, settings, device, progress, final_dir=run.nerf, seed_points=seeds)
+
+
 FIELD_METHODS = {
     item.name: item
     for item in (
-        FieldMethod("nerfacto", METHOD, _nerfacto_config, False, "radiance field"),
-        FieldMethod("splatfacto", SPLAT_METHOD, _splatfacto_config, True, "3D Gaussian splats"),
+        FieldMethod("nerfacto", METHOD, _nerfacto_config, _fit_nerfacto_run, False, False, "radiance field"),
+        FieldMethod(
+            "splatfacto", SPLAT_METHOD, _splatfacto_config, _fit_splatfacto_run, True, True, "3D Gaussian splats"
+        ),
     )
 }
 

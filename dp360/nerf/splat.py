@@ -11,10 +11,10 @@ The method is splatfacto with the settings of dp360-head (method.py) where they 
 - splatfacto's schedule fitted into the fit's iterations (see `splat_schedule`), and its sizes
   (densification, culling, the learning rate of the means) scaled from nerfstudio's auto-scaled
   scenes (cameras at distance 1) to our frame (cameras at 2.7);
-- the splats start from seed points (`pick_seed_points`): the surface of a nerfacto field of the
-  run where one exists (its density, thresholded as the mesh export does), else a ball of points
-  inside the head box drawn with the fit's seed. (The noise stage writes PanoHead's RGB renders
-  but not their depth, so PanoHead depth cannot seed the splats.)
+- the splats start from seed points (`pick_seed_points`), the best source first: the PanoHead
+  inversion's depth at the orbit cameras (`noise/depth.npz`, which the noise stage writes), else
+  the surface of a nerfacto field of the run (its density, thresholded as the mesh export does),
+  else a ball of points inside the head box drawn with the fit's seed.
 - LPIPS is never built (it would download AlexNet weights), as in dp360-head.
 
 gsplat rasterises on CUDA only (and splatfacto moves its camera intrinsics to CUDA), so a splat

@@ -15,7 +15,7 @@ from ..stage import Stage, StageContext
 from .checkpoint import fit_checkpoints
 from .common import FIT_FILE, FitSettings
 from .export import export_field
-from .fit import fit_field, load_field
+from .fit import FIELD_METHODS, load_field
 from .mesh import MESH_FORMATS, MeshSettings
 from .render import TurntableSettings, render_turntable, write_frames
 
@@ -23,7 +23,7 @@ TURNTABLE_NAME = layout.name_of(layout.TURNTABLE)
 MESH_STEM = layout.MESH_STEM
 
 
-FIELDS = ("nerfacto", "splatfacto")  # `--field`: dp360-head (method.py) or dp360-splat (splat.py)
+FIELDS = tuple(FIELD_METHODS)  # `--field`: nerfacto (dp360-head, method.py) or splatfacto (dp360-splat, splat.py)
 
 
 @dataclass
@@ -45,12 +45,13 @@ class FieldStageSettings:
         with `toolchain` gsplat's CUDA kernels compiled or compilable on this machine)."""
         if self.field not in FIELDS:
             raise Dp360Error(f"--field must be one of {', '.join(FIELDS)}, not {self.field!r}.")
-        if self.field == "splatfacto" and device is not None and not device.startswith("cuda"):
+        needs_cuda = FIELD_METHODS[self.field].needs_cuda
+        if needs_cuda and device is not None and not device.startswith("cuda"):
             raise Dp360Error(
-                f"--field splatfacto needs a CUDA GPU (gsplat rasterises splats on CUDA only) but the device is "
+                f"--field {self.field} needs a CUDA GPU (gsplat rasterises splats on CUDA only) but the device is "
                 f"{device}; run on a CUDA GPU (--device cuda) or use --field nerfacto."
             )
-        if self.field == "splatfacto" and device is not None and toolchain:
+        if needs_cuda and device is not None and toolchain:
             from ..gpu import splat_problem
 
             # before the first stage: without nvcc gsplat fails only in the fit, after the views
@@ -77,19 +78,7 @@ def build_fit(
     progress: bool,
     note=lambda message: None,
 ) -> dict[str, Any]:
-    views_dir, final_dir = run_dir / layout.VIEWS, run_dir / layout.NERF
-    if field_name == "splatfacto":
-        from .splat import fit_splat, pick_seed_points
-
-        # read before the staging folder replaces nerf/: a nerfacto field fitted there earlier can seed the splats
-        seeds = pick_seed_points(run_dir, settings.seed, device)
-        return fit_splat(views_dir, folder, settings, device, progress, final_dir=final_dir, seed_points=seeds)
-    from ..gpu import hash_grid_backend
-
-    backend, detail = hash_grid_backend(device)
-    if device.startswith("cuda"):  # on the CPU there is no choice to tell about
-        note(f"fit: {detail}")
-    return {**fit_field(views_dir, folder, settings, device, progress, final_dir=final_dir), "hash_grid": backend}
+    return FIELD_METHODS[field_name].fit_run(run_dir, folder, settings, device, progress, note)
 
 
 def build_render(
@@ -163,7 +152,7 @@ def _fit_inputs(context: StageContext) -> dict[str, str]:
 
     hashes = view_hashes(context.run_dir)
     depth = context.run_dir / layout.NOISE / DEPTH_FILE
-    if context.config.field.field == "splatfacto" and depth.is_file():
+    if FIELD_METHODS[context.config.field.field].reads_panohead_depth and depth.is_file():
         hashes[f"{layout.NOISE}/{DEPTH_FILE}"] = file_sha256(depth)
     return hashes
 
