@@ -68,12 +68,13 @@ def weights_download(
     """Fetch what runs need ahead of time, as `reconstruct` does on first use: download (resumable,
     hash-checked), convert the checkpoints into safetensors bundles, extract the camera images."""
     from dp360 import weights
+    from dp360.registry import default_needs
     from dp360.runtime import resolve_device
 
     with user_errors(INTERRUPTED_DOWNLOAD):
         names = [name.value for name in what] if what else [name.value for name in WeightName]
         fp16 = dtype in (DType.fp16, DType.bf16) or (dtype is DType.auto and resolve_device("auto").startswith("cuda"))
-        needs = [need for need in weights.default_needs(fp16=fp16) if need.name in names]
+        needs = [need for need in default_needs(fp16=fp16) if need.name in names]
         present = [need for need in needs if need.present()]
         for need in present:
             if not quiet:
@@ -95,10 +96,11 @@ def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = Fal
     """Show, for every weight file, whether runs will find it (converted or in place) and whether
     its raw download is on disk."""
     from dp360 import weights
+    from dp360.registry import default_needs
 
     rows = []
     for fp16 in (False, True):
-        for need in weights.default_needs(fp16=fp16):
+        for need in default_needs(fp16=fp16):
             if fp16 and need.name not in ("main", "back"):
                 continue
             raw = weights.cached_official(need.name, cache_dir) if need.file.installed else None

@@ -188,7 +188,9 @@ def _needs() -> list[weights.Need]:
     import torch
 
     # not resolve_device: a GPU torch cannot use is check_gpu's FAIL, not an error of this check
-    return weights.default_needs(fp16=torch.cuda.is_available())
+    from .registry import default_needs
+
+    return default_needs(fp16=torch.cuda.is_available())
 
 
 def check_weights() -> list[Check]:

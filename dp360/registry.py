@@ -3,9 +3,12 @@ of views made elsewhere (`dp360 fit`). Adding a stage touches its own module and
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from . import cache
 from .stage import Stage
+from .weights import RETINAFACE_FILES, Installer, Need
 
 
 def pipeline_stages() -> tuple[Stage, ...]:
@@ -45,3 +48,34 @@ def stage_names_of(manifest: dict[str, Any]) -> tuple[str, ...]:
     source = manifest.get("input")
     imported = isinstance(source, dict) and source.get("kind") == "views"
     return tuple(stage.name for stage in (views_run_stages() if imported else pipeline_stages()))
+
+
+def installer_of(name: str, fp16: bool = False) -> Installer | None:
+    """The installer of a weight file by its owner (None: the file is used as downloaded)."""
+    from .diffusion.models.bundle import bundle_installer
+    from .diffusion.stage import SPHERE32_INSTALLER
+    from .panohead.store import PANOHEAD_INSTALLER
+
+    if name in ("main", "back"):
+        return bundle_installer(name, fp16)
+    return {"panohead": PANOHEAD_INSTALLER, "data": SPHERE32_INSTALLER}.get(name)
+
+
+def need(name: str, target: str | Path, fp16: bool = False, optional: bool = False) -> Need:
+    """A `Need` of the weight file `name` at `target`, with its owner's installer."""
+    return Need(name, Path(target), fp16, optional, installer=installer_of(name, fp16))
+
+
+def default_needs(view_count: int = 32, fp16: bool = False) -> list[Need]:
+    """What a full run with default locations needs (the doctor's list, `dp360 weights download`),
+    each with its owner's installer."""
+    needs = [
+        need("main", cache.bundle_path("main", fp16), fp16),
+        need("back", cache.bundle_path("back", fp16), fp16),
+        need("panohead", cache.panohead_dir()),
+        need("perceptual", cache.perceptual_dir() / cache.PERCEPTUAL_FILE),
+        need("retinaface", cache.facexlib_dir() / RETINAFACE_FILES["resnet50"], optional=True),
+    ]
+    if view_count == 32:
+        needs.insert(3, need("data", cache.cache_dir() / "sphere32"))
+    return needs

@@ -18,18 +18,15 @@ DP360_FILES_ENDPOINT at a mirror of the two files that are not on the hub.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import (
     PERCEPTUAL_FILE,
     PERCEPTUAL_HOME,
-    bundle_path,
-    cache_dir,
     downloads_dir,
     facexlib_dir,
-    panohead_dir,
-    perceptual_dir,
 )
 from .errors import DetectorUnavailableError, Dp360Error
 
@@ -163,6 +160,16 @@ def cached_official(name: str, cache: str | None = None) -> Path | None:
 
 
 @dataclass(frozen=True)
+class Installer:
+    """How the owner of a file that is converted or extracted (a bundle, the PanoHead generator, the
+    camera images) recognises its usable form at a place, and makes it from the raw file (checking
+    what it writes). The owner supplies it with the `Need`s it lists: this module knows no format."""
+
+    present: Callable[[Path], bool]  # target -> whether the usable form is there
+    install: Callable[[Path, Path], None]  # (raw file, target)
+
+
+@dataclass(frozen=True)
 class Need:
     """A usable form of a weight file at a place: a converted bundle, the extracted camera images,
     the file itself. Stages list their needs; `ensure` fetches what is missing."""
@@ -171,6 +178,8 @@ class Need:
     target: Path
     fp16: bool = False  # main/back: a half-precision bundle
     optional: bool = False  # fetched when downloads are on; its stage copes without it otherwise
+    # None: the file is used as downloaded (WeightFile.installed is False)
+    installer: Installer | None = field(default=None, compare=False, repr=False)
 
     @property
     def file(self) -> WeightFile:
@@ -178,17 +187,7 @@ class Need:
 
     def present(self) -> bool:
         target = Path(self.target)
-        if self.name in ("main", "back"):
-            from .diffusion.models.bundle import BUNDLE_FILE
-
-            return (target / BUNDLE_FILE).is_file()
-        if self.name == "panohead":
-            from .panohead.store import CONFIG_FILE, WEIGHTS_FILE
-
-            return (target / CONFIG_FILE).is_file() and (target / WEIGHTS_FILE).is_file()
-        if self.name == "data":
-            return len(list(target.glob("*.png"))) == 32
-        return target.is_file()
+        return self.installer.present(target) if self.installer is not None else target.is_file()
 
     def command(self) -> str:
         return f"dp360 weights download {self.name}" + (" --dtype fp16" if self.fp16 else "")
@@ -200,39 +199,10 @@ class Need:
         return download_gb / 2 if self.fp16 else download_gb
 
     def install(self, raw: Path) -> None:
-        """Make the usable form from the raw file (convert, extract); checks what it writes."""
-        import torch
-
-        if self.name in ("main", "back"):
-            from .diffusion.models.bundle import check_bundle, convert_to_bundle
-
-            convert_to_bundle(
-                raw, self.target, self.name, family="auto", dtype=torch.float16 if self.fp16 else torch.float32
-            )
-            check_bundle(self.target)
-        elif self.name == "panohead":
-            from .panohead.store import convert_panohead_pickle, panohead_problem
-
-            convert_panohead_pickle(raw, self.target)
-            problem = panohead_problem(self.target)
-            if problem:
-                raise Dp360Error(problem)
-        elif self.name == "data":
-            extract_sphere32(raw, self.target)
-
-
-def default_needs(view_count: int = 32, fp16: bool = False) -> list[Need]:
-    """What a full run with default locations needs (the doctor's list)."""
-    needs = [
-        Need("main", bundle_path("main", fp16), fp16),
-        Need("back", bundle_path("back", fp16), fp16),
-        Need("panohead", panohead_dir()),
-        Need("perceptual", perceptual_dir() / PERCEPTUAL_FILE),
-        Need("retinaface", facexlib_dir() / RETINAFACE_FILES["resnet50"], optional=True),
-    ]
-    if view_count == 32:
-        needs.insert(3, Need("data", cache_dir() / "sphere32"))
-    return needs
+        """Make the usable form from the raw file (convert, extract), by its owner's installer."""
+        if self.installer is None:
+            raise Dp360Error(f"{self.name} is used as downloaded; there is nothing to install from {raw}.")
+        self.installer.install(Path(raw), Path(self.target))
 
 
 class MissingWeightsError(Dp360Error):
@@ -416,39 +386,3 @@ def ensure(
                 raw.unlink(missing_ok=True)  # ours, and now converted and checked
         fetched.append(need.name)
     return fetched
-
-
-def extract_sphere32(archive: str | Path, destination: Path | None = None) -> Path:
-    """The 32 `sphere32` camera images from the official inference-data zip into
-    `<cache>/sphere32/` (atomically). The archive's internal layout is not documented, so the
-    images are found by content: the folder named sphere32 holding 32 PNGs, else the only
-    folder that holds exactly 32 PNGs."""
-    import zipfile
-    from collections import defaultdict
-
-    from .atomic import atomic_directory
-
-    destination = Path(destination) if destination is not None else cache_dir() / "sphere32"
-    try:
-        with zipfile.ZipFile(archive) as bundle:
-            folders: dict[str, list[str]] = defaultdict(list)
-            for name in bundle.namelist():
-                if name.lower().endswith(".png") and not name.startswith("__MACOSX"):
-                    folders[name.rsplit("/", 1)[0] if "/" in name else ""].append(name)
-            named = [folder for folder, files in folders.items() if "sphere32" in folder.lower() and len(files) == 32]
-            candidates = named or [folder for folder, files in folders.items() if len(files) == 32]
-            if len(candidates) != 1:
-                raise Dp360Error(
-                    f"{archive} has no single folder of 32 camera images ({len(candidates)} candidates); "
-                    "extract the sphere32 PNGs by hand into "
-                    + str(destination)
-                    + " (runs also take a folder with --cameras)."
-                )
-            with atomic_directory(destination) as staging:
-                for index, member in enumerate(sorted(folders[candidates[0]])):
-                    (staging / f"{index:03d}.png").write_bytes(bundle.read(member))
-    except zipfile.BadZipFile:
-        raise Dp360Error(
-            f"{archive} is not a zip archive; download it again with `dp360 weights download data`."
-        ) from None
-    return destination

@@ -20,6 +20,7 @@ import torch
 
 from dp360 import cache, weights
 from dp360.download import DownloadError, partial_path
+from dp360.registry import need
 from dp360.weights import MissingWeightsError, Need
 
 from .conftest import tiny_reconstruct_settings
@@ -130,17 +131,17 @@ def test_an_interrupted_download_resumes_where_it_stopped(hub, monkeypatch):
     hub.cut_after[PANOHEAD] = len(content) // 2
     target = cache.cache_dir() / "bundles" / "panohead"
     with pytest.raises(DownloadError, match="next run resumes"):
-        weights.ensure([Need("panohead", target)], progress=False)
+        weights.ensure([need("panohead", target)], progress=False)
     partial = partial_path(cache.downloads_dir() / PANOHEAD)
     kept = partial.stat().st_size
     assert len(content) // 2 - 16 * 1024 <= kept <= len(content) // 2 and not target.exists()
 
     hub.refusing.clear()  # the server is back
     sent_before = hub.bytes_sent[PANOHEAD]
-    assert weights.ensure([Need("panohead", target)], progress=False) == ["panohead"]
+    assert weights.ensure([need("panohead", target)], progress=False) == ["panohead"]
     assert hub.downloads(PANOHEAD)[-1] == f"bytes={kept}-"  # only the rest was asked for
     assert hub.bytes_sent[PANOHEAD] - sent_before == len(content) - kept
-    assert Need("panohead", target).present() and not partial.exists()
+    assert need("panohead", target).present() and not partial.exists()
     assert not (cache.downloads_dir() / PANOHEAD).exists()
 
 
@@ -148,7 +149,7 @@ def test_a_partial_file_of_another_version_is_not_resumed(hub):
     destination = cache.downloads_dir() / DATA
     destination.parent.mkdir(parents=True)
     partial_path(destination).write_bytes(b"x" * 100)  # no record of what it is a prefix of
-    weights.ensure([Need("data", cache.cache_dir() / "sphere32")], progress=False)
+    weights.ensure([need("data", cache.cache_dir() / "sphere32")], progress=False)
     assert hub.downloads(DATA) == [None]
     assert len(list((cache.cache_dir() / "sphere32").glob("*.png"))) == 32
 
@@ -156,27 +157,27 @@ def test_a_partial_file_of_another_version_is_not_resumed(hub):
 @pytest.mark.parametrize("name", [PANOHEAD, VGG])
 def test_a_file_whose_hash_does_not_match_is_refused_and_deleted(hub, name):
     hub.damaged.add(name)
-    need = (
-        Need("panohead", cache.cache_dir() / "bundles" / "panohead")
+    wanted = (
+        need("panohead", cache.cache_dir() / "bundles" / "panohead")
         if name == PANOHEAD
-        else Need("perceptual", cache.cache_dir() / "perceptual" / VGG)
+        else need("perceptual", cache.cache_dir() / "perceptual" / VGG)
     )
     with pytest.raises(DownloadError, match="not the published file"):
-        weights.ensure([need], progress=False)
-    assert not need.present()
+        weights.ensure([wanted], progress=False)
+    assert not wanted.present()
     leftovers = [path.name for path in cache.cache_dir().rglob("*") if path.is_file() and path.suffix != ".lock"]
     assert leftovers == []
 
 
 def test_retinaface_comes_from_the_files_mirror(hub):
     target = cache.facexlib_dir() / RETINAFACE
-    assert weights.ensure([Need("retinaface", target)], progress=False) == ["retinaface"]
+    assert weights.ensure([need("retinaface", target)], progress=False) == ["retinaface"]
     assert target.read_bytes() == hub.plain_files[RETINAFACE]
 
 
 def test_fp16_bundles_are_made_for_half_precision_and_checkpoints_kept_on_request(hub):
     target = cache.bundle_path("main", fp16=True)
-    weights.ensure([Need("main", target, fp16=True)], keep_checkpoints=True, progress=False)
+    weights.ensure([need("main", target, fp16=True)], keep_checkpoints=True, progress=False)
     assert json.loads((target / "dp360_bundle.json").read_text())["dtype"] == "float16"
     kept = cache.downloads_dir() / MAIN
     assert kept.read_bytes() == hub.hub_files[MAIN]
@@ -185,7 +186,7 @@ def test_fp16_bundles_are_made_for_half_precision_and_checkpoints_kept_on_reques
 
 def test_the_disk_is_checked_before_any_download(hub, monkeypatch):
     monkeypatch.setattr(weights, "_disk_free", lambda path: (path, 1000))
-    needs = [Need("main", cache.bundle_path("main")), Need("data", cache.cache_dir() / "sphere32")]
+    needs = [need("main", cache.bundle_path("main")), need("data", cache.cache_dir() / "sphere32")]
     with pytest.raises(MissingWeightsError, match=r"need 0\.\d GB of free disk") as error:
         weights.ensure(needs, progress=False)
     assert "dp360 weights download main" in str(error.value)

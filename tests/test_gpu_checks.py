@@ -332,13 +332,14 @@ def test_the_fit_tells_which_hash_grid_it_uses(machine, tmp_path, monkeypatch):
 
 def test_registry_sizes_and_the_readme_and_doctor_figures_agree(tmp_path, monkeypatch):
     from dp360 import doctor, weights
+    from dp360.registry import default_needs
 
     assert weights.WEIGHT_FILES["panohead"].size_gb == 0.563
     assert weights.WEIGHT_FILES["data"].size_gb == 0.49
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Two commands") : readme.index("## What you get")]
     section = " ".join(section.split())
-    needs_gpu, needs_cpu = weights.default_needs(fp16=True), weights.default_needs(fp16=False)
+    needs_gpu, needs_cpu = default_needs(fp16=True), default_needs(fp16=False)
     required = [need for need in needs_gpu if not need.optional]
     assert f"about {weights.download_gb(required):.1f} GB of weights" in section
     assert f"about {weights.estimated_disk_needed(needs_gpu) / 1e9:.1f} GB free" in section
@@ -355,8 +356,9 @@ def test_registry_sizes_and_the_readme_and_doctor_figures_agree(tmp_path, monkey
 
 def test_the_fetch_plan_uses_the_registry_sizes_when_the_server_names_none(monkeypatch):
     from dp360 import weights
+    from dp360.registry import default_needs
 
-    needs = [need for need in weights.default_needs() if need.name in ("panohead", "data")]
+    needs = [need for need in default_needs() if need.name in ("panohead", "data")]
     plan = weights.FetchPlan(needs, {}, {name: object() for name in ("panohead", "data")}, {})
     # raw + converted of PanoHead (563 MB twice), then the zip and its images after it is removed
     assert plan.disk_needed(keep_checkpoints=False) == int(0.563e9) + int(0.49e9) * 2

@@ -209,8 +209,8 @@ def test_doctor_smoke(cli, roomy_disk):
 def test_sphere32_images_are_found_in_the_inference_archive(tmp_path):
     import zipfile
 
+    from dp360.diffusion.stage import extract_sphere32
     from dp360.errors import Dp360Error
-    from dp360.weights import extract_sphere32
 
     archive = tmp_path / "inference_data.zip"
     data = (Path(__file__).resolve().parents[1] / "assets" / "astronaut.png").read_bytes()  # any PNG will do

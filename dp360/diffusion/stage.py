@@ -15,13 +15,13 @@ import torch
 from PIL import Image
 
 from .. import cache, cameras, layout
-from ..atomic import file_sha256, write_json_atomic
+from ..atomic import atomic_directory, file_sha256, write_json_atomic
 from ..checks import check_float, check_int, check_seed
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
 from ..stage import Stage, StageContext, Unavailable
 from ..video import write_mp4
-from ..weights import Need
+from ..weights import Installer, Need
 
 log = logging.getLogger(__name__)
 
@@ -422,15 +422,17 @@ def _check(context: StageContext) -> Unavailable | None:
 def _weights(context: StageContext) -> tuple[Need, ...]:
     """The two bundles and the sphere32 images where they are to be in dp360's cache (not those
     from --weights-dir or --cameras); for other view counts, PanoHead renders the camera images."""
+    from .models.bundle import bundle_installer  # diffusers loads on first use only
 
     models, settings = context.config.view_models, context.config.views
     needs: list[Need] = []
     for kind, folder in (("main", Path(models.main_bundle)), ("back", Path(models.back_bundle))):
         if folder.parent == cache.bundles_dir() and folder.name in (f"{kind}-fp16", f"{kind}-fp32"):
-            needs.append(Need(kind, folder, fp16=folder.name.endswith("fp16")))
+            fp16 = folder.name.endswith("fp16")
+            needs.append(Need(kind, folder, fp16=fp16, installer=bundle_installer(kind, fp16)))
     camera_dir = Path(models.camera_dir)
     if settings.views == 32 and camera_dir == cache.cache_dir() / "sphere32":
-        needs.append(Need("data", camera_dir))
+        needs.append(Need("data", camera_dir, installer=SPHERE32_INSTALLER))
     elif not camera_dir.is_dir():
         generator = context.config.noise_models.generator_need()
         needs.extend([generator] if generator is not None else [])
@@ -470,4 +472,45 @@ VIEWS_STAGE = Stage(
     resolve=_resolve,
     needs=("prepare",),
     weights=_weights,
+)
+
+
+def extract_sphere32(archive: str | Path, destination: Path | None = None) -> Path:
+    """The 32 `sphere32` camera images from the official inference-data zip into
+    `<cache>/sphere32/` (atomically). The archive's internal layout is not documented, so the
+    images are found by content: the folder named sphere32 holding 32 PNGs, else the only
+    folder that holds exactly 32 PNGs."""
+    import zipfile
+    from collections import defaultdict
+
+    destination = Path(destination) if destination is not None else cache.cache_dir() / "sphere32"
+    try:
+        with zipfile.ZipFile(archive) as bundle:
+            folders: dict[str, list[str]] = defaultdict(list)
+            for name in bundle.namelist():
+                if name.lower().endswith(".png") and not name.startswith("__MACOSX"):
+                    folders[name.rsplit("/", 1)[0] if "/" in name else ""].append(name)
+            named = [folder for folder, files in folders.items() if "sphere32" in folder.lower() and len(files) == 32]
+            candidates = named or [folder for folder, files in folders.items() if len(files) == 32]
+            if len(candidates) != 1:
+                raise Dp360Error(
+                    f"{archive} has no single folder of 32 camera images ({len(candidates)} candidates); "
+                    "extract the sphere32 PNGs by hand into "
+                    + str(destination)
+                    + " (runs also take a folder with --cameras)."
+                )
+            with atomic_directory(destination) as staging:
+                for index, member in enumerate(sorted(folders[candidates[0]])):
+                    (staging / f"{index:03d}.png").write_bytes(bundle.read(member))
+    except zipfile.BadZipFile:
+        raise Dp360Error(
+            f"{archive} is not a zip archive; download it again with `dp360 weights download data`."
+        ) from None
+    return destination
+
+
+# How `dp360.weights` makes the camera images from the official inference data, and recognises them.
+SPHERE32_INSTALLER = Installer(
+    present=lambda target: len(list(target.glob("*.png"))) == 32,
+    install=lambda raw, target: extract_sphere32(raw, target),
 )

@@ -175,8 +175,11 @@ class NoiseModels:
     def generator_need(self) -> Need | None:
         """The converted generator, when it is to be in dp360's cache (fetched on first use)."""
         from ..cache import panohead_dir
+        from .store import PANOHEAD_INSTALLER
 
-        return Need("panohead", self.generator_dir) if Path(self.generator_dir) == panohead_dir() else None
+        if Path(self.generator_dir) != panohead_dir():
+            return None
+        return Need("panohead", self.generator_dir, installer=PANOHEAD_INSTALLER)
 
     def problem(self) -> str | None:
         from .perceptual import VGG16_FILE, VGG16_URL

@@ -21,6 +21,7 @@ from ..cache import panohead_dir
 from ..errors import Dp360Error
 from ..outputs import check_output_folder
 from ..safety import MAX_CONFIG_BYTES, one_line, read_json_object, read_plain_file, safetensors_header, shape_problems
+from ..weights import Installer
 from .generator import PanoHeadConfig, PanoHeadGenerator
 from .persistence import PickledNetwork, read_network_pickle
 
@@ -232,3 +233,17 @@ def panohead_problem(folder: str | Path | None = None) -> str | None:
     except Dp360Error as error:
         return str(error)
     return None
+
+
+def _install_generator(raw: Path, target: Path) -> None:
+    convert_panohead_pickle(raw, target)
+    problem = panohead_problem(target)
+    if problem:
+        raise Dp360Error(problem)
+
+
+# How `dp360.weights` makes the converted generator from the released pickle, and recognises it.
+PANOHEAD_INSTALLER = Installer(
+    present=lambda target: (target / CONFIG_FILE).is_file() and (target / WEIGHTS_FILE).is_file(),
+    install=_install_generator,
+)

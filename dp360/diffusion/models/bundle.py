@@ -31,6 +31,7 @@ from ...safety import (
     safetensors_header,
     shape_problems,
 )
+from ...weights import Installer
 from .components import BACK_COMPONENTS, MAIN_COMPONENTS, build_components, component_config
 from .configs import FAMILIES, FORWARD_COEFFICIENTS, ModelFamily
 from .convert import SCHEDULE_BUFFERS, ConversionError, convert_official
@@ -457,3 +458,14 @@ def load_bundle(bundle_dir: str | Path, device: str = "cpu", dtype: torch.dtype 
     # with --offload the idle networks live in CPU memory by design, and torch runs half precision on
     # the CPU (slowly).
     return pipeline if torch.device(device).type == "cpu" else pipeline.to(device)
+
+
+def bundle_installer(kind: str, fp16: bool = False) -> Installer:
+    """How `dp360.weights` makes and recognises a converted bundle of `kind` (main, back) from the
+    official checkpoint: converted (half precision with `fp16`), then checked."""
+
+    def install(raw: Path, target: Path) -> None:
+        convert_to_bundle(raw, target, kind, family="auto", dtype=torch.float16 if fp16 else torch.float32)
+        check_bundle(target)
+
+    return Installer(present=lambda target: (target / BUNDLE_FILE).is_file(), install=install)
