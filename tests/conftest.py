@@ -92,22 +92,29 @@ def roomy_disk(monkeypatch):
 
 
 class TinyWeights:
-    """Tiny bundles and a tiny PanoHead in a `--weights-dir` folder, their camera-condition images
-    (`--cameras`) and a random perceptual backbone: what a tiny run reads instead of the real weights."""
+    """Every tiny weight file a test needs, written once through the real converters: the
+    official-layout checkpoints (`checkpoints["main"]`, `["back"]`) and their bundles (`bundles`),
+    the PanoHead pickle and its converted generator, a random perceptual backbone, the
+    camera-condition images, and a `--weights-dir` folder linking the bundles and the generator:
+    what a tiny run reads instead of the real weights. Tests get it from `tiny_weights(view_count)`."""
 
     def __init__(self, root: Path, view_count: int):
         from dp360.diffusion.models.tiny import write_tiny_bundles
-        from dp360.panohead.perceptual import write_random_backbone
+        from dp360.panohead.perceptual import VGG16_FILE, write_random_backbone
         from dp360.panohead.tiny import write_tiny_panohead
 
-        bundles = write_tiny_bundles(root / "bundles", view_count=view_count)
-        self.weights_dir = root / "weights"
+        self.root = Path(root)
+        self.bundles = write_tiny_bundles(self.root / "bundles", view_count=view_count)
+        self.checkpoints = {kind: self.root / "bundles" / f"{kind}.th" for kind in ("main", "back")}
+        self.panohead = write_tiny_panohead(self.root / "panohead")
+        self.panohead_pickle = self.root / "panohead" / "tiny-panohead.pkl"
+        self.weights_dir = self.root / "weights"
         self.weights_dir.mkdir()
         for kind in ("main", "back"):
-            (self.weights_dir / f"{kind}-fp32").symlink_to(bundles[kind], target_is_directory=True)
-        (self.weights_dir / "panohead").symlink_to(write_tiny_panohead(root / "panohead"), target_is_directory=True)
-        self.cameras = bundles["cameras"]
-        self.backbone = write_random_backbone(root / "vgg16.pth")
+            (self.weights_dir / f"{kind}-fp32").symlink_to(self.bundles[kind], target_is_directory=True)
+        (self.weights_dir / "panohead").symlink_to(self.panohead, target_is_directory=True)
+        self.cameras = self.bundles["cameras"]
+        self.backbone = write_random_backbone(self.root / VGG16_FILE)
 
     def args(self) -> tuple[str, ...]:
         return ("--weights-dir", str(self.weights_dir), "--cameras", str(self.cameras))
@@ -120,6 +127,19 @@ class TinyWeights:
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.exists():
             link.symlink_to(self.backbone)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """`tiny_weights(view_count)`: the module's TinyWeights for that view count (8 or 32), made once."""
+    made: dict[int, TinyWeights] = {}
+
+    def get(view_count: int) -> TinyWeights:
+        if view_count not in made:
+            made[view_count] = TinyWeights(tmp_path_factory.mktemp(f"tiny-weights-{view_count}"), view_count)
+        return made[view_count]
+
+    return get
 
 
 def shared_session_folder(tmp_path_factory) -> Path:

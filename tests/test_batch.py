@@ -55,8 +55,8 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> TinyWeights:
-    return TinyWeights(tmp_path_factory.mktemp("batch-weights"), VIEWS)
+def tiny(tiny_weights) -> TinyWeights:
+    return tiny_weights(VIEWS)
 
 
 def _portraits(folder: Path, *names: str) -> list[Path]:

@@ -41,16 +41,15 @@ class _Payload:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from dp360.diffusion.models.tiny import write_tiny_bundles
-    from dp360.panohead.tiny import write_tiny_panohead
-
-    folder = tmp_path_factory.mktemp("tiny")
-    paths = write_tiny_bundles(folder / "diffusion", view_count=8)
-    paths["main.th"], paths["back.th"] = folder / "diffusion" / "main.th", folder / "diffusion" / "back.th"
-    paths["panohead"] = write_tiny_panohead(folder / "pano")
-    paths["panohead.pkl"] = folder / "pano" / "tiny-panohead.pkl"
-    return paths
+def tiny(tiny_weights):
+    weights = tiny_weights(8)
+    return {
+        **weights.bundles,
+        "main.th": weights.checkpoints["main"],
+        "back.th": weights.checkpoints["back"],
+        "panohead": weights.panohead,
+        "panohead.pkl": weights.panohead_pickle,
+    }
 
 
 def _clone(source: Path, target: Path) -> Path:

@@ -374,13 +374,9 @@ def test_suggested_commands_exist():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
-    """The tiny official-layout checkpoints (their fp32 bundles are written, unwatched, on the way)."""
-    from dp360.diffusion.models.tiny import write_tiny_bundles
-
-    folder = tmp_path_factory.mktemp("tiny")
-    write_tiny_bundles(folder, view_count=8)
-    return folder
+def tiny_checkpoints(tiny_weights):
+    """The folder of the tiny official-layout checkpoints (main.th, back.th) and their fp32 bundles."""
+    return tiny_weights(8).checkpoints["main"].parent
 
 
 class _Records(logging.Handler):

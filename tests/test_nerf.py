@@ -122,23 +122,14 @@ def test_bad_turntable_and_mesh_settings_are_refused():
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    from dp360.diffusion.models.tiny import write_tiny_bundles
-    from dp360.panohead.perceptual import VGG16_FILE, write_random_backbone
-    from dp360.panohead.tiny import write_tiny_panohead
-
-    folder = tmp_path_factory.mktemp("tiny-weights")
-    bundles = write_tiny_bundles(folder / "bundles", view_count=32)
-    weights = folder / "weights"
-    weights.mkdir()
-    for kind in ("main", "back"):
-        (weights / f"{kind}-fp32").symlink_to(bundles[kind], target_is_directory=True)
-    (weights / "panohead").symlink_to(write_tiny_panohead(folder / "panohead"), target_is_directory=True)
-    return weights, bundles["cameras"], write_random_backbone(folder / VGG16_FILE)
+def run_weights(tiny_weights):
+    """(--weights-dir, --cameras, perceptual backbone) of the tiny weights at 32 views."""
+    weights = tiny_weights(32)
+    return weights.weights_dir, weights.cameras, weights.backbone
 
 
-def _reconstruct(cli, out, image, tiny_weights, *extra):
-    weights, camera_dir, vgg = tiny_weights
+def _reconstruct(cli, out, image, run_weights, *extra):
+    weights, camera_dir, vgg = run_weights
     perceptual = Path(os.environ["DP360_CACHE"]) / "perceptual"
     perceptual.mkdir(parents=True, exist_ok=True)
     if not (perceptual / vgg.name).exists():
@@ -156,9 +147,9 @@ def _reconstruct(cli, out, image, tiny_weights, *extra):
     )
 
 
-def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path, tiny_weights):
+def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path, run_weights):
     out = tmp_path / "head"
-    code, stdout, stderr = _reconstruct(cli, out, astronaut_path, tiny_weights)
+    code, stdout, stderr = _reconstruct(cli, out, astronaut_path, run_weights)
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["status"] == "done"
@@ -206,10 +197,10 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     assert len(seeds.points) > 50 and np.all(np.abs(seeds.points) <= 0.5)
     assert len(np.unique(seeds.colours, axis=0)) > 10
 
-    code, stdout, _ = _reconstruct(cli, out, astronaut_path, tiny_weights)
+    code, stdout, _ = _reconstruct(cli, out, astronaut_path, run_weights)
     assert code == 0 and all(stage["last_run"] == "reused" for stage in json.loads(stdout)["stages"].values())
     # Only the turntable changes with its own settings; the mesh is kept.
-    code, stdout, _ = _reconstruct(cli, out, astronaut_path, tiny_weights, "--frames", "6")
+    code, stdout, _ = _reconstruct(cli, out, astronaut_path, run_weights, "--frames", "6")
     runs = {name: stage["last_run"] for name, stage in json.loads(stdout)["stages"].items()}
     assert runs["render"] == "ran" and runs["export"] == "reused" and runs["fit"] == "reused"
     assert (out / "export" / "head.glb").is_file() and len(read_mp4(out / "export" / "turntable.mp4")[1]) == 6
@@ -220,7 +211,7 @@ def test_reconstruct_runs_every_stage_and_resumes(cli, tmp_path, astronaut_path,
     (checkpoint,) = checkpoints.glob("step-*.ckpt")
     original = checkpoint.read_bytes()
     checkpoint.unlink()
-    code, stdout, stderr = _reconstruct(cli, out, astronaut_path, tiny_weights, "--frames", "6")
+    code, stdout, stderr = _reconstruct(cli, out, astronaut_path, run_weights, "--frames", "6")
     assert code == 0, stderr
     runs = {name: stage["last_run"] for name, stage in json.loads(stdout)["stages"].items()}
     assert runs["fit"] == "ran" and runs["views"] == "reused"

@@ -26,12 +26,11 @@ BIN = Path(sys.executable).parent  # the environment's ns-* commands
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run folder with views/ and a fitted nerf/ (100 steps: after fewer, the field is still the
-    faint fog it starts as, and renders grey over the background)."""
-    root = tmp_path_factory.mktemp("run")
-    synthetic.write_fitted_run(root, size=SIZE, iterations=100)
-    return root
+def run(fitted):
+    """The session's fitted run folder (views/ and nerf/ of the synthetic head, 48 px): read only."""
+    views, nerf, _ = fitted
+    assert views.parent == nerf.parent
+    return nerf.parent
 
 
 @pytest.fixture(scope="module")

@@ -46,24 +46,19 @@ def with_substitutions(source: str, names: set[str]) -> ast.Module:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> dict:
-    from dp360.diffusion.models.tiny import write_tiny_bundles
+def tiny(tiny_weights) -> dict:
     from dp360.diffusion.stage import ViewModels, ViewSettings
     from dp360.nerf.common import FitSettings
     from dp360.nerf.mesh import MeshSettings
     from dp360.nerf.render import TurntableSettings
     from dp360.nerf.stage import FieldStageSettings
-    from dp360.panohead.perceptual import write_random_backbone
     from dp360.panohead.stage import NoiseModels, NoiseSettings
-    from dp360.panohead.tiny import write_tiny_panohead
 
-    folder = tmp_path_factory.mktemp("readme-tiny")
-    bundles = write_tiny_bundles(folder / "bundles", view_count=8)
+    weights = tiny_weights(8)
+    bundles = weights.bundles
     return {
         "models": ViewModels(bundles["main"], bundles["back"], bundles["cameras"]),
-        "noise_models": NoiseModels(
-            write_tiny_panohead(folder / "panohead"), write_random_backbone(folder / "vgg16.pth")
-        ),
+        "noise_models": NoiseModels(weights.panohead, weights.backbone),
         "view_settings": ViewSettings(steps=2, views=8),
         "noise_settings": NoiseSettings(invert_steps=2, pti_steps=1),
         "field_settings": FieldStageSettings(

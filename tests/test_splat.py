@@ -6,6 +6,7 @@ the fit itself runs in benchmarks/nerf_quality.py on a GPU."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -151,12 +152,12 @@ def test_a_damaged_depth_file_is_one_sentence(tmp_path):
         depth_seed_points(bad, 10, 0)
 
 
-def test_seed_points_prefer_panohead_depth_then_the_nerfacto_field_then_a_ball(tmp_path):
+def test_seed_points_prefer_panohead_depth_then_the_nerfacto_field_then_a_ball(tmp_path, fitted):
     run = tmp_path / "run"
     assert "ball" in pick_seed_points(run, 0, "cpu", count=100).source
-    from dp360.nerf import synthetic
-
-    synthetic.write_fitted_run(run, size=32, iterations=30)
+    views, nerf, _ = fitted
+    shutil.copytree(views, run / "views")
+    shutil.copytree(nerf, run / "nerf")
     from_field = pick_seed_points(run, 0, "cpu", count=500)
     assert "nerfacto density" in from_field.source and np.all(np.abs(from_field.points) <= 0.5)
     _sphere_depth_file(run / "noise")

@@ -9,19 +9,14 @@ import pytest
 from PIL import Image
 
 from dp360 import cameras
-from dp360.diffusion.models.tiny import write_tiny_bundles
-from dp360.panohead.perceptual import VGG16_FILE, write_random_backbone
-from dp360.panohead.tiny import write_tiny_panohead
+from dp360.panohead.perceptual import VGG16_FILE
 from dp360.video import read_mp4
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    bundles = write_tiny_bundles(folder, view_count=32)
-    bundles["panohead"] = write_tiny_panohead(folder)
-    bundles["vgg"] = write_random_backbone(folder / VGG16_FILE)
-    return bundles
+def tiny(tiny_weights):
+    weights = tiny_weights(32)
+    return {**weights.bundles, "panohead": weights.panohead, "vgg": weights.backbone}
 
 
 def _link(link: Path, target: Path) -> None:
