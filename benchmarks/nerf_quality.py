@@ -2,7 +2,7 @@
 
     python benchmarks/nerf_quality.py [--size 64] [--preset test|cpu|gpu] [--iterations 300]
         [--backgrounds white,black,grey] [--fields nerfacto,splatfacto] [--texture-size 512]
-        [--device auto] [--json PATH]
+        [--fit-setting KEY=VALUE ...] [--no-mesh] [--device auto] [--json PATH]
 
 Renders the procedural head (dp360.nerf.synthetic) at the 32 DP360 orbit cameras on each plain
 background, fits each field on the same views with dp360's methods (nerfacto: dp360-head;
@@ -24,6 +24,8 @@ Also the fit's seconds and health numbers. The issue's targets (CPU, test preset
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -136,8 +138,26 @@ def main() -> None:
     parser.add_argument("--fields", default="nerfacto", help="comma-separated, from nerfacto,splatfacto")
     parser.add_argument("--texture-size", type=int, default=512)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--fit-setting",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one FitSettings field of the preset (repeatable), e.g. rays_per_batch=1024, max_res=256",
+    )
+    parser.add_argument("--no-mesh", action="store_true", help="measure the field only (a quicker sweep)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
+    overrides = {}
+    names = {item.name: item for item in dataclasses.fields(FitSettings)}
+    for item in args.fit_setting:
+        key, _, text = item.partition("=")
+        if key not in names or not text:
+            parser.error(f"--fit-setting {item!r}: use KEY=VALUE with KEY among {', '.join(names)}")
+        try:
+            overrides[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            overrides[key] = text
     fields = [name for name in args.fields.split(",") if name]
     backgrounds = [name for name in args.backgrounds.split(",") if name]
     if set(fields) - set(FIELDS) or not fields:
@@ -149,10 +169,14 @@ def main() -> None:
     preset = args.preset or ("gpu" if cuda else "test")
     size = args.size or (GPU_TARGET_SIZE if cuda else 64)
     iterations = args.iterations or (300 if preset == "test" else None)
-    settings = FitSettings.preset(preset, **({"iterations": iterations} if iterations else {}))
+    settings = FitSettings.preset(preset, **({"iterations": iterations} if iterations else {}), **overrides)
+    settings.check()
     mesh = synthetic.head_mesh()
     print(benchlib.device_description(device))
-    print(f"device {device}, preset {preset}, {settings.iterations} iterations, {size} px, 32 training views")
+    print(
+        f"device {device}, preset {preset}, {settings.iterations} iterations, {size} px, 32 training views"
+        + (f"; overrides {overrides}" if overrides else "")
+    )
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for background_name in backgrounds:
@@ -169,7 +193,7 @@ def main() -> None:
                 nerf, summary, peak = fit_one(field_name, views, Path(folder) / background_name, settings, device)
                 field = load_field(nerf, device, views)
                 row.update(measure_field(field, mesh, background, size))
-                if field_name == "nerfacto":
+                if field_name == "nerfacto" and not args.no_mesh:
                     row.update(measure_mesh(field, mesh, views, background, size, args.texture_size))
                 row.update(fit_seconds=summary["fit_seconds"], fit_peak_gib=peak, health=summary.get("health"))
                 rows.append(row)
@@ -197,7 +221,13 @@ def main() -> None:
         {
             "benchmark": "nerf_quality",
             "device": benchlib.device_description(device),
-            "settings": {**vars(args), "preset": preset, "iterations": settings.iterations, "size": size},
+            "settings": {
+                **vars(args),
+                "preset": preset,
+                "iterations": settings.iterations,
+                "size": size,
+                "overrides": overrides,
+            },
             "rows": rows,
             "verdicts": verdicts,
         },
