@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 import dp360
-from cli import batch, eval, outputs, runs, setup
+from cli import batch, eval, outputs, runs, setup, web
 from cli.console import Command, Group, raise_terminated
 
 app = typer.Typer(
@@ -49,6 +49,7 @@ app.add_typer(setup.weights_app, name="weights")
 for command in (setup.doctor, outputs.report, outputs.view, batch.batch):
     app.command(cls=Command)(command)
 app.command("eval", cls=Command)(eval.eval_command)
+app.command("app", cls=Command)(web.serve_app)
 
 
 def main() -> None:

@@ -379,6 +379,16 @@ FIELD_GROUPS = (FIT_OPTIONS, TURNTABLE_OPTIONS, MESH_OPTIONS, MESH_FORMATS_OPTIO
 RUN_GROUPS = (PRECISION_OPTION, SEED_OPTION, MAX_PIXELS_OPTION, NO_DOWNLOAD_OPTION, KEEP_CHECKPOINTS_OPTION)
 
 
+def defaults_of(*groups: OptionGroup, **changes: Any) -> SimpleNamespace:
+    """The namespace a command taking `groups` receives when every option keeps its default (a
+    library caller's, or a test's, way to build the same settings), with `changes` applied."""
+    values = {option.name: option.default for group in groups for option in group}
+    unknown = set(changes) - set(values)
+    if unknown:
+        raise TypeError(f"not options of these groups: {', '.join(sorted(unknown))}")
+    return SimpleNamespace(**{**values, **changes})
+
+
 def with_options(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Give a command the options of `groups` after its own parameters; the command receives their
     values as one namespace, `options` (its own parameter of that name)."""

@@ -1,0 +1,350 @@
+"""`dp360 app`: a portrait in, a head out, in the browser (Gradio), as a thin layer over the same
+library run as `dp360 reconstruct` (`dp360.run.reconstruct`).
+
+One run at a time on the machine (Gradio's queue, concurrency 1; the others wait with their
+position shown). Each portrait gets its own run folder under `--runs` named by its content, so the
+same portrait reopens (and resumes) its run. Every option of `reconstruct` is accepted and becomes
+the form's (and the API's) default. The app binds 127.0.0.1 unless told otherwise, never opens a
+public share link, and says so when it is reachable from other machines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from cli.console import err_console, user_errors
+from cli.options import (
+    DEVICE_OPTION,
+    FACE_INDEX_OPTION,
+    FIELD_GROUPS,
+    RUN_GROUPS,
+    VIEW_GROUPS,
+    FieldKind,
+    MeshFormat,
+    field_settings,
+    generation_settings,
+    prepare_settings,
+    run_options,
+    view_models,
+    with_options,
+)
+from dp360 import layout
+
+# Every option of `reconstruct`: the form's and the API's defaults.
+APP_GROUPS = (*VIEW_GROUPS, FACE_INDEX_OPTION, *FIELD_GROUPS, DEVICE_OPTION, *RUN_GROUPS)
+EXAMPLE = Path(__file__).resolve().parents[1] / "assets" / "astronaut.png"
+DEFAULT_RUNS = Path("dp360-app-runs")
+AUTH_VARIABLE = "DP360_APP_AUTH"  # USER:PASSWORD, as --auth takes it
+POLL_SECONDS = 0.5  # how often the page's progress is refreshed while a run works
+
+
+class StageLog:
+    """The run's reporter: what each stage did, for the page (the runner calls it from the run's thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.lines: list[str] = []
+        self.current: tuple[str, str, float] | None = None
+
+    def stage_started(self, name: str, description: str) -> None:
+        with self._lock:
+            self.current = (name, description, time.monotonic())
+
+    def stage_finished(self, name: str, outcome: str, seconds: float) -> None:
+        with self._lock:
+            self.current = None
+            self.lines.append(f"- **{name}**: {outcome} ({seconds:.1f} s)")
+
+    def note(self, message: str) -> None:
+        with self._lock:
+            self.lines.append(f"- note: {message}")
+
+    def markdown(self) -> str:
+        with self._lock:
+            lines = list(self.lines)
+            if self.current is not None:
+                name, description, started = self.current
+                lines.append(f"- **{name}**: {description}, {time.monotonic() - started:.0f} s so far")
+        return "\n".join(lines) or "starting"
+
+
+@dataclass
+class Job:
+    """One run in its own thread: its result, or the error that ended it."""
+
+    thread: threading.Thread
+    log: StageLog
+    result: Any = None
+    error: BaseException | None = field(default=None)
+
+
+def _interrupt(thread: threading.Thread) -> None:
+    """Raise KeyboardInterrupt in `thread` at its next Python line: Cancel ends a run as Ctrl-C does
+    (the running stage is recorded as interrupted, its temporaries go, finished stages are kept)."""
+    if thread.ident is not None and thread.is_alive():
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(KeyboardInterrupt))
+
+
+def run_folder_for(runs_dir: Path, image: Path) -> Path:
+    """The run folder of a portrait: its name and the start of its content's hash, so that the same
+    portrait reopens its run (finished stages are reused) and two portraits never share one."""
+    digest = hashlib.sha256(Path(image).read_bytes()).hexdigest()[:10]
+    stem = "".join(c if c.isalnum() or c in "-_" else "-" for c in Path(image).stem)[:40] or "portrait"
+    return Path(runs_dir) / f"{stem}-{digest}"
+
+
+def results_of(run_dir: Path) -> dict[str, Any]:
+    """What the page shows of a run folder: each file where the run made it, else None."""
+    run = layout.RunLayout(run_dir)
+
+    def there(relative: str) -> str | None:
+        path = run / relative
+        return str(path) if path.is_file() else None
+
+    views = sorted(run.views.glob("[0-9][0-9][0-9].png")) if run.views.is_dir() else []
+    meshes = sorted(run.export.glob(f"{layout.MESH_STEM}.*")) if run.export.is_dir() else []
+    glb = there(layout.MESH)
+    consistency = run / layout.CONSISTENCY
+    score = None
+    if consistency.is_file():
+        import json
+
+        summary = json.loads(consistency.read_text()).get("summary", {})
+        if isinstance(summary, dict) and summary.get("psnr") is not None:
+            score = f"View consistency: PSNR {summary['psnr']:.2f} dB, LPIPS {summary.get('lpips') or float('nan'):.3f}"
+    downloads = [str(path) for path in meshes if path.is_file()]
+    for relative in (layout.TURNTABLE, layout.REPORT):
+        if there(relative):
+            downloads.append(there(relative))
+    return {
+        "crop": there(layout.CROP),
+        "overlay": there(layout.OVERLAY),
+        "back": there(layout.BACK_VIEW),
+        "views": [(str(path), path.stem) for path in views],
+        "turntable": there(layout.TURNTABLE),
+        "model": glb,
+        "score": score,
+        "downloads": downloads,
+    }
+
+
+class PortraitApp:
+    """The app's behaviour, apart from its page: checks a request's settings, runs the portrait in
+    a thread, and reports progress and results (the page and the tests drive it the same way)."""
+
+    def __init__(self, defaults: SimpleNamespace, runs_dir: Path):
+        self.defaults = defaults
+        self.runs_dir = Path(runs_dir)
+
+    def settings(self, **changes: Any) -> SimpleNamespace:
+        """The defaults (every `reconstruct` option the app was started with) with the form's values."""
+        options = SimpleNamespace(**vars(self.defaults))
+        for name, value in changes.items():
+            if value is not None:
+                setattr(options, name, value)
+        return options
+
+    def start(self, image: str | Path, options: SimpleNamespace) -> tuple[Job, Path]:
+        """Check every setting, then start the run of `image` (one sentence on bad input, nothing written)."""
+        from dp360.errors import Dp360Error
+        from dp360.panohead.stage import NoiseModels
+        from dp360.registry import pipeline_stages
+        from dp360.run import check_run_settings
+        from dp360.run import reconstruct as reconstruct_run
+        from dp360.runtime import resolve_device
+
+        image = Path(image)
+        if not image.is_file():
+            raise Dp360Error("Upload a portrait first (or press 'Use the example portrait').")
+        prepare = prepare_settings(options)
+        run = run_options(options)
+        run.progress = False
+        view_settings, noise_settings = generation_settings(options)
+        field = field_settings(options, lambda: resolve_device(options.device).startswith("cuda"))
+        stages = tuple(stage.name for stage in pipeline_stages())
+        _, run_dtype = check_run_settings(run, stages, prepare, view_settings, noise_settings, field)
+        models, noise_models = view_models(options, run_dtype), NoiseModels.locate(options.weights_dir)
+        out = run_folder_for(self.runs_dir, image)
+        log = StageLog()
+
+        def work() -> None:
+            try:
+                job.result = reconstruct_run(
+                    image, out, prepare, run, log, view_settings, models, noise_settings, noise_models, field
+                )
+            except BaseException as error:  # noqa: BLE001 - handed to the page, which says it in one sentence
+                job.error = error
+
+        job = Job(threading.Thread(target=work, name=f"dp360-run-{out.name}", daemon=True), log)
+        job.thread.start()
+        return job, out
+
+    @staticmethod
+    def problem(error: BaseException) -> str:
+        """The sentence the page shows for what ended a run."""
+        from dp360.atomic import filesystem_error
+        from dp360.errors import Dp360Error
+
+        if isinstance(error, KeyboardInterrupt):
+            return "Cancelled: finished stages are kept in the run folder; run the same portrait again to resume."
+        if isinstance(error, Dp360Error):
+            return str(error)
+        translated = filesystem_error(error)
+        return str(translated) if translated else f"The run failed ({type(error).__name__}: {error})."
+
+
+def build_page(portrait_app: PortraitApp):
+    """The Gradio page over `portrait_app`."""
+    import gradio as gr
+
+    defaults = portrait_app.defaults
+    with gr.Blocks(title="dp360: a 360-degree head from one portrait") as page:
+        gr.Markdown("# dp360\nOne portrait in: 360-degree views, a radiance field, a turntable and a mesh out.")
+        with gr.Row():
+            portrait = gr.Image(type="filepath", label="Portrait", sources=["upload"])
+            with gr.Column():
+                example = gr.Button("Use the example portrait")
+                views = gr.Slider(8, 128, value=defaults.view_count, step=1, label="Views around the head")
+                steps = gr.Slider(1, 999, value=defaults.steps, step=1, label="Denoising steps")
+                guidance = gr.Slider(1.0, 30.0, value=defaults.guidance, step=0.5, label="Guidance")
+                seed = gr.Number(value=defaults.seed, precision=0, label="Seed (0 to 4294967295)")
+                field_kind = gr.Dropdown(
+                    [kind.value for kind in FieldKind], value=defaults.field_kind.value, label="Field"
+                )
+                mesh_format = gr.Dropdown([kind.value for kind in MeshFormat], value="glb", label="Mesh format")
+                no_crop = gr.Checkbox(value=defaults.no_crop, label="Already cropped (no face detection)")
+                with gr.Row():
+                    yaw = gr.Number(value=defaults.yaw, label="Yaw override (degrees)")
+                    pitch = gr.Number(value=defaults.pitch, label="Pitch override (degrees)")
+                with gr.Row():
+                    run = gr.Button("Run", variant="primary")
+                    cancel = gr.Button("Cancel")
+        status = gr.Markdown()
+        with gr.Row():
+            crop = gr.Image(label="Crop", interactive=False)
+            overlay = gr.Image(label="Detection, landmarks and pose", interactive=False)
+            back = gr.Image(label="Back view", interactive=False)
+        gallery = gr.Gallery(label="Views", columns=8)
+        with gr.Row():
+            turntable = gr.Video(label="Turntable", interactive=False)
+            model = gr.Model3D(label="Mesh")
+        score = gr.Markdown()
+        downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
+        outputs = [status, crop, overlay, back, gallery, turntable, model, score, downloads]
+
+        def show(text: str, found: dict[str, Any] | None = None) -> list[Any]:
+            found = found or {}
+            keys = ("crop", "overlay", "back", "views", "turntable", "model", "score", "downloads")
+            return [text, *(found.get(key) for key in keys)]
+
+        def reconstruct(image, view_count, steps, guidance, seed, field_name, mesh_name, no_crop, yaw, pitch):
+            from dp360.errors import Dp360Error
+
+            options = portrait_app.settings(
+                view_count=int(view_count),
+                steps=int(steps),
+                guidance=float(guidance),
+                seed=int(seed) if seed is not None else None,
+                field_kind=FieldKind(field_name),
+                mesh_format=[MeshFormat(mesh_name)],
+                no_crop=bool(no_crop),
+                yaw=yaw,
+                pitch=pitch,
+            )
+            try:
+                job, out = portrait_app.start(image or "", options)
+            except Dp360Error as error:
+                raise gr.Error(str(error)) from None
+            try:
+                while job.thread.is_alive():
+                    yield show(job.log.markdown(), results_of(out))
+                    job.thread.join(POLL_SECONDS)
+            finally:  # Cancel (or a closed page) stops the run as Ctrl-C does
+                if job.thread.is_alive():
+                    _interrupt(job.thread)
+                    job.thread.join()
+            if job.error is not None:
+                raise gr.Error(PortraitApp.problem(job.error))
+            yield show(f"**{job.result.status}**: {out}\n\n{job.log.markdown()}", results_of(out))
+
+        example.click(lambda: str(EXAMPLE), outputs=portrait)
+        inputs = [portrait, views, steps, guidance, seed, field_kind, mesh_format, no_crop, yaw, pitch]
+        event = run.click(reconstruct, inputs=inputs, outputs=outputs, api_name="reconstruct", concurrency_limit=1)
+        cancel.click(None, cancels=[event])
+    return page.queue(default_concurrency_limit=1)
+
+
+def _auth(value: str | None) -> tuple[str, str] | None:
+    from dp360.errors import Dp360Error
+
+    value = value or os.environ.get(AUTH_VARIABLE)
+    if not value:
+        return None
+    user, colon, password = value.partition(":")
+    if not (colon and user and password):
+        raise Dp360Error(f"--auth (or {AUTH_VARIABLE}) must be USER:PASSWORD, both non-empty.")
+    return user, password
+
+
+@with_options(*APP_GROUPS)
+def serve_app(
+    runs: Annotated[
+        Path, typer.Option("--runs", help="Folder of the app's run folders (one per portrait; created).")
+    ] = DEFAULT_RUNS,
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every network)."),
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on, 1 to 65535 (0 picks a free one).")] = 7860,
+    auth: Annotated[
+        Optional[str],
+        typer.Option("--auth", help=f"USER:PASSWORD asked of every visitor (or ${AUTH_VARIABLE}).", show_default=False),
+    ] = None,
+    *,
+    options: SimpleNamespace,
+) -> None:
+    """Serve the web app: upload a portrait (or take the example), follow each stage, get the views,
+    turntable, mesh (3D view) and downloads. Every option of `reconstruct` sets the form's defaults.
+
+    Prints the URL on stdout and serves until Ctrl-C. One run at a time; the others queue.
+    """
+    from dp360.nerf.viewer import check_address
+
+    with user_errors():
+        credentials = _auth(auth)
+        address = check_address(host, port)  # before anything loads: a bad or taken address is one sentence
+        runs.mkdir(parents=True, exist_ok=True)
+        page = build_page(PortraitApp(options, runs))
+    note = address.network_note()
+    if note:
+        err_console.print(f"[yellow]note:[/] {escape(note.replace('viewer', 'app'))}", soft_wrap=True)
+    page.launch(
+        server_name=address.host,
+        server_port=address.port,
+        share=False,
+        auth=credentials,
+        prevent_thread_lock=True,
+        quiet=True,
+        show_error=True,
+        allowed_paths=[str(runs.resolve()), str(EXAMPLE.parent)],
+    )
+    typer.echo(address.url)
+    err_console.print("Serving the app; press Ctrl-C to stop.")
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        page.close()
