@@ -15,6 +15,7 @@ import hashlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -190,6 +191,39 @@ class PortraitApp:
         job.thread.start()
         return job, out
 
+    def zip_run(self, out: Path) -> Path:
+        """The whole run folder as one zip (its lock and temporaries left out), written atomically
+        beside the runs (`RUNS/zips/NAME.zip`): what the API and the page offer to download."""
+        import zipfile
+
+        from dp360.atomic import atomic_path, is_dp360_temporary
+
+        target = self.runs_dir / "zips" / f"{Path(out).name}.zip"
+        with atomic_path(target) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+            for path in sorted(Path(out).rglob("*")):
+                relative = path.relative_to(out)
+                if path.is_symlink() or not path.is_file() or path.name == layout.LOCK:
+                    continue
+                if any(is_dp360_temporary(part) for part in relative.parts):
+                    continue
+                archive.write(path, Path(out.name) / relative)
+        return target
+
+    def run(self, image: str | Path, options: SimpleNamespace) -> Iterator[tuple[str, Path, Job]]:
+        """Start the run of `image` and follow it: yields (progress text, run folder, job) while it
+        works, then once when it has ended. Closing the iterator early (Cancel, a closed page) ends
+        the run as Ctrl-C does."""
+        job, out = self.start(image, options)
+        try:
+            while job.thread.is_alive():
+                yield job.log.markdown(), out, job
+                job.thread.join(POLL_SECONDS)
+        finally:
+            if job.thread.is_alive():
+                _interrupt(job.thread)
+                job.thread.join()
+        yield job.log.markdown(), out, job
+
     @staticmethod
     def problem(error: BaseException) -> str:
         """The sentence the page shows for what ended a run."""
@@ -225,8 +259,11 @@ def build_page(portrait_app: PortraitApp):
                 mesh_format = gr.Dropdown([kind.value for kind in MeshFormat], value="glb", label="Mesh format")
                 no_crop = gr.Checkbox(value=defaults.no_crop, label="Already cropped (no face detection)")
                 with gr.Row():
-                    yaw = gr.Number(value=defaults.yaw, label="Yaw override (degrees)")
-                    pitch = gr.Number(value=defaults.pitch, label="Pitch override (degrees)")
+                    # text, so that "empty: the estimated pose" is a value the API can default to
+                    yaw = gr.Textbox(value=_angle_text(defaults.yaw), label="Yaw override (degrees; empty: estimated)")
+                    pitch = gr.Textbox(
+                        value=_angle_text(defaults.pitch), label="Pitch override (degrees; empty: estimated)"
+                    )
                 with gr.Row():
                     run = gr.Button("Run", variant="primary")
                     cancel = gr.Button("Cancel")
@@ -248,10 +285,8 @@ def build_page(portrait_app: PortraitApp):
             keys = ("crop", "overlay", "back", "views", "turntable", "model", "score", "downloads")
             return [text, *(found.get(key) for key in keys)]
 
-        def reconstruct(image, view_count, steps, guidance, seed, field_name, mesh_name, no_crop, yaw, pitch):
-            from dp360.errors import Dp360Error
-
-            options = portrait_app.settings(
+        def form_options(view_count, steps, guidance, seed, field_name, mesh_name, no_crop, yaw, pitch):
+            return portrait_app.settings(
                 view_count=int(view_count),
                 steps=int(steps),
                 guidance=float(guidance),
@@ -259,30 +294,71 @@ def build_page(portrait_app: PortraitApp):
                 field_kind=FieldKind(field_name),
                 mesh_format=[MeshFormat(mesh_name)],
                 no_crop=bool(no_crop),
-                yaw=yaw,
-                pitch=pitch,
+                yaw=_angle(yaw, "Yaw"),
+                pitch=_angle(pitch, "Pitch"),
             )
+
+        def follow(image, *form):
+            """The run of `image` with the form's values: (progress, run folder, job) as it goes; a bad
+            input or a failed run is the page's one sentence."""
+            from dp360.errors import Dp360Error
+
             try:
-                job, out = portrait_app.start(image or "", options)
+                steps = portrait_app.run(image or "", form_options(*form))
+                for update in steps:
+                    yield update
             except Dp360Error as error:
                 raise gr.Error(str(error)) from None
-            try:
-                while job.thread.is_alive():
-                    yield show(job.log.markdown(), results_of(out))
-                    job.thread.join(POLL_SECONDS)
-            finally:  # Cancel (or a closed page) stops the run as Ctrl-C does
-                if job.thread.is_alive():
-                    _interrupt(job.thread)
-                    job.thread.join()
+            job = update[2]
             if job.error is not None:
                 raise gr.Error(PortraitApp.problem(job.error))
-            yield show(f"**{job.result.status}**: {out}\n\n{job.log.markdown()}", results_of(out))
+
+        def reconstruct_page(image, *form):
+            for text, out, job in follow(image, *form):
+                if job.thread.is_alive():
+                    yield show(text, results_of(out))
+            found = results_of(out)
+            found["downloads"] = [*found["downloads"], str(portrait_app.zip_run(out))]
+            yield show(f"**{job.result.status}**: {out}\n\n{text}", found)
+
+        def reconstruct_api(image, *form):
+            """The portrait first; every other input defaults to the command line's. Returns the
+            turntable MP4, the GLB and the whole run folder as a zip."""
+            *_, (_, out, _) = follow(image, *form)  # to the end: the run has ended
+            found = results_of(out)
+            return found["turntable"], found["model"], str(portrait_app.zip_run(out))
 
         example.click(lambda: str(EXAMPLE), outputs=portrait)
         inputs = [portrait, views, steps, guidance, seed, field_kind, mesh_format, no_crop, yaw, pitch]
-        event = run.click(reconstruct, inputs=inputs, outputs=outputs, api_name="reconstruct", concurrency_limit=1)
+        # one run at a time on the machine, from the page and the API alike
+        shared = dict(concurrency_id="run", concurrency_limit=1)
+        event = run.click(
+            reconstruct_page, inputs=inputs, outputs=outputs, api_name="run", api_visibility="undocumented", **shared
+        )
         cancel.click(None, cancels=[event])
+        with gr.Row(visible=False):
+            api_trigger = gr.Button()
+            api_outputs = [gr.File(label="turntable"), gr.File(label="mesh"), gr.File(label="run folder")]
+        api_trigger.click(reconstruct_api, inputs=inputs, outputs=api_outputs, api_name="reconstruct", **shared)
     return page.queue(default_concurrency_limit=1)
+
+
+def _angle_text(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _angle(text: str | None, name: str) -> float | None:
+    """A pose override from the form: empty is none (the estimated pose); anything else a number."""
+    from dp360.errors import Dp360Error
+
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise Dp360Error(
+            f"{name} must be a number of degrees, or empty for the estimated pose, not {text!r}."
+        ) from None
 
 
 def _auth(value: str | None) -> tuple[str, str] | None:

@@ -74,7 +74,7 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     url, runs = served
     client = Client(url, verbose=False)
     status, crop, overlay, back, views, turntable, model, score, downloads = client.predict(
-        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, None, None, api_name="/reconstruct"
+        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, None, None, api_name="/run"
     )
     assert "done" in status
     run = run_folder_for(runs, ASTRONAUT)
@@ -88,13 +88,58 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     assert len(frames) == 4
     assert "PSNR" in score
     names = sorted(Path(item).name for item in downloads)
-    assert "head.glb" in names and "turntable.mp4" in names
+    assert "head.glb" in names and "turntable.mp4" in names and any(name.endswith(".zip") for name in names)
 
     # the same portrait again reopens its run: every stage is reused
     status = client.predict(
-        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, None, None, api_name="/reconstruct"
+        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, None, None, api_name="/run"
     )[0]
     assert "done" in status and "reused" in status
+
+
+def test_the_api_takes_the_portrait_alone_and_returns_the_turntable_the_glb_and_the_run(served):
+    """/reconstruct: every input but the portrait defaults to the command line's (here the tiny
+    settings); a second job submitted meanwhile waits in the queue (one run at a time)."""
+    import time
+    import zipfile
+
+    from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
+
+    url, runs = served
+    client = Client(url, verbose=False)
+    first = client.submit(handle_file(str(ASTRONAUT)), api_name="/reconstruct")
+    deadline = time.monotonic() + 60
+    while first.status().code != Status.PROCESSING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1)  # the first run is well under way (a fresh tiny run takes about 20 s here)
+    second = client.submit(handle_file(str(ASTRONAUT)), api_name="/reconstruct")
+    time.sleep(2)
+    waiting, running = second.status(), first.status()
+    assert running.code == Status.PROCESSING and waiting.code == Status.IN_QUEUE, (running, waiting)
+    for job in (first, second):
+        turntable, glb, run_zip = job.result(timeout=300)
+        assert Path(turntable).suffix == ".mp4" and Path(glb).suffix == ".glb"
+        with zipfile.ZipFile(run_zip) as archive:
+            names = archive.namelist()
+        run = run_folder_for(runs, ASTRONAUT).name
+        assert f"{run}/run.json" in names and f"{run}/export/head.glb" in names
+        assert not any(name.endswith(".dp360.lock") for name in names)
+
+
+def test_the_app_listens_on_loopback_only(served):
+    url, _ = served
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        pass
+    others = {
+        info[4][0]
+        for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+        if not info[4][0].startswith("127.")
+    }
+    for address in others:  # this machine's other addresses: nothing listens there
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=2).close()
 
 
 def test_bad_uploads_and_settings_are_one_sentence_and_write_nothing(tiny, tmp_path):
