@@ -154,28 +154,38 @@ def export(
         err_console.print(f"[green]✓[/] {target} ({written})")
 
 
-def report(run_dir: RunDirArgument) -> None:
+def report(
+    run_dir: RunDirArgument,
+    self_contained: Annotated[
+        bool,
+        typer.Option(
+            "--self-contained",
+            help="Write export/report-standalone.html instead, every image and the video inlined: one file to send.",
+        ),
+    ] = False,
+) -> None:
     """Rewrite RUN_DIR/export/report.html (as `reconstruct` writes it) and print its path.
 
-    One page, no network needed: the input with its detection overlay, the crop, the back view,
-    the views with their cameras, the turntable, the mesh from four sides, the stages' timings and
-    settings, and the notes and warnings (a stage that did not run shows why).
+    One page, no network needed: the input with its detection overlay, the crop, the PanoHead
+    inversion, the back view, the views with their cameras, the turntable, the mesh from four sides,
+    the stages' timings and settings, and the notes and warnings (a stage that did not run shows why).
     """
     from dp360.manifest import LOCK_NAME, RunLock, check_no_links
     from dp360.registry import stage_names_of
-    from dp360.report import REPORT_FOLDER, REPORT_NAME, read_run, write_report
+    from dp360.report import REPORT_FOLDER, REPORT_NAME, STANDALONE_NAME, read_run, write_report
 
     with user_errors(INTERRUPTED_NOTHING_WRITTEN):
         check_run_dir(run_dir)
         RunLock(Path(run_dir)).check_free()
         manifest = read_run(run_dir)  # a folder dp360 did not make is refused before the lock file is made there
-        inside = ((REPORT_FOLDER,), (LOCK_NAME, f"{REPORT_FOLDER}/{REPORT_NAME}"))
+        name = STANDALONE_NAME if self_contained else REPORT_NAME
+        inside = ((REPORT_FOLDER,), (LOCK_NAME, f"{REPORT_FOLDER}/{name}"))
         check_no_links(run_dir, *inside)  # never written through a link, whatever points where
         lock = RunLock(Path(run_dir))
         lock.acquire()  # no run writes into the folder while the page reads it
         try:
             check_no_links(run_dir, *inside)  # again, under the lock
-            path = write_report(run_dir, stage_names=stage_names_of(manifest))
+            path = write_report(run_dir, stage_names=stage_names_of(manifest), self_contained=self_contained)
         finally:
             lock.release()
     typer.echo(str(path))

@@ -209,6 +209,15 @@ class PortraitApp:
                 archive.write(path, Path(out.name) / relative)
         return target
 
+    def standalone_report(self, out: Path) -> Path:
+        """The run's report with every image and the video inlined (one file to send), written beside
+        the runs (`RUNS/reports/NAME/report-standalone.html`); the run's own report stays in export/."""
+        from dp360.registry import stage_names_of
+        from dp360.report import read_run, write_report
+
+        folder = self.runs_dir / "reports" / Path(out).name
+        return write_report(out, folder, stage_names_of(read_run(out)), self_contained=True)
+
     def run(self, image: str | Path, options: SimpleNamespace) -> Iterator[tuple[str, Path, Job]]:
         """Start the run of `image` and follow it: yields (progress text, run folder, job) while it
         works, then once when it has ended. Closing the iterator early (Cancel, a closed page) ends
@@ -318,7 +327,10 @@ def build_page(portrait_app: PortraitApp):
                 if job.thread.is_alive():
                     yield show(text, results_of(out))
             found = results_of(out)
-            found["downloads"] = [*found["downloads"], str(portrait_app.zip_run(out))]
+            extras = [portrait_app.zip_run(out)]
+            if (out / layout.MANIFEST).is_file():
+                extras.append(portrait_app.standalone_report(out))
+            found["downloads"] = [*found["downloads"], *map(str, extras)]
             yield show(f"**{job.result.status}**: {out}\n\n{text}", found)
 
         def reconstruct_api(image, *form):

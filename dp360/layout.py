@@ -30,6 +30,7 @@ OVERLAY = f"{PREPARED}/overlay.png"
 FACE = f"{PREPARED}/face.json"
 DATASET = f"{PREPARED}/dataset.json"
 NOISE_FRAMES = f"{NOISE}/frames"
+NOISE_FIT = f"{NOISE}/fit.png"  # the crop | PanoHead's head fitted to it
 DEPTH = f"{NOISE}/depth.npz"  # depth and opacity of the PanoHead inversion at the orbit cameras
 BACK_VIEW = f"{VIEWS}/back_ref.png"
 TRANSFORMS = f"{VIEWS}/transforms.json"

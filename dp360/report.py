@@ -35,6 +35,14 @@ from .errors import RunDirectoryError
 from .stage import Stage, StageContext
 
 REPORT_FOLDER, REPORT_NAME = layout.EXPORT, layout.name_of(layout.REPORT)
+STANDALONE_NAME = "report-standalone.html"  # `dp360 report --self-contained`: everything inlined
+_MIME_TYPES = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".mp4": "video/mp4",
+    ".gif": "image/gif",
+}
 # The mesh stills: four sides, a little above eye level, a square of this many pixels each.
 MESH_SIDES = (("front", 0.0), ("left", 90.0), ("back", 180.0), ("right", -90.0))
 MESH_ELEVATION = 10.0
@@ -94,6 +102,7 @@ def report_inputs(run_dir: str | Path) -> dict[str, str]:
         layout.OVERLAY,
         layout.CROP,
         layout.FACE,
+        layout.NOISE_FIT,
         layout.BACK_VIEW,
         layout.TRANSFORMS,
         layout.GRID,
@@ -328,9 +337,13 @@ def _json_block(value: Any) -> str:
 
 
 class _Page:
-    def __init__(self, run_dir: Path, manifest: dict[str, Any], stage_names: Sequence[str] = ()):
+    def __init__(
+        self, run_dir: Path, manifest: dict[str, Any], stage_names: Sequence[str] = (), self_contained: bool = False
+    ):
         self.run_dir = run_dir
         self.manifest = manifest
+        # every image and the video inlined (one file to send); else links next to the run
+        self.self_contained = self_contained
         # the stages of this kind of run in order (`dp360.registry`); without them, the recorded ones
         self.stage_names = tuple(stage_names) or tuple(manifest.get("stages", {}))
         self.records: dict[str, dict[str, Any]] = {
@@ -422,13 +435,26 @@ class _Page:
         items = "".join(f"<li><b>{_e(kind)}</b>: {_e(text)}</li>" for kind, text in notes)
         self.add(f"<ul class='notes'>{items}</ul>")
 
+    def link(self, rel: str) -> str:
+        """The address of a file of the run in the page: relative to export/, or inlined."""
+        if not self.self_contained:
+            return _href(rel)
+        mime = _MIME_TYPES.get(Path(rel).suffix.lower(), "application/octet-stream")
+        return f"data:{mime};base64,{base64.b64encode((self.run_dir / rel).read_bytes()).decode()}"
+
+    def files(self, rels: Sequence[str]) -> str:
+        """Links to files of the run (none in a self-contained page: it carries no file beside it)."""
+        if self.self_contained:
+            return ""
+        return " &middot; ".join(f'<a href="{_href(rel)}">{_e(Path(rel).name)}</a>' for rel in rels)
+
     def figure(self, rel: str, caption: str, width: int | None = None) -> str:
         """An image of the run, linked to itself; `caption` is HTML (escaped by the caller)."""
         style = f' style="width:{width}px"' if width else ""
-        return (
-            f'<figure{style}><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(rel)}" style="width:100%"></a>'
-            f"<figcaption>{caption}</figcaption></figure>"
-        )
+        image = f'<img src="{self.link(rel)}" alt="{_e(rel)}" style="width:100%">'
+        if not self.self_contained:
+            image = f'<a href="{_href(rel)}">{image}</a>'
+        return f"<figure{style}>{image}<figcaption>{caption}</figcaption></figure>"
 
     def imported(self) -> bool:
         """Whether the run fits views imported from a folder (`dp360 fit`) rather than a portrait's."""
@@ -455,6 +481,36 @@ class _Page:
             self.add(f"<div class='row'>{''.join(figures)}</div>")
         if problem is not None:
             self.notice(problem)
+
+    def inversion(self) -> None:
+        """The PanoHead inversion, where a bad result usually starts: target | inversion, its losses."""
+        if self.imported():
+            return
+        self.add("<h2 id='inversion'>PanoHead inversion (3D-aware noise)</h2>")
+        problem = self.problem("noise", (layout.NOISE_FIT,))
+        if problem is not None:
+            self.notice(problem)
+            return
+        summary = self.records["noise"].get("summary") or {}
+
+        def pair(key: str) -> str | None:
+            values = summary.get(key)
+            if isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values):
+                return f"{values[0]:.4f} -> {values[1]:.4f}"
+            return None
+
+        facts = [
+            f"projection loss {pair('projection_loss')}" if pair("projection_loss") else None,
+            f"tuning (PTI) loss {pair('pti_loss')}" if pair("pti_loss") else None,
+            f"mean absolute error {summary['mean_abs_error']:.4f}"
+            if isinstance(summary.get("mean_abs_error"), (int, float))
+            else None,
+        ]
+        caption = "the crop (target) | PanoHead's head fitted to it, at the input's camera"
+        self.add(f"<div class='row'>{self.figure(layout.NOISE_FIT, _e(caption), 512)}</div>")
+        shown = [fact for fact in facts if fact]
+        if shown:
+            self.add(f"<p>{_e('; '.join(shown))}. A poor fit here gives views that follow the cameras less well.</p>")
 
     def _crop_caption(self) -> str:
         pose: Any = None
@@ -517,13 +573,9 @@ class _Page:
             for name, yaw, elevation in shown
         )
         self.add(f"<div class='views'>{cells}</div>")
-        links = [
-            f'<a href="{_href(rel)}">{_e(Path(rel).name)}</a>'
-            for rel in (layout.GRID, layout.ORBIT, layout.TRANSFORMS)
-            if self.has(rel)
-        ]
+        links = self.files([rel for rel in (layout.GRID, layout.ORBIT, layout.TRANSFORMS) if self.has(rel)])
         if links:
-            self.add(f"<p>Files: {' &middot; '.join(links)}</p>")
+            self.add(f"<p>Files: {links}</p>")
 
     def _orbit_map(self, shown: list[tuple[str, float, float]]) -> str:
         """A top-down map of the cameras: the head in the middle, the front at the bottom."""
@@ -586,8 +638,10 @@ class _Page:
         ]
         caption = ", ".join(_e(detail) for detail in details if detail)
         width = summary.get("resolution") if isinstance(summary.get("resolution"), int) else 512
+        # beside report.html in export/, or inlined
+        video = self.link(layout.TURNTABLE) if self.self_contained else _e(quote(Path(layout.TURNTABLE).name))
         self.add(
-            f'<div class="row"><figure><video src="{_e(quote(Path(layout.TURNTABLE).name))}" controls loop muted autoplay '
+            f'<div class="row"><figure><video src="{video}" controls loop muted autoplay '
             f'playsinline preload="auto" width="{max(256, min(width, 512))}" data-state="loading" '
             "onloadeddata=\"this.setAttribute('data-state','loaded')\" "
             "onerror=\"this.setAttribute('data-state','broken')\"></video>"
@@ -601,7 +655,7 @@ class _Page:
             # a splat field (`--field splatfacto`): its Gaussians instead of a mesh
             self.add(
                 f"<p>{_e(str(summary['splats']))} Gaussian splats in "
-                f'<a href="{_href(layout.SPLATS)}">{_e(Path(layout.SPLATS).name)}</a> (the standard 3DGS PLY layout, '
+                f"{self.files([layout.SPLATS]) or _e(Path(layout.SPLATS).name)} (the standard 3DGS PLY layout, "
                 "which splat viewers open).</p>"
             )
             self.notice(summary.get("mesh") or "not written: a splat field has no density to mesh")
@@ -617,12 +671,14 @@ class _Page:
             return
         summary = self.records["export"].get("summary") or {}
         facts = [f"{summary[key]} {key}" for key in ("faces", "vertices") if key in summary]
-        links = [
-            f'<a href="{_href(rel)}">{_e(Path(rel).name)}</a>'
-            for rel in sorted(self.records["export"].get("outputs") or {})
-            if Path(rel).suffix in (".glb", ".obj", ".ply") and self.has(rel)
-        ]
-        files = f" Files: {' &middot; '.join(links)}" if links else ""
+        links = self.files(
+            [
+                rel
+                for rel in sorted(self.records["export"].get("outputs") or {})
+                if Path(rel).suffix in (".glb", ".obj", ".ply") and self.has(rel)
+            ]
+        )
+        files = f" Files: {links}" if links else ""
         self.add(
             f"<p>{_e(', '.join(facts) or 'mesh')}; stills rendered from {_e(Path(layout.MESH).name)} "
             f"({MESH_ELEVATION:g}° above eye level): vertex colours, then the geometry in grey.{files}</p>"
@@ -714,6 +770,7 @@ class _Page:
         self.header()
         self.notes()
         self.input_and_crop()
+        self.inversion()
         self.views()
         self.turntable()
         self.mesh()
@@ -731,20 +788,33 @@ class _Page:
         )
 
 
-def render_report(run_dir: str | Path, manifest: dict[str, Any] | None = None, stage_names: Sequence[str] = ()) -> str:
+def render_report(
+    run_dir: str | Path,
+    manifest: dict[str, Any] | None = None,
+    stage_names: Sequence[str] = (),
+    self_contained: bool = False,
+) -> str:
     """The page of a run folder, as HTML text (for `export/report.html`: its links are relative
-    to `export/`). `stage_names`: the stages of this kind of run, in order (`dp360.registry`), so
-    that those the command did not run are listed as such; without them, the recorded stages."""
+    to `export/`; `self_contained`: every image and the video inlined, one file to send). `stage_names`:
+    the stages of this kind of run, in order (`dp360.registry`), so that those the command did not
+    run are listed as such; without them, the recorded stages."""
     run_dir = Path(run_dir)
-    return _Page(run_dir, read_run(run_dir) if manifest is None else manifest, stage_names).render()
+    manifest = read_run(run_dir) if manifest is None else manifest
+    return _Page(run_dir, manifest, stage_names, self_contained).render()
 
 
-def write_report(run_dir: str | Path, folder: str | Path | None = None, stage_names: Sequence[str] = ()) -> Path:
-    """Write the page into `folder` (default RUN_DIR/export/) atomically; returns its path. The
-    caller holds the run's lock (`dp360 report` does, and the runner for the stage)."""
+def write_report(
+    run_dir: str | Path,
+    folder: str | Path | None = None,
+    stage_names: Sequence[str] = (),
+    self_contained: bool = False,
+) -> Path:
+    """Write the page into `folder` (default RUN_DIR/export/) atomically, as report.html (or, self-
+    contained, report-standalone.html); returns its path. The caller holds the run's lock (`dp360
+    report` does, and the runner for the stage)."""
     run_dir = Path(run_dir)
-    text = render_report(run_dir, stage_names=stage_names)
-    target = Path(folder or run_dir / REPORT_FOLDER) / REPORT_NAME
+    text = render_report(run_dir, stage_names=stage_names, self_contained=self_contained)
+    target = Path(folder or run_dir / REPORT_FOLDER) / (STANDALONE_NAME if self_contained else REPORT_NAME)
     target.parent.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(target, text.encode("utf-8"))
     return target
@@ -762,5 +832,6 @@ REPORT_STAGE = Stage(
     settings=lambda context: {"mesh_still_size": MESH_STILL_SIZE, "mesh_elevation": MESH_ELEVATION},
     inputs=lambda context: report_inputs(context.run_dir),
     build=_build,
+    version=2,  # 2: the PanoHead inversion's section
     shared_folder=True,
 )

@@ -89,6 +89,7 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     assert "PSNR" in score
     names = sorted(Path(item).name for item in downloads)
     assert "head.glb" in names and "turntable.mp4" in names and any(name.endswith(".zip") for name in names)
+    assert "report-standalone.html" in names  # the report to send: every image inlined
 
     # the same portrait again reopens its run: every stage is reused
     status = client.predict(

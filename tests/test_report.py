@@ -168,6 +168,7 @@ def test_complete_run_page_shows_every_result_from_files_of_the_run(complete_run
     images = [value for tag, attribute, value in links if tag == "img" and attribute == "src"]
     files = {value for value in images if not value.startswith("data:")}
     expected = {"../input.png", "../prepared/overlay.png", "../prepared/crop.png", "../views/back_ref.png"}
+    expected |= {"../noise/fit.png"}  # the PanoHead inversion: target | inversion
     assert expected | {f"../views/{index:03d}.png" for index in range(VIEWS)} == files
     assert ("video", "src", "turntable.mp4") in links
     # the mesh from four sides (vertex colours and grey geometry), rendered here, not blank
@@ -187,6 +188,7 @@ def test_complete_run_page_shows_every_result_from_files_of_the_run(complete_run
     # the run's notes from run.json (the astronaut's face is small for PanoHead's crop)
     assert "<b>note</b>: the face is small" in text
     assert "<span class='status done'>done</span>" in text
+    assert "PanoHead inversion" in text and "projection loss" in text and "tuning (PTI) loss" in text
     report = _record(complete_run, "report")
     assert report["outputs"] == {"export/report.html": page.stat().st_size}
     assert report["seconds"] < 5  # about 0.5 s on two busy cores
@@ -299,6 +301,31 @@ def test_report_command_rewrites_the_page_and_refuses_other_folders(incomplete_r
         assert code == 2 and "Another dp360 run" in " ".join(stderr.split())
     finally:
         lock.release()
+
+
+def test_a_self_contained_report_inlines_every_image_and_the_video(complete_run, tmp_path, cli):
+    run = tmp_path / "run"
+    shutil.copytree(complete_run, run)
+    code, stdout, stderr = cli("report", run, "--self-contained")
+    assert code == 0, stderr
+    standalone = run / "export" / "report-standalone.html"
+    assert stdout.strip() == str(standalone)
+    links = _links(standalone)
+    images = [value for tag, attribute, value in links if tag == "img" and attribute == "src"]
+    assert len(images) == 8 + VIEWS + 5 and all(value.startswith("data:image/png;base64,") for value in images)
+    videos = [value for tag, _, value in links if tag == "video"]
+    assert len(videos) == 1 and videos[0].startswith("data:video/mp4;base64,")
+    video = base64.b64decode(videos[0].split(",", 1)[1])
+    assert video == (run / "export" / "turntable.mp4").read_bytes()
+    assert not [value for _, _, value in links if not value.startswith(("data:", "#"))]  # nothing beside it
+    # sent elsewhere, it shows the same: the crop decodes from the page alone
+    crop = next(
+        value
+        for value in images
+        if base64.b64decode(value.split(",", 1)[1]) == (run / "prepared/crop.png").read_bytes()
+    )
+    assert Image.open(io.BytesIO(base64.b64decode(crop.split(",", 1)[1]))).size == (512, 512)
+    assert (run / "export" / "report.html").read_text() == (complete_run / "export" / "report.html").read_text()
 
 
 # -- in a browser --------------------------------------------------------------------------------
