@@ -251,9 +251,10 @@ def test_dp360_view_serves_the_viewer_on_loopback_and_stops_on_the_first_ctrl_c(
                 assert "Connection opened" in log.read_text()  # the page's websocket reached our server
                 pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float64)
                 viewport = pixels[100:600, 150:550]  # the 3D view, where the head is drawn
-                saturation = pixels.max(-1) - pixels.min(-1)
-                # the synthetic head's texture is saturated; the views' grey background and the panel are not
-                assert (saturation[100:600, 150:550] > 40).mean() > 0.05, "the field is not drawn"
+                # the first frame is a render of the head (no training image is drawn): darker than
+                # the views' 0.8 grey background in the middle, the background at the view's edges
+                centre, edge = pixels[250:450, 250:450].mean(), pixels[60:100, 10:60].mean()
+                assert centre < 170 and edge > 190, (centre, edge)
                 assert viewport.std() > 20
                 # a browser left open: the viewer renders for it (seconds a frame on a CPU) when Ctrl-C comes
                 browser = _open_browser(tmp_path / "profile-open", url)
@@ -386,3 +387,21 @@ def test_stop_abandons_a_render_in_flight_and_closes_the_server_promptly(stuck):
         machine.release.set()
     else:  # the render is interrupted, not waited for
         assert seconds < 0.5 and not machine.is_alive()
+
+
+def test_the_viewer_draws_no_training_camera_and_starts_off_them(run):
+    """A browser's first frame is a render of the head: no training camera (frustum and image) is
+    drawn, and the start camera is none of the training cameras' poses (pulled back, to the side)."""
+    import numpy as np
+
+    from dp360 import cameras
+    from dp360.nerf.viewer import START_PULL_BACK, START_YAW, check_address, start_viewer
+
+    running = start_viewer(run, check_address("127.0.0.1", 0), "cpu")
+    try:
+        assert running.viewer.camera_handles == {}
+    finally:
+        running.stop()
+    start = cameras.orbit_pose(START_YAW, 10.0)[:3, 3] * START_PULL_BACK
+    orbit = [pose[:3, 3] for pose in cameras.dp360_orbit(32)]
+    assert min(np.linalg.norm(start - position) for position in orbit) > 0.5

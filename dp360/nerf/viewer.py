@@ -252,21 +252,43 @@ def _close_server(server) -> None:
         server_thread.join(CLOSE_SECONDS)
 
 
+# Where a new browser starts: half-way between two training cameras in yaw, above eye level and a
+# little further out, so that it shows a render of the whole head and not a training camera's view
+# (pulled back no further than the field's far plane allows: the head must stay inside it).
+START_YAW, START_ELEVATION, START_PULL_BACK = 17.0, 10.0, 1.15
+
+
 def _look_at_the_face(client) -> None:
-    """A new browser starts at the front view of the orbit, head-filling, rather than at viser's
-    default camera (inside the orbit, nearer than the field's near plane, so all background)."""
+    """A new browser starts looking at the head from START_* (viser's default camera sits inside the
+    orbit, nearer than the field's near plane, so all background; a training camera's own pose would
+    show its training image in front of the render)."""
     import numpy as np
     from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 
     from .. import cameras
 
-    front = cameras.orbit_pose(0.0, 0.0)  # OpenCV cam2world in the run's world frame
+    start = cameras.orbit_pose(START_YAW, START_ELEVATION)  # OpenCV cam2world in the run's world frame
     with client.atomic():
-        client.camera.up_direction = -front[:3, 1]  # OpenCV's y axis points down the image
-        client.camera.position = front[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO
+        client.camera.up_direction = -start[:3, 1]  # OpenCV's y axis points down the image
+        client.camera.position = start[:3, 3] * START_PULL_BACK * VISER_NERFSTUDIO_SCALE_RATIO
         client.camera.look_at = np.zeros(3)
-        # a little wider than the views (vertical field of view), so the whole head shows
-        client.camera.fov = 1.5 * 2 * np.arctan(cameras.PRINCIPAL_NORMALIZED / cameras.FOCAL_NORMALIZED)
+        # the views' vertical field of view: pulled back, the whole head fills the middle of the frame
+        client.camera.fov = 2 * np.arctan(cameras.PRINCIPAL_NORMALIZED / cameras.FOCAL_NORMALIZED)
+
+
+def _view_only_controls(viewer, iterations: int) -> None:
+    """Hide what does nothing when a finished field is looked at (the training cameras' buttons,
+    the training speed and share), and show the fit's step count rather than 0. nerfstudio has no
+    view-only mode: its own handles are hidden, each only where this version has it."""
+    for button in (getattr(viewer, "hide_images", None), getattr(viewer, "show_images", None)):
+        if button is not None:
+            button.visible = False
+    panel = getattr(viewer, "control_panel", None)
+    for element in (getattr(panel, "_train_speed", None), getattr(panel, "_train_util", None)):
+        if element is not None and getattr(element, "gui_handle", None) is not None:
+            element.set_hidden(True)
+    with contextlib.suppress(Exception):  # the markdown's layout is nerfstudio's
+        viewer.stats_markdown.content = viewer.make_stats_markdown(iterations, None)
 
 
 def start_viewer(run_dir: str | Path, address: ViewerAddress, device: str = "cpu") -> RunningViewer:
@@ -284,6 +306,7 @@ def start_viewer(run_dir: str | Path, address: ViewerAddress, device: str = "cpu
             websocket_host=address.host,
             websocket_port=address.port,
             num_rays_per_chunk=1 << 15,
+            max_num_display_images=0,  # no training cameras drawn: the field is what is looked at
         )
         field = load_field(Path(run_dir) / layout.NERF, device, Path(run_dir) / layout.VIEWS)
         pipeline = field.pipeline
@@ -316,6 +339,7 @@ def start_viewer(run_dir: str | Path, address: ViewerAddress, device: str = "cpu
             viewer.update_scene(step=int(field.meta.get("iterations", 0)))
             # a finished fit: nerfstudio's viewer offers to pause training when no trainer is given
             viewer.pause_train.visible = viewer.resume_train.visible = False
+            _view_only_controls(viewer, int(field.meta.get("iterations", 0)))
             viewer.viser_server.on_client_connect(_look_at_the_face)
         except BaseException:
             running.stop()
