@@ -124,10 +124,10 @@ def results_of(run_dir: Path) -> dict[str, Any]:
         summary = json.loads(consistency.read_text()).get("summary", {})
         if isinstance(summary, dict) and summary.get("psnr") is not None:
             score = f"View consistency: PSNR {summary['psnr']:.2f} dB, LPIPS {summary.get('lpips') or float('nan'):.3f}"
-    downloads = [str(path) for path in meshes if path.is_file()]
-    for relative in (layout.TURNTABLE, layout.REPORT):
-        if there(relative):
-            downloads.append(there(relative))
+    # the files that stand alone (an OBJ needs its MTL and texture: `PortraitApp.obj_zip`)
+    downloads = [str(path) for path in meshes if path.suffix in (".glb", ".ply") and path.is_file()]
+    if there(layout.TURNTABLE):
+        downloads.append(there(layout.TURNTABLE))
     return {
         "crop": there(layout.CROP),
         "overlay": there(layout.OVERLAY),
@@ -207,6 +207,25 @@ class PortraitApp:
                 if any(is_dp360_temporary(part) for part in relative.parts):
                     continue
                 archive.write(path, Path(out.name) / relative)
+        return target
+
+    def obj_zip(self, out: Path) -> Path | None:
+        """The OBJ mesh with its MTL and texture as one zip (`RUNS/zips/NAME-obj.zip`), when the run
+        exported one; None otherwise."""
+        import zipfile
+
+        from dp360.atomic import atomic_path
+
+        export = layout.RunLayout(out).export
+        obj = export / f"{layout.MESH_STEM}.obj"
+        if not obj.is_file():
+            return None
+        parts = [obj, *(export / f"{layout.MESH_STEM}{suffix}" for suffix in (".mtl", ".png"))]
+        target = self.runs_dir / "zips" / f"{Path(out).name}-obj.zip"
+        with atomic_path(target) as temporary, zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+            for part in parts:
+                if part.is_file() and not part.is_symlink():
+                    archive.write(part, part.name)
         return target
 
     def standalone_report(self, out: Path) -> Path:
@@ -327,7 +346,7 @@ def build_page(portrait_app: PortraitApp):
                 if job.thread.is_alive():
                     yield show(text, results_of(out))
             found = results_of(out)
-            extras = [portrait_app.zip_run(out)]
+            extras = [path for path in (portrait_app.obj_zip(out), portrait_app.zip_run(out)) if path is not None]
             if (out / layout.MANIFEST).is_file():
                 extras.append(portrait_app.standalone_report(out))
             found["downloads"] = [*found["downloads"], *map(str, extras)]

@@ -671,6 +671,8 @@ class _Page:
             return
         summary = self.records["export"].get("summary") or {}
         facts = [f"{summary[key]} {key}" for key in ("faces", "vertices") if key in summary]
+        texture = summary.get("texture")
+        colours = "vertex colours" if texture in (None, "vertex colours") else "its UV texture"
         links = self.files(
             [
                 rel
@@ -681,7 +683,7 @@ class _Page:
         files = f" Files: {links}" if links else ""
         self.add(
             f"<p>{_e(', '.join(facts) or 'mesh')}; stills rendered from {_e(Path(layout.MESH).name)} "
-            f"({MESH_ELEVATION:g}° above eye level): vertex colours, then the geometry in grey.{files}</p>"
+            f"({MESH_ELEVATION:g}° above eye level): {_e(colours)}, then the geometry in grey.{files}</p>"
         )
         if not stills:
             self.notice(f"missing: {layout.MESH} holds no faces")
@@ -689,7 +691,7 @@ class _Page:
         cells = []
         for side, colour, grey in stills:
             cells.append(
-                f"<figure><img src='{png_data_uri(colour)}' alt='{_e(side)}, vertex colours'>"
+                f"<figure><img src='{png_data_uri(colour)}' alt='{_e(side)}, {_e(colours)}'>"
                 f"<img src='{png_data_uri(grey)}' alt='{_e(side)}, geometry'><figcaption>{_e(side)}</figcaption></figure>"
             )
         self.add(f"<div class='mesh'>{''.join(cells)}</div>")

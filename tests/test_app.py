@@ -97,6 +97,17 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     )[0]
     assert "done" in status and "reused" in status
 
+    # an OBJ comes with its MTL and texture, as one zip
+    import zipfile
+
+    *_, downloads = client.predict(
+        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "obj", False, None, None, api_name="/run"
+    )
+    obj_zip = next(Path(item) for item in downloads if str(item).endswith("-obj.zip"))
+    with zipfile.ZipFile(obj_zip) as archive:
+        assert sorted(archive.namelist()) == ["head.mtl", "head.obj", "head.png"]
+        assert b"map_Kd head.png" in archive.read("head.mtl")
+
 
 def test_the_api_takes_the_portrait_alone_and_returns_the_turntable_the_glb_and_the_run(served):
     """/reconstruct: every input but the portrait defaults to the command line's (here the tiny
