@@ -122,8 +122,10 @@ def results_of(run_dir: Path) -> dict[str, Any]:
         import json
 
         summary = json.loads(consistency.read_text()).get("summary", {})
-        if isinstance(summary, dict) and summary.get("psnr") is not None:
-            score = f"View consistency: PSNR {summary['psnr']:.2f} dB, LPIPS {summary.get('lpips') or float('nan'):.3f}"
+        if isinstance(summary, dict) and isinstance(summary.get("psnr"), (int, float)):
+            score = f"View consistency: PSNR {summary['psnr']:.2f} dB"
+            if isinstance(summary.get("lpips"), (int, float)):  # absent without the LPIPS weights
+                score += f", LPIPS {summary['lpips']:.3f}"
     # the files that stand alone (an OBJ needs its MTL and texture: `PortraitApp.obj_zip`)
     downloads = [str(path) for path in meshes if path.suffix in (".glb", ".ply") and path.is_file()]
     if there(layout.TURNTABLE):

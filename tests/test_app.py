@@ -186,6 +186,40 @@ def test_a_run_folder_is_named_by_the_portrait_and_its_content(tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_a_person_runs_the_example_portrait_in_a_real_browser(served, tmp_path):
+    """Playwright drives Debian's chromium (no browser download): the example portrait, Run, then
+    the page shows the finished run, its views and the mesh. DP360_APP_SCREENSHOT=PATH keeps the
+    screenshot (the README's, on tiny random weights)."""
+    import os
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    url, runs = served
+    shot = tmp_path / "app.png"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1500})
+            page.goto(url)
+            page.get_by_role("button", name="Use the example portrait").click()
+            page.locator("img[src*='astronaut']").first.wait_for(timeout=60_000)  # the portrait is in
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("done", exact=True).wait_for(timeout=150_000)
+            gallery = page.locator("img[alt]").evaluate_all("images => images.map(image => image.naturalWidth)")
+            assert sum(width > 0 for width in gallery) >= VIEWS  # the views (and the crop, overlay, back view)
+            assert run_folder_for(runs, EXAMPLE).is_dir()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("DP360_APP_SCREENSHOT"):
+        shutil.copyfile(shot, os.environ["DP360_APP_SCREENSHOT"])
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_the_page_shows_its_form_in_a_browser(served, tmp_path):
     url, _ = served
     result = subprocess.run(
