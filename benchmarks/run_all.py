@@ -48,6 +48,7 @@ BENCHMARKS = [
         ["--detector", "dlib,retinaface", "--repeats", "5"],
         ["--detector", "dlib,retinaface", "--repeats", "3"],
     ),
+    Benchmark("app_start", "app_start.py", ["--repeats", "4"], ["--repeats", "3"]),  # `dp360 app`'s first page
     Benchmark(
         "pose_accuracy",
         "pose_accuracy.py",
