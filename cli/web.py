@@ -254,6 +254,35 @@ class PortraitApp:
                 job.thread.join()
         yield job.log.markdown(), out, job
 
+    def earlier_runs(self) -> list[str]:
+        """The run folders under the runs folder that dp360 made (their run.json is dp360's), newest first."""
+        from dp360.errors import Dp360Error
+        from dp360.manifest import read_manifest
+
+        found = []
+        if self.runs_dir.is_dir():
+            for folder in self.runs_dir.iterdir():
+                record = folder / layout.MANIFEST
+                if folder.is_dir() and not folder.is_symlink() and record.is_file():
+                    try:
+                        read_manifest(record)
+                    except Dp360Error:  # not a run of ours: not offered
+                        continue
+                    found.append((record.stat().st_mtime, folder.name))
+        return [name for _, name in sorted(found, reverse=True)]
+
+    def reopen(self, name: str) -> tuple[str, dict[str, Any]]:
+        """(status text, results) of an earlier run, by its folder name (one of `earlier_runs`)."""
+        from dp360.errors import Dp360Error
+
+        if name not in self.earlier_runs():
+            raise Dp360Error(f"There is no finished run named {name!r} in {self.runs_dir}; pick one from the list.")
+        import json
+
+        out = self.runs_dir / name
+        status = json.loads((out / layout.MANIFEST).read_text()).get("status", "unknown")
+        return f"**{status}** (reopened): {out}", results_of(out)
+
     @staticmethod
     def problem(error: BaseException) -> str:
         """The sentence the page shows for what ended a run."""
@@ -309,6 +338,12 @@ def build_page(portrait_app: PortraitApp):
         score = gr.Markdown()
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
         outputs = [status, crop, overlay, back, gallery, turntable, model, score, downloads]
+        with gr.Row():
+            earlier = gr.Dropdown(
+                portrait_app.earlier_runs(), label="Earlier runs in the runs folder", allow_custom_value=True, scale=3
+            )
+            refresh = gr.Button("Refresh the list", scale=1)
+            reopen = gr.Button("Show this run", scale=1)
 
         def show(text: str, found: dict[str, Any] | None = None) -> list[Any]:
             found = found or {}
@@ -361,6 +396,19 @@ def build_page(portrait_app: PortraitApp):
             found = results_of(out)
             return found["turntable"], found["model"], str(portrait_app.zip_run(out))
 
+        def show_earlier(name):
+            from dp360.errors import Dp360Error
+
+            try:
+                text, found = portrait_app.reopen(name or "")
+            except Dp360Error as error:
+                raise gr.Error(str(error)) from None
+            return show(text, found)
+
+        refresh.click(
+            lambda: gr.Dropdown(choices=portrait_app.earlier_runs()), outputs=earlier, api_visibility="private"
+        )
+        reopen.click(show_earlier, inputs=earlier, outputs=outputs, api_name="reopen")
         example.click(lambda: str(EXAMPLE), outputs=portrait)
         inputs = [portrait, views, steps, guidance, seed, field_kind, mesh_format, no_crop, yaw, pitch]
         # one run at a time on the machine, from the page and the API alike

@@ -97,6 +97,10 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     )[0]
     assert "done" in status and "reused" in status
 
+    # the run is offered among the earlier ones, and reopens with its results
+    status, _, _, _, reopened_views, *_ = client.predict(run.name, api_name="/reopen")
+    assert "reopened" in status and len(reopened_views) == VIEWS
+
     # an OBJ comes with its MTL and texture, as one zip
     import zipfile
 
@@ -171,6 +175,24 @@ def test_bad_uploads_and_settings_are_one_sentence_and_write_nothing(tiny, tmp_p
     with pytest.raises(Dp360Error, match="Upload a portrait"):
         portrait_app.start("", portrait_app.settings())
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_earlier_runs_are_only_dp360s_and_reopen_by_name(tiny, tmp_path):
+    from dp360.errors import Dp360Error
+    from dp360.manifest import new_manifest
+
+    runs = tmp_path / "runs"
+    (runs / "mine").mkdir(parents=True)
+    (runs / "mine" / "run.json").write_text('{"stages": {}}')  # a look-alike: not offered
+    (runs / "head-0123456789").mkdir()
+    (runs / "head-0123456789" / "run.json").write_text(__import__("json").dumps(new_manifest()))
+    portrait_app = PortraitApp(_tiny_defaults(tiny), runs)
+    assert portrait_app.earlier_runs() == ["head-0123456789"]
+    status, found = portrait_app.reopen("head-0123456789")
+    assert "reopened" in status and found["views"] == [] and found["model"] is None
+    for name in ("mine", "../elsewhere", ""):
+        with pytest.raises(Dp360Error, match="no finished run named"):
+            portrait_app.reopen(name)
 
 
 def test_a_run_folder_is_named_by_the_portrait_and_its_content(tmp_path):
