@@ -114,6 +114,7 @@ def results_of(run_dir: Path) -> dict[str, Any]:
         return str(path) if path.is_file() else None
 
     views = sorted(run.views.glob("[0-9][0-9][0-9].png")) if run.views.is_dir() else []
+    angles = _view_angles(run / layout.TRANSFORMS)
     meshes = sorted(run.export.glob(f"{layout.MESH_STEM}.*")) if run.export.is_dir() else []
     glb = there(layout.MESH)
     consistency = run / layout.CONSISTENCY
@@ -134,12 +135,27 @@ def results_of(run_dir: Path) -> dict[str, Any]:
         "crop": there(layout.CROP),
         "overlay": there(layout.OVERLAY),
         "back": there(layout.BACK_VIEW),
-        "views": [(str(path), path.stem) for path in views],
+        "inversion": there(layout.NOISE_FIT),
+        "views": [(str(path), angles.get(path.name, path.stem)) for path in views],
         "turntable": there(layout.TURNTABLE),
         "model": glb,
         "score": score,
         "downloads": downloads,
     }
+
+
+def _view_angles(transforms: Path) -> dict[str, str]:
+    """View file name -> "000 · yaw +11.2° · elev +0.0°", from the views' cameras (none when unreadable)."""
+    from dp360.errors import Dp360Error
+    from dp360.report import view_cameras
+
+    if not transforms.is_file():
+        return {}
+    try:
+        found = view_cameras(transforms)
+    except (Dp360Error, OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {name: f"{Path(name).stem} · yaw {yaw:+.1f}° · elev {elevation:+.1f}°" for name, yaw, elevation in found}
 
 
 class PortraitApp:
@@ -330,6 +346,7 @@ def build_page(portrait_app: PortraitApp):
         with gr.Row():
             crop = gr.Image(label="Crop", interactive=False)
             overlay = gr.Image(label="Detection, landmarks and pose", interactive=False)
+            inversion = gr.Image(label="PanoHead inversion: target | inversion", interactive=False)
             back = gr.Image(label="Back view", interactive=False)
         gallery = gr.Gallery(label="Views", columns=8)
         with gr.Row():
@@ -337,7 +354,7 @@ def build_page(portrait_app: PortraitApp):
             model = gr.Model3D(label="Mesh")
         score = gr.Markdown()
         downloads = gr.File(label="Downloads", file_count="multiple", interactive=False)
-        outputs = [status, crop, overlay, back, gallery, turntable, model, score, downloads]
+        outputs = [status, crop, overlay, inversion, back, gallery, turntable, model, score, downloads]
         with gr.Row():
             earlier = gr.Dropdown(
                 portrait_app.earlier_runs(), label="Earlier runs in the runs folder", allow_custom_value=True, scale=3
@@ -347,7 +364,7 @@ def build_page(portrait_app: PortraitApp):
 
         def show(text: str, found: dict[str, Any] | None = None) -> list[Any]:
             found = found or {}
-            keys = ("crop", "overlay", "back", "views", "turntable", "model", "score", "downloads")
+            keys = ("crop", "overlay", "inversion", "back", "views", "turntable", "model", "score", "downloads")
             return [text, *(found.get(key) for key in keys)]
 
         def form_options(view_count, steps, guidance, seed, field_name, mesh_name, no_crop, yaw, pitch):
@@ -448,9 +465,14 @@ def _auth(value: str | None) -> tuple[str, str] | None:
     value = value or os.environ.get(AUTH_VARIABLE)
     if not value:
         return None
+    if Path(value).is_file():  # a file holding USER:PASSWORD keeps the password out of the process list
+        lines = Path(value).read_text().splitlines()
+        value = lines[0].strip() if lines else ""
     user, colon, password = value.partition(":")
     if not (colon and user and password):
-        raise Dp360Error(f"--auth (or {AUTH_VARIABLE}) must be USER:PASSWORD, both non-empty.")
+        raise Dp360Error(
+            f"--auth (or {AUTH_VARIABLE}) must be USER:PASSWORD, both non-empty, or a file whose first line is that."
+        )
     return user, password
 
 
@@ -466,7 +488,11 @@ def serve_app(
     port: Annotated[int, typer.Option("--port", help="Port to serve on, 1 to 65535 (0 picks a free one).")] = 7860,
     auth: Annotated[
         Optional[str],
-        typer.Option("--auth", help=f"USER:PASSWORD asked of every visitor (or ${AUTH_VARIABLE}).", show_default=False),
+        typer.Option(
+            "--auth",
+            help=f"USER:PASSWORD asked of every visitor, or a file holding it (or ${AUTH_VARIABLE}).",
+            show_default=False,
+        ),
     ] = None,
     *,
     options: SimpleNamespace,

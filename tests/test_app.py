@@ -73,14 +73,15 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
 
     url, runs = served
     client = Client(url, verbose=False)
-    status, crop, overlay, back, views, turntable, model, score, downloads = client.predict(
+    status, crop, overlay, inversion, back, views, turntable, model, score, downloads = client.predict(
         handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, None, None, api_name="/run"
     )
     assert "done" in status
     run = run_folder_for(runs, ASTRONAUT)
     assert run.is_dir() and (run / "run.json").is_file()
     assert len(views) == VIEWS and all(Path(item["image"]).is_file() for item in views)
-    assert Path(crop).is_file() and Path(overlay).is_file() and Path(back).is_file()
+    assert Path(crop).is_file() and Path(overlay).is_file() and Path(back).is_file() and Path(inversion).is_file()
+    assert all("yaw" in item["caption"] and "elev" in item["caption"] for item in views)  # each view's angles
     mesh = trimesh.load(Path(model), force="mesh")
     assert len(mesh.faces) > 100
     video = turntable if isinstance(turntable, str) else turntable["video"]  # gradio_client's two forms
@@ -98,7 +99,7 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     assert "done" in status and "reused" in status
 
     # the run is offered among the earlier ones, and reopens with its results
-    status, _, _, _, reopened_views, *_ = client.predict(run.name, api_name="/reopen")
+    status, _, _, _, _, reopened_views, *_ = client.predict(run.name, api_name="/reopen")
     assert "reopened" in status and len(reopened_views) == VIEWS
 
     # an OBJ comes with its MTL and texture, as one zip
@@ -261,6 +262,15 @@ def test_the_command_refuses_a_bad_address_or_auth_before_serving(cli, tmp_path)
     assert code == 2 and "--port must be 1 to 65535" in stderr
     code, _, stderr = cli("app", "--runs", tmp_path / "runs", "--auth", "no-colon")
     assert code == 2 and "USER:PASSWORD" in stderr
+    secret = tmp_path / "secret"
+    secret.write_text("no colon here\n")
+    code, _, stderr = cli("app", "--runs", tmp_path / "runs", "--auth", secret)
+    assert code == 2 and "USER:PASSWORD" in stderr
+
+    from cli.web import _auth
+
+    secret.write_text("me:s3cret\n")
+    assert _auth(str(secret)) == ("me", "s3cret") and _auth("you:pw") == ("you", "pw")
     assert not (tmp_path / "runs").exists()
 
 
