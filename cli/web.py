@@ -436,8 +436,12 @@ def build_page(portrait_app: PortraitApp):
         cancel.click(None, cancels=[event])
         with gr.Row(visible=False):
             api_trigger = gr.Button()
+            # a file, not an image: the API's caller gets dp360's sentence for what is not a portrait
+            # (an Image input would refuse it in Gradio's own words first)
+            api_portrait = gr.File(label="portrait", file_count="single", type="filepath")
             api_outputs = [gr.File(label="turntable"), gr.File(label="mesh"), gr.File(label="run folder")]
-        api_trigger.click(reconstruct_api, inputs=inputs, outputs=api_outputs, api_name="reconstruct", **shared)
+        api_inputs = [api_portrait, *inputs[1:]]
+        api_trigger.click(reconstruct_api, inputs=api_inputs, outputs=api_outputs, api_name="reconstruct", **shared)
     return page.queue(default_concurrency_limit=1)
 
 

@@ -58,7 +58,9 @@ def served(tiny, tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False)
+    page.launch(
+        server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, share=False, show_error=True
+    )
     try:
         yield f"http://127.0.0.1:{port}/", runs
     finally:
@@ -294,3 +296,15 @@ def test_cancel_stops_the_run_as_ctrl_c_does(tiny, tmp_path):
     assert manifest["status"] == "interrupted"
     assert manifest["stages"]["prepare"]["status"] == "done"
     assert not [path for path in out.rglob("*") if ".tmp" in path.name]  # temporaries went
+
+
+def test_a_bad_upload_through_the_page_is_the_clis_sentence(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    url, runs = served
+    not_an_image = tmp_path / "holiday.png"
+    not_an_image.write_bytes(b"this is not a picture")
+    with pytest.raises(Exception) as raised:
+        Client(url, verbose=False).predict(handle_file(str(not_an_image)), api_name="/reconstruct")
+    assert "is not an image file dp360 can read" in str(raised.value)
+    assert not runs.exists() or not [path for path in runs.rglob("*") if path.is_file()]
