@@ -33,6 +33,7 @@ from cli.options import (
     VIEW_GROUPS,
     FieldKind,
     MeshFormat,
+    TextureSource,
     field_settings,
     generation_settings,
     prepare_settings,
@@ -332,6 +333,11 @@ def build_page(portrait_app: PortraitApp):
                     [kind.value for kind in FieldKind], value=defaults.field_kind.value, label="Field"
                 )
                 mesh_format = gr.Dropdown([kind.value for kind in MeshFormat], value="glb", label="Mesh format")
+                texture = gr.Dropdown(
+                    [kind.value for kind in TextureSource],
+                    value=defaults.texture.value,
+                    label="Mesh colours (views: UV texture baked from the views)",
+                )
                 no_crop = gr.Checkbox(value=defaults.no_crop, label="Already cropped (no face detection)")
                 with gr.Row():
                     # text, so that "empty: the estimated pose" is a value the API can default to
@@ -367,7 +373,7 @@ def build_page(portrait_app: PortraitApp):
             keys = ("crop", "overlay", "inversion", "back", "views", "turntable", "model", "score", "downloads")
             return [text, *(found.get(key) for key in keys)]
 
-        def form_options(view_count, steps, guidance, seed, field_name, mesh_name, no_crop, yaw, pitch):
+        def form_options(view_count, steps, guidance, seed, field_name, mesh_name, no_crop, yaw, pitch, texture=None):
             return portrait_app.settings(
                 view_count=int(view_count),
                 steps=int(steps),
@@ -375,6 +381,7 @@ def build_page(portrait_app: PortraitApp):
                 seed=int(seed) if seed is not None else None,
                 field_kind=FieldKind(field_name),
                 mesh_format=[MeshFormat(mesh_name)],
+                texture=TextureSource(texture) if texture else None,
                 no_crop=bool(no_crop),
                 yaw=_angle(yaw, "Yaw"),
                 pitch=_angle(pitch, "Pitch"),
@@ -427,7 +434,7 @@ def build_page(portrait_app: PortraitApp):
         )
         reopen.click(show_earlier, inputs=earlier, outputs=outputs, api_name="reopen")
         example.click(lambda: str(EXAMPLE), outputs=portrait)
-        inputs = [portrait, views, steps, guidance, seed, field_kind, mesh_format, no_crop, yaw, pitch]
+        inputs = [portrait, views, steps, guidance, seed, field_kind, mesh_format, no_crop, yaw, pitch, texture]
         # one run at a time on the machine, from the page and the API alike
         shared = dict(concurrency_id="run", concurrency_limit=1)
         event = run.click(

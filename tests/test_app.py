@@ -76,7 +76,7 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     url, runs = served
     client = Client(url, verbose=False)
     status, crop, overlay, inversion, back, views, turntable, model, score, downloads = client.predict(
-        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, None, None, api_name="/run"
+        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, "", "", "views", api_name="/run"
     )
     assert "done" in status
     run = run_folder_for(runs, ASTRONAUT)
@@ -96,7 +96,7 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
 
     # the same portrait again reopens its run: every stage is reused
     status = client.predict(
-        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, None, None, api_name="/run"
+        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "glb", False, "", "", "views", api_name="/run"
     )[0]
     assert "done" in status and "reused" in status
 
@@ -108,7 +108,7 @@ def test_a_portrait_through_the_api_gives_views_turntable_and_mesh(served):
     import zipfile
 
     *_, downloads = client.predict(
-        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "obj", False, None, None, api_name="/run"
+        handle_file(str(ASTRONAUT)), VIEWS, 2, 3.0, 7, "nerfacto", "obj", False, "", "", "views", api_name="/run"
     )
     obj_zip = next(Path(item) for item in downloads if str(item).endswith("-obj.zip"))
     with zipfile.ZipFile(obj_zip) as archive:
