@@ -555,3 +555,32 @@ def view_models(options: SimpleNamespace, run_dtype: str):
         options.low_vram,
         options.compile_models,
     )
+
+
+class ReconstructSettings(NamedTuple):
+    """Everything `dp360.run.reconstruct` takes but the portrait and the folder, checked."""
+
+    prepare: Any
+    run: Any  # dp360.run.RunOptions
+    views: Any
+    noise: Any
+    field: Any
+    run_dtype: str
+
+
+def reconstruct_settings(options: SimpleNamespace) -> ReconstructSettings:
+    """The settings of a whole run from `reconstruct`'s options (the CLI's and the app's), every one
+    checked before any portrait is touched: ranges, the memory options, and the CPU's time for the views."""
+    from dp360.diffusion.stage import check_memory_options
+    from dp360.recipes import recipe
+    from dp360.run import check_run_settings
+    from dp360.runtime import resolve_device
+
+    prepare = prepare_settings(options)
+    run = run_options(options)
+    views, noise = generation_settings(options)
+    field = field_settings(options, lambda: resolve_device(options.device).startswith("cuda"))
+    run_device, run_dtype = check_run_settings(run, recipe("reconstruct").stages, prepare, views, noise, field)
+    check_memory_options(options.offload, options.low_vram, options.compile_models, options.device)
+    check_cpu_views(options, run_device, run_dtype, views)
+    return ReconstructSettings(prepare, run, views, noise, field, run_dtype)

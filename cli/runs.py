@@ -38,6 +38,7 @@ from cli.options import (
     field_settings,
     generation_settings,
     prepare_settings,
+    reconstruct_settings,
     run_options,
     view_models,
     with_options,
@@ -91,39 +92,27 @@ def reconstruct(
     Writes OUT/{input.png, prepared/, noise/, views/, nerf/, export/turntable.mp4,
     export/head.glb, run.json}; a rerun skips every stage whose inputs and settings are unchanged.
     """
-    from dp360.diffusion.stage import check_memory_options
     from dp360.errors import Dp360Error
     from dp360.panohead.stage import NoiseModels
-    from dp360.registry import pipeline_stages
-    from dp360.run import check_run_settings
     from dp360.run import reconstruct as reconstruct_run
-    from dp360.runtime import resolve_device
 
     quiet, json_output = options.quiet, options.json_output
     reporter = ConsoleReporter(quiet or json_output)
     with user_errors():
-        settings = prepare_settings(options)
-        run = run_options(options)
-        view_settings, noise_settings = generation_settings(options)
-        field = field_settings(options, lambda: resolve_device(options.device).startswith("cuda"))
-        # Every setting is checked once, before the first portrait is touched.
-        stages = tuple(stage.name for stage in pipeline_stages())
-        run_device, run_dtype = check_run_settings(run, stages, settings, view_settings, noise_settings, field)
-        check_memory_options(options.offload, options.low_vram, options.compile_models, options.device)
-        check_cpu_views(options, run_device, run_dtype, view_settings)
+        checked = reconstruct_settings(options)  # once, before the first portrait is touched
 
     def run_one(image: Path, target: Path):
         return reconstruct_run(
             image,
             target,
-            settings,
-            run,
+            checked.prepare,
+            checked.run,
             reporter,
-            view_settings,
-            view_models(options, run_dtype),
-            noise_settings,
+            checked.views,
+            view_models(options, checked.run_dtype),
+            checked.noise,
             NoiseModels.locate(options.weights_dir),
-            field,
+            checked.field,
         )
 
     if len(images) == 1:

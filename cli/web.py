@@ -34,10 +34,7 @@ from cli.options import (
     FieldKind,
     MeshFormat,
     TextureSource,
-    field_settings,
-    generation_settings,
-    prepare_settings,
-    run_options,
+    reconstruct_settings,
     view_models,
     with_options,
 )
@@ -179,29 +176,30 @@ class PortraitApp:
         """Check every setting, then start the run of `image` (one sentence on bad input, nothing written)."""
         from dp360.errors import Dp360Error
         from dp360.panohead.stage import NoiseModels
-        from dp360.registry import pipeline_stages
-        from dp360.run import check_run_settings
         from dp360.run import reconstruct as reconstruct_run
-        from dp360.runtime import resolve_device
 
         image = Path(image)
         if not image.is_file():
             raise Dp360Error("Upload a portrait first (or press 'Use the example portrait').")
-        prepare = prepare_settings(options)
-        run = run_options(options)
-        run.progress = False
-        view_settings, noise_settings = generation_settings(options)
-        field = field_settings(options, lambda: resolve_device(options.device).startswith("cuda"))
-        stages = tuple(stage.name for stage in pipeline_stages())
-        _, run_dtype = check_run_settings(run, stages, prepare, view_settings, noise_settings, field)
-        models, noise_models = view_models(options, run_dtype), NoiseModels.locate(options.weights_dir)
+        checked = reconstruct_settings(options)  # as `dp360 reconstruct` checks them
+        checked.run.progress = False
+        models, noise_models = view_models(options, checked.run_dtype), NoiseModels.locate(options.weights_dir)
         out = run_folder_for(self.runs_dir, image)
         log = StageLog()
 
         def work() -> None:
             try:
                 job.result = reconstruct_run(
-                    image, out, prepare, run, log, view_settings, models, noise_settings, noise_models, field
+                    image,
+                    out,
+                    checked.prepare,
+                    checked.run,
+                    log,
+                    checked.views,
+                    models,
+                    checked.noise,
+                    noise_models,
+                    checked.field,
                 )
             except BaseException as error:  # noqa: BLE001 - handed to the page, which says it in one sentence
                 job.error = error
