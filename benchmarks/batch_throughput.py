@@ -97,6 +97,7 @@ def sequential(images: list[Path], out: Path, recipe) -> dict:
     loaded) afresh for each, as the command's loop does."""
     from dp360.diffusion.stage import ViewModels
     from dp360.panohead.stage import NoiseModels
+    from dp360.pipeline.stage import ModelCache
     from dp360.run import run_pipeline
     from dp360.runtime import resolve_device, resolve_dtype
 
@@ -106,6 +107,7 @@ def sequential(images: list[Path], out: Path, recipe) -> dict:
     for image in images:
         models = ViewModels.locate(recipe.views.views, dtype, recipe.weights_dir, recipe.camera_dir)
         noise_models = NoiseModels.locate(recipe.weights_dir)
+        model_cache = ModelCache()  # each portrait loads its own, as the command's loop does
         summary = run_pipeline(
             image,
             out / image.stem,
@@ -118,9 +120,10 @@ def sequential(images: list[Path], out: Path, recipe) -> dict:
             noise_settings=recipe.noise,
             noise_models=noise_models,
             field_settings=recipe.field,
+            model_cache=model_cache,
         )
         statuses.append(summary.status)
-        loads += sum(models.loads.values()) + sum(noise_models.loads.values())
+        loads += sum(model_cache.loads.values())
     return {"statuses": statuses, "model_loads": loads, "stage_seconds": stage_seconds(out)}
 
 

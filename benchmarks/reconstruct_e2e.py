@@ -157,11 +157,9 @@ def run_once(args, out: Path, paths: dict, panohead: Path, backbone: Path, devic
             PrepareSettings(detector="dlib"),
             RunOptions(device=device, dtype=dtype, seed=0, progress=False),
             reporter,
-            view_settings=ViewSettings(steps=args.steps, views=args.views, seed=0),
+            view_settings=ViewSettings(steps=args.steps, views=args.views),
             models=models,
-            noise_settings=NoiseSettings(
-                invert_steps=args.invert_steps, pti_steps=args.pti_steps, views=args.views, seed=0
-            ),
+            noise_settings=NoiseSettings(invert_steps=args.invert_steps, pti_steps=args.pti_steps),
             noise_models=NoiseModels(panohead, backbone),
             field_settings=FieldStageSettings(
                 fit=fit,

@@ -115,7 +115,7 @@ INCOMPLETE_EXIT = 3  # distinct from 2 (bad input or settings); what a command p
 
 
 def missing_promises(summary, command: str) -> list[str]:
-    from dp360.recipes import recipe
+    from dp360.pipeline.recipes import recipe
 
     return recipe(command).missing(summary.stages)
 

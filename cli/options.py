@@ -444,7 +444,7 @@ def prepare_settings(options: SimpleNamespace):
 
 
 def generation_settings(options: SimpleNamespace):
-    """The views' and the PanoHead inversion's settings from GENERATION_OPTIONS and the seed."""
+    """The views' and the PanoHead inversion's settings from GENERATION_OPTIONS."""
     from dp360.diffusion.stage import ViewSettings
     from dp360.panohead.stage import NoiseSettings
 
@@ -454,12 +454,10 @@ def generation_settings(options: SimpleNamespace):
         eta=options.eta,
         views=options.view_count,
         back_camera_index=options.back_camera,
-        seed=options.seed,
         use_3d_noise=not options.no_3d_noise,
     )
-    noise_settings = NoiseSettings(
-        invert_steps=options.invert_steps, pti_steps=options.pti_steps, views=options.view_count, seed=options.seed
-    )
+    # the seed (--seed) and, for the inversion, the view count reach them through the run (portrait_config)
+    noise_settings = NoiseSettings(invert_steps=options.invert_steps, pti_steps=options.pti_steps)
     return view_settings, noise_settings
 
 
@@ -572,15 +570,14 @@ def reconstruct_settings(options: SimpleNamespace) -> ReconstructSettings:
     """The settings of a whole run from `reconstruct`'s options (the CLI's and the app's), every one
     checked before any portrait is touched: ranges, the memory options, and the CPU's time for the views."""
     from dp360.diffusion.stage import check_memory_options
-    from dp360.recipes import recipe
-    from dp360.run import check_run_settings
+    from dp360.run import check_portrait_settings
     from dp360.runtime import resolve_device
 
     prepare = prepare_settings(options)
     run = run_options(options)
     views, noise = generation_settings(options)
     field = field_settings(options, lambda: resolve_device(options.device).startswith("cuda"))
-    run_device, run_dtype = check_run_settings(run, recipe("reconstruct").stages, prepare, views, noise, field)
+    run_device, run_dtype = check_portrait_settings(run, "reconstruct", prepare, views, noise, field)
     check_memory_options(options.offload, options.low_vram, options.compile_models, options.device)
     check_cpu_views(options, run_device, run_dtype, views)
     return ReconstructSettings(prepare, run, views, noise, field, run_dtype)

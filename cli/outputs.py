@@ -171,7 +171,7 @@ def report(
     the stages' timings and settings, and the notes and warnings (a stage that did not run shows why).
     """
     from dp360.manifest import LOCK_NAME, RunLock, check_no_links
-    from dp360.registry import stage_names_of
+    from dp360.pipeline.registry import stage_names_of
     from dp360.report import REPORT_FOLDER, REPORT_NAME, STANDALONE_NAME, read_run, write_report
 
     with user_errors(INTERRUPTED_NOTHING_WRITTEN):
@@ -205,8 +205,9 @@ def view(
     Prints the URL on its own line on stdout and serves until Ctrl-C. On a remote GPU machine, keep
     the default host and forward the port: `ssh -L 7007:127.0.0.1:7007 MACHINE`.
     """
-    from dp360.nerf.viewer import check_address, fitted_config, start_viewer
+    from dp360.nerf.viewer import fitted_config, start_viewer
     from dp360.runtime import resolve_device
+    from dp360.serving import check_address
 
     with user_errors(INTERRUPTED_VIEWER):
         address = check_address(host, port)  # before the (slow) loading

@@ -185,7 +185,7 @@ def views(
     transforms.json (nerfstudio cameras of the orbit).
     """
     from dp360.panohead.stage import NoiseModels
-    from dp360.run import check_run_settings
+    from dp360.run import check_portrait_settings
     from dp360.run import views as views_run
 
     with user_errors():
@@ -193,9 +193,7 @@ def views(
         view_settings, noise_settings = generation_settings(options)
         run = run_options(options)
         # the bundles of the precision the run computes in (fp16 on CUDA): checked settings first
-        run_device, run_dtype = check_run_settings(
-            run, ("prepare", "noise", "views"), settings, view_settings, noise_settings
-        )
+        run_device, run_dtype = check_portrait_settings(run, "views", settings, view_settings, noise_settings)
         check_cpu_views(options, run_device, run_dtype, view_settings)
         summary = views_run(
             image,

@@ -68,7 +68,7 @@ def weights_download(
     """Fetch what runs need ahead of time, as `reconstruct` does on first use: download (resumable,
     hash-checked), convert the checkpoints into safetensors bundles, extract the camera images."""
     from dp360 import weights
-    from dp360.registry import default_needs
+    from dp360.pipeline.registry import default_needs
     from dp360.runtime import resolve_device
 
     with user_errors(INTERRUPTED_DOWNLOAD):
@@ -96,7 +96,7 @@ def weights_list(cache_dir: CacheDirOption = None, json_output: JsonOption = Fal
     """Show, for every weight file, whether runs will find it (converted or in place) and whether
     its raw download is on disk."""
     from dp360 import weights
-    from dp360.registry import default_needs
+    from dp360.pipeline.registry import default_needs
 
     rows = []
     for fp16 in (False, True):

@@ -248,7 +248,7 @@ class PortraitApp:
     def standalone_report(self, out: Path) -> Path:
         """The run's report with every image and the video inlined (one file to send), written beside
         the runs (`RUNS/reports/NAME/report-standalone.html`); the run's own report stays in export/."""
-        from dp360.registry import stage_names_of
+        from dp360.pipeline.registry import stage_names_of
         from dp360.report import read_run, write_report
 
         folder = self.runs_dir / "reports" / Path(out).name
@@ -511,16 +511,16 @@ def serve_app(
 
     Prints the URL on stdout and serves until Ctrl-C. One run at a time; the others queue.
     """
-    from dp360.nerf.viewer import check_address
+    from dp360.serving import check_address
 
     with user_errors():
         credentials = _auth(auth)
         address = check_address(host, port)  # before anything loads: a bad or taken address is one sentence
         runs.mkdir(parents=True, exist_ok=True)
         page = build_page(PortraitApp(options, runs))
-    note = address.network_note()
+    note = address.network_note("the app")
     if note:
-        err_console.print(f"[yellow]note:[/] {escape(note.replace('viewer', 'app'))}", soft_wrap=True)
+        err_console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     page.launch(
         server_name=address.host,
         server_port=address.port,

@@ -1,7 +1,7 @@
 """Many portraits at once, on Ray: `run_batch` spreads the portraits of a batch over workers.
 
 A worker is a Ray actor (`PortraitWorker`) holding one GPU (or CPU cores when there is no GPU).
-It keeps its models loaded (`ViewModels` and `NoiseModels` with `resident=True`) and runs one
+It keeps its models loaded (a `ModelCache` that keeps them, passed to every run) and runs one
 portrait after another through `dp360.run.run_pipeline`, the same staged run as `dp360
 reconstruct`, each into its own run folder. The batch folder is dp360's own:
 
@@ -37,13 +37,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import Dp360Error, RunDirectoryError
 from .manifest import MANIFEST_NAME, RunLock
-from .recipes import recipe
-from .run import RunOptions, dtype_refusal
+from .pipeline.recipes import recipe
+from .pipeline.runner import dtype_refusal
+from .run import RunOptions
 
 if TYPE_CHECKING:
     from .diffusion.stage import ViewModels, ViewSettings
     from .nerf.stage import FieldStageSettings
     from .panohead.stage import NoiseModels, NoiseSettings
+    from .pipeline.registry import RunConfig
     from .prepare import PrepareSettings
 
 log = logging.getLogger(__name__)
@@ -336,28 +338,28 @@ class BatchRecipe:
         from .prepare import PrepareSettings
 
         self.prepare = self.prepare or PrepareSettings()
-        self.views = self.views or ViewSettings(seed=self.options.seed)
-        self.noise = self.noise or NoiseSettings(seed=self.options.seed, views=self.views.views)
+        self.views = self.views or ViewSettings()
+        self.noise = self.noise or NoiseSettings()  # the seed and view count: the run's (portrait_config)
         self.field = self.field or FieldStageSettings()
 
     def check(self) -> None:
         """Every setting that does not depend on the workers' device, before anything starts."""
         from .diffusion.stage import check_memory_options
-        from .run import check_run_settings
+        from .pipeline.registry import pipeline_stages, portrait_config
+        from .pipeline.runner import check_run_settings
 
         if self.options.device not in ("auto", "cpu", "cuda"):
             raise Dp360Error(
                 f"--device {self.options.device} cannot be used for a batch: each worker gets its own GPU from Ray; "
                 "use auto, cuda or cpu."
             )
-        check_run_settings(
-            replace(self.options, device="cpu", dtype=None),
-            self.stages,
-            self.prepare,
-            self.views,
-            self.noise,
-            replace(self.field, field="nerfacto"),  # what the field needs of the device: check_device
+        # on a CPU here: what depends on the workers' device (the field's, the memory options') is
+        # checked by check_device
+        config = portrait_config(
+            self.options.seed, self.prepare, self.views, self.noise, replace(self.field, field="nerfacto")
         )
+        stages = tuple(stage for stage in pipeline_stages() if stage.name in self.stages)
+        check_run_settings(replace(self.options, device="cpu", dtype=None), stages, config)
         check_memory_options(self.offload, self.low_vram, self.compile_models)
 
     def check_device(self, kind: str) -> str:
@@ -378,30 +380,34 @@ class BatchRecipe:
         return dtype
 
     def locate(self, dtype: str) -> tuple[ViewModels, NoiseModels]:
-        """The models as the process that calls this finds them (its node's cache, or weights_dir),
-        kept loaded between portraits."""
+        """The models as the process that calls this finds them (its node's cache, or weights_dir)."""
         from .diffusion.stage import ViewModels
         from .panohead.stage import NoiseModels
 
         view_models = ViewModels.locate(
             self.views.views, dtype, self.weights_dir, self.camera_dir, self.offload, self.low_vram, self.compile_models
         )
-        noise_models = NoiseModels.locate(self.weights_dir)
-        view_models.resident = noise_models.resident = True
-        return view_models, noise_models
+        return view_models, NoiseModels.locate(self.weights_dir)
+
+    def config(self, dtype: str) -> RunConfig:
+        """The configuration of each portrait's run, with the models as this process finds them."""
+        from .pipeline.registry import portrait_config
+
+        view_models, noise_models = self.locate(dtype)
+        return portrait_config(
+            self.options.seed, self.prepare, self.views, self.noise, self.field, view_models, noise_models
+        )
 
     def fetch_weights(self, kind: str, dtype: str, out_dir: Path, note) -> list[str]:
         """Fetch and convert the weights every portrait needs into this node's cache (no portrait's
         input is read: the stages' weights depend on their settings only)."""
-        from .registry import pipeline_stages
-        from .run import fetch_weights
-        from .stage import RunConfig, StageContext
+        from .pipeline.registry import pipeline_stages
+        from .pipeline.runner import fetch_weights
+        from .pipeline.stage import StageContext
 
-        view_models, noise_models = self.locate(dtype)
-        config = RunConfig(self.prepare, self.noise, self.views, self.field, view_models, noise_models)
-        context = StageContext(out_dir, None, kind, dtype, self.options.progress, config, self.options.seed)  # type: ignore[arg-type]
+        context = StageContext(out_dir, None, kind, dtype, self.options.progress, None, self.options.seed)
         stages = tuple(stage for stage in pipeline_stages() if stage.name in self.stages)
-        return fetch_weights(stages, context, self.options, note)
+        return fetch_weights(stages, context, self.config(dtype), self.options, note)
 
 
 def _local_cuda() -> bool:
@@ -526,7 +532,8 @@ class PortraitWorker:
 
     def __init__(self, recipe: BatchRecipe, kind: str, dtype: str, environment: dict[str, str], threads: int):
         os.environ.update(environment)
-        from .registry import pipeline_stages
+        from .pipeline.registry import pipeline_stages
+        from .pipeline.stage import ModelCache
 
         pipeline_stages()  # imports every stage's code (torch, diffusers, nerfstudio) while the worker starts
         if kind == "cpu":
@@ -536,13 +543,14 @@ class PortraitWorker:
         self.recipe, self.kind, self.dtype = recipe, kind, dtype
         self.options = replace(recipe.options, device=kind, dtype=dtype, progress=False)
         self.view_models, self.noise_models = recipe.locate(dtype)
+        self.model_cache = ModelCache(keep=True)  # the models stay loaded from one portrait to the next
         self._weights_ready = False
 
     def pid(self) -> int:
         return os.getpid()
 
     def loads(self) -> dict[str, int]:
-        return {**self.view_models.loads, **self.noise_models.loads}
+        return dict(self.model_cache.loads)
 
     def run(self, task: PortraitTask) -> PortraitResult:
         from .atomic import filesystem_error
@@ -569,6 +577,7 @@ class PortraitWorker:
                 noise_settings=self.recipe.noise,
                 noise_models=self.noise_models,
                 field_settings=self.recipe.field,
+                model_cache=self.model_cache,
             )
             missing = [name for name in self.recipe.promised if summary.stages.get(name, {}).get("status") != "done"]
             result.status = "incomplete" if missing else "done"

@@ -188,7 +188,7 @@ def _needs() -> list[weights.Need]:
     import torch
 
     # not resolve_device: a GPU torch cannot use is check_gpu's FAIL, not an error of this check
-    from .registry import default_needs
+    from .pipeline.registry import default_needs
 
     return default_needs(fp16=torch.cuda.is_available())
 
@@ -359,9 +359,9 @@ def smoke_check() -> Check:
                 Path(folder) / "run",
                 PrepareSettings(detector="dlib"),
                 RunOptions(device="cpu", seed=0, progress=False),
-                view_settings=ViewSettings(steps=2, views=32, seed=0),
+                view_settings=ViewSettings(steps=2, views=32),
                 models=models,
-                noise_settings=NoiseSettings(invert_steps=2, pti_steps=1, views=32, seed=0),
+                noise_settings=NoiseSettings(invert_steps=2, pti_steps=1),
                 noise_models=noise_models,
             )
             if summary.status != "done":

@@ -32,7 +32,7 @@ import numpy as np
 from . import cameras, layout
 from .atomic import file_sha256, write_bytes_atomic
 from .errors import RunDirectoryError
-from .stage import Stage, StageContext
+from .pipeline.stage import Stage, StageContext
 
 REPORT_FOLDER, REPORT_NAME = layout.EXPORT, layout.name_of(layout.REPORT)
 STANDALONE_NAME = "report-standalone.html"  # `dp360 report --self-contained`: everything inlined

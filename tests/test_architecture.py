@@ -60,7 +60,7 @@ def test_the_circle_finder_finds_a_circle():
 
 def test_every_stage_writes_into_a_folder_the_layout_names():
     from dp360 import layout
-    from dp360.registry import pipeline_stages, views_run_stages
+    from dp360.pipeline.registry import pipeline_stages, views_run_stages
 
     folders = {layout.PREPARED, layout.NOISE, layout.VIEWS, layout.NERF, layout.EXPORT, layout.EVAL}
     assert {stage.folder for stage in (*pipeline_stages(), *views_run_stages())} == folders
@@ -70,8 +70,8 @@ def test_every_stage_writes_into_a_folder_the_layout_names():
 
 
 def test_each_command_runs_promises_and_requires_stages_of_its_kind_of_run_in_order():
-    from dp360.recipes import recipes
-    from dp360.registry import pipeline_stages, views_run_stages
+    from dp360.pipeline.recipes import recipes
+    from dp360.pipeline.registry import pipeline_stages, views_run_stages
 
     portrait_order = [stage.name for stage in pipeline_stages()]
     views_order = [stage.name for stage in views_run_stages()]

@@ -20,7 +20,7 @@ import torch
 
 from dp360 import cache, weights
 from dp360.download import DownloadError, partial_path
-from dp360.registry import need
+from dp360.pipeline.registry import need
 from dp360.weights import MissingWeightsError, Need
 
 from .conftest import tiny_reconstruct_settings

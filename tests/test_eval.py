@@ -308,8 +308,8 @@ def test_a_fitted_field_has_a_finite_consistency_score(fitted, vgg):
 
 def test_the_consistency_stage_runs_after_export_and_needs_a_field(tmp_path):
     from dp360.eval.consistency import CONSISTENCY_STAGE
-    from dp360.registry import pipeline_stages
-    from dp360.stage import StageContext
+    from dp360.pipeline.registry import pipeline_stages
+    from dp360.pipeline.stage import StageContext
 
     names = [stage.name for stage in pipeline_stages()]
     assert names[names.index("export") + 1 :] == ["consistency", "report"]

@@ -332,7 +332,7 @@ def test_the_fit_tells_which_hash_grid_it_uses(machine, tmp_path, monkeypatch):
 
 def test_registry_sizes_and_the_readme_and_doctor_figures_agree(tmp_path, monkeypatch):
     from dp360 import doctor, weights
-    from dp360.registry import default_needs
+    from dp360.pipeline.registry import default_needs
 
     assert weights.WEIGHT_FILES["panohead"].size_gb == 0.563
     assert weights.WEIGHT_FILES["data"].size_gb == 0.49
@@ -356,7 +356,7 @@ def test_registry_sizes_and_the_readme_and_doctor_figures_agree(tmp_path, monkey
 
 def test_the_fetch_plan_uses_the_registry_sizes_when_the_server_names_none(monkeypatch):
     from dp360 import weights
-    from dp360.registry import default_needs
+    from dp360.pipeline.registry import default_needs
 
     needs = [need for need in default_needs() if need.name in ("panohead", "data")]
     plan = weights.FetchPlan(needs, {}, {name: object() for name in ("panohead", "data")}, {})

@@ -17,6 +17,7 @@ import pytest
 from dp360 import manifest as manifest_module
 from dp360 import run as run_module
 from dp360.manifest import LOCK_NAME, MANIFEST_FORMAT, RunLock, check_no_links, new_manifest
+from dp360.pipeline import runner as runner_module
 from dp360.prepare import PrepareSettings
 from dp360.run import RunOptions
 
@@ -317,7 +318,7 @@ def test_render_refuses_an_out_name_naming_another_format(cli, run, tmp_path):
 
 def test_mutation_without_nofollow_the_planted_lock_truncates_the_users_file(monkeypatch, run, mine, astronaut_path):
     monkeypatch.setattr(manifest_module, "LOCK_OPEN_FLAGS", os.O_RDWR | os.O_CREAT)
-    for module in (run_module, manifest_module):
+    for module in (runner_module, manifest_module):
         monkeypatch.setattr(module, "check_no_links", lambda *args, **kwargs: None)
     _plant(run / LOCK_NAME, mine / "diary.txt")
     run_module.prepare(astronaut_path, run, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))
@@ -325,7 +326,7 @@ def test_mutation_without_nofollow_the_planted_lock_truncates_the_users_file(mon
 
 
 def test_mutation_without_the_link_check_report_replaces_the_users_page(cli, monkeypatch, run, mine):
-    for module in (run_module, manifest_module):
+    for module in (runner_module, manifest_module):
         monkeypatch.setattr(module, "check_no_links", lambda *args, **kwargs: None)
     _plant(run / "export", mine)
     code, _, stderr = cli("report", run)

@@ -212,7 +212,7 @@ def test_dp360_view_serves_the_viewer_on_loopback_and_stops_on_the_first_ctrl_c(
 
     import psutil
 
-    from dp360.nerf.viewer import check_address
+    from dp360.serving import check_address
 
     from .browser import CHROMIUM, chromium
 
@@ -307,7 +307,7 @@ def _open_browser(profile: Path, url: str) -> subprocess.Popen:
 def test_dp360_view_refuses_bad_addresses_and_runs_without_a_field_before_loading(cli, run, tmp_path):
     import socket
 
-    from dp360.nerf.viewer import check_address
+    from dp360.serving import check_address
 
     code, _, stderr = cli("view", tmp_path / "missing")
     assert code == 2 and "does not exist" in stderr
@@ -326,6 +326,8 @@ def test_dp360_view_refuses_bad_addresses_and_runs_without_a_field_before_loadin
     assert check_address("127.0.0.1", 0).loopback and check_address("127.0.0.1", 0).network_note() is None
     everywhere = check_address("0.0.0.0", 0)
     assert not everywhere.loopback and "--host 127.0.0.1" in everywhere.network_note()
+    assert everywhere.network_note().startswith("the viewer listens on 0.0.0.0")
+    assert everywhere.network_note("the app").startswith("the app listens on 0.0.0.0")
     assert everywhere.url.startswith("http://127.0.0.1:")
 
 
@@ -395,7 +397,8 @@ def test_the_viewer_draws_no_training_camera_and_starts_off_them(run):
     import numpy as np
 
     from dp360 import cameras
-    from dp360.nerf.viewer import START_PULL_BACK, START_YAW, check_address, start_viewer
+    from dp360.nerf.viewer import START_PULL_BACK, START_YAW, start_viewer
+    from dp360.serving import check_address
 
     running = start_viewer(run, check_address("127.0.0.1", 0), "cpu")
     try:

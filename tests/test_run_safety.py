@@ -20,6 +20,7 @@ import pytest
 from dp360 import run as run_module
 from dp360.errors import RunDirectoryError
 from dp360.manifest import LOCK_NAME, RunLock
+from dp360.pipeline.runner import LogReporter
 from dp360.prepare import PrepareSettings
 from dp360.run import RunOptions
 
@@ -88,7 +89,7 @@ def _while_a_run_holds_its_stage(image, out, attempt):
     inside, attempted = threading.Event(), threading.Event()
     outcome: list[object] = []
 
-    class HoldingReporter(run_module.LogReporter):
+    class HoldingReporter(LogReporter):
         def stage_started(self, name, description):
             inside.set()
             assert attempted.wait(120)
@@ -149,7 +150,7 @@ def test_a_lock_left_by_a_killed_process_is_taken_over(cli, tmp_path, astronaut_
         [
             sys.executable,
             "-c",
-            f"from dp360.run import RunLock; RunLock({str(out)!r}).acquire(); print('held', flush=True); import time; time.sleep(600)",
+            f"from dp360.manifest import RunLock; RunLock({str(out)!r}).acquire(); print('held', flush=True); import time; time.sleep(600)",
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -7,8 +7,9 @@ import hashlib
 import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,9 +20,12 @@ from ..atomic import atomic_directory, file_sha256, write_json_atomic
 from ..checks import check_float, check_int, check_seed
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
-from ..stage import Stage, StageContext, Unavailable
+from ..pipeline.stage import ModelCache, Stage, StageContext, Unavailable
 from ..video import write_mp4
 from ..weights import Installer, Need
+
+if TYPE_CHECKING:
+    from ..panohead.stage import NoiseModels
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class ViewSettings:
     # Camera image used for the back view; None = the final release's 0000018.png for 32 views
     # (202.5 degrees), and the view nearest that angle for other counts.
     back_camera_index: int | None = None
-    seed: int = 42
+    seed: int = 42  # a run's is its RunOptions.seed (handed over by `portrait_config`)
     use_3d_noise: bool = True
 
     def key_dict(self) -> dict:
@@ -246,16 +250,10 @@ class ViewModels:
 
     main_bundle: Path
     back_bundle: Path
-    camera_dir: Path
-    noise_dir: Path | None = None  # PanoHead frames (3D-aware noise); None until that stage exists
+    camera_dir: Path  # as configured; a run without them there renders PanoHead's (`camera_dir_of`)
     offload: bool = False  # phase offload: idle networks wait in CPU memory (offload.py)
     low_vram: bool = False  # group offload: weights in CPU memory, moved block by block
     compile_models: bool = False  # torch.compile of the networks run at every step
-    # Keep each loaded pipeline for the next portrait (a batch worker loads each model once);
-    # off by default, so one run frees the back-view model before the 360-view model loads.
-    resident: bool = False
-    loads: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # loads per bundle kind
-    _pipelines: dict = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_memory_options(self.offload, self.low_vram, self.compile_models)
@@ -306,9 +304,12 @@ class ViewModels:
         models.offload, models.low_vram, models.compile_models = offload, low_vram, compile_models
         return models
 
-    def problem(self) -> str | None:
-        """Why the views stage cannot run, in one sentence, or None."""
+    def problem(self, camera_dir: Path | None = None) -> str | None:
+        """Why the views stage cannot run (with the camera images at `camera_dir`, by default the
+        configured ones), in one sentence, or None."""
         from .models.bundle import BUNDLE_FILE
+
+        camera_dir = Path(camera_dir if camera_dir is not None else self.camera_dir)
 
         for kind, label, folder in (
             ("main", "360-view model", self.main_bundle),
@@ -320,12 +321,14 @@ class ViewModels:
                     f"(about 10 GB, converted into dp360's cache), or convert a checkpoint you have there with "
                     f"`dp360 weights convert {kind} --checkpoint FILE --out {folder}`."
                 )
-        if not Path(self.camera_dir).is_dir():
-            return f"The camera-condition images are not at {self.camera_dir}; run `dp360 weights download data`, or pass --cameras."
+        if not camera_dir.is_dir():
+            return f"The camera-condition images are not at {camera_dir}; run `dp360 weights download data`, or pass --cameras."
         return None
 
-    def hashes(self) -> dict[str, str]:
+    def hashes(self, camera_dir: Path | None = None) -> dict[str, str]:
         from .models.bundle import BUNDLE_FILE
+
+        camera_dir = Path(camera_dir if camera_dir is not None else self.camera_dir)
 
         result = {
             "main_bundle": file_sha256(Path(self.main_bundle) / BUNDLE_FILE),
@@ -335,47 +338,59 @@ class ViewModels:
             "main_bundle_files": _folder_fingerprint(Path(self.main_bundle)),
             "back_bundle_files": _folder_fingerprint(Path(self.back_bundle)),
         }
-        for path in sorted(Path(self.camera_dir).glob("*.png")):
+        for path in sorted(camera_dir.glob("*.png")):
             if path.is_file():  # anything else is refused by name before a stage runs
                 result[f"camera/{path.name}"] = file_sha256(path)
         return result
 
-    def build_views(self, run_dir: Path, folder: Path, settings: ViewSettings, device: str, dtype: str) -> dict:
+    def build_views(
+        self,
+        run_dir: Path,
+        folder: Path,
+        settings: ViewSettings,
+        device: str,
+        dtype: str,
+        camera_dir: Path | None = None,
+        noise_dir: Path | None = None,
+        models: ModelCache | None = None,
+    ) -> dict:
+        """The views folder from the run's crop: camera images from `camera_dir` (by default the
+        configured ones), PanoHead's frames from `noise_dir` (None: Gaussian noise), the pipelines
+        from `models` (a cache that keeps them, or a fresh one that loads each once)."""
         from ..runtime import precision_context
         from ..runtime import torch_dtype as to_torch_dtype
         from .models.bundle import load_bundle
 
         torch_dtype = to_torch_dtype(dtype)
+        models = models or ModelCache()
         front = Image.open(run_dir / layout.CROP).convert("RGB")
-        camera_images = load_camera_images(self.camera_dir, settings.views)
+        camera_images = load_camera_images(camera_dir if camera_dir is not None else self.camera_dir, settings.views)
         noise_frames = None
-        if self.noise_dir is not None and settings.use_3d_noise:
-            noise_frames = load_camera_images(self.noise_dir, settings.views)
+        if noise_dir is not None and settings.use_3d_noise:
+            noise_frames = load_camera_images(noise_dir, settings.views)
 
         self.check_options(device)
 
-        def pipeline(kind: str, bundle: Path):
-            key = (kind, str(bundle), device, str(torch_dtype), self.offload, self.low_vram, self.compile_models)
-            if key in self._pipelines:
-                return self._pipelines[key]
+        def load(kind: str, bundle: Path):
             on_device = not (self.offload or self.low_vram)
             loaded = load_bundle(bundle, device=device if on_device else "cpu", dtype=torch_dtype, kind=kind)
-            self.loads[kind] = self.loads.get(kind, 0) + 1
             if self.offload:
                 loaded.enable_phase_offload(device)
             elif self.low_vram:
                 loaded.enable_low_vram(device)
             if self.compile_models:
                 loaded.enable_compile()
-            if self.resident:
-                self._pipelines[key] = loaded
             return loaded
+
+        def pipeline(kind: str, bundle: Path):
+            key = (str(bundle), device, str(torch_dtype), self.offload, self.low_vram, self.compile_models)
+            return models.model(kind, key, lambda: load(kind, bundle))
 
         with BackgroundWriter() as writer, precision_context(dtype, device):
             back_pipeline = pipeline("back", self.back_bundle)
             back = generate_back_view(back_pipeline, front, camera_images, settings)
             # The back-view model is done: with --offload its call ended with every network in CPU
-            # memory; either way (unless resident) its memory is freed before the 360-view model loads.
+            # memory; either way (unless the cache keeps it) its memory is freed before the 360-view model loads.
             del back_pipeline
             writer.submit(save_image_atomic, folder / layout.name_of(layout.BACK_VIEW), np.asarray(back))
             summary = generate_views(
@@ -389,13 +404,42 @@ class ViewModels:
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def _resolve(context: StageContext) -> None:
-    """No official camera images for this view count: render PanoHead's canonical head."""
+@dataclass
+class ViewStageConfig:
+    """The views stage's config: its settings, where its models are, and the PanoHead generator
+    that renders camera images for view counts without official ones (None: no renders)."""
+
+    settings: ViewSettings
+    models: ViewModels
+    panohead: NoiseModels | None = None
+
+    def check(self, device: str) -> None:
+        self.settings.check()
+        self.models.check_options(device)  # --low-vram or --compile that cannot work on this device
+
+
+def camera_dir_of(context: StageContext[ViewStageConfig], render: bool = False) -> Path:
+    """The camera images the views start from: the configured ones when they are there, else
+    PanoHead's canonical head rendered at the orbit, once per model cache (and kept on disk) by
+    the stage's `resolve` (`render`); before that, the configured folder."""
     from ..panohead.store import panohead_problem
 
-    models, noise_models = context.config.view_models, context.config.noise_models
-    if not Path(models.camera_dir).is_dir() and panohead_problem(noise_models.generator_dir) is None:
-        models.camera_dir = noise_models.camera_images(context.config.views.views, context.device)
+    config, count = context.config, context.config.settings.views
+    configured = Path(config.models.camera_dir)
+    panohead = config.panohead
+    if configured.is_dir() or panohead is None:
+        return configured
+    key = ("camera-images", str(panohead.generator_dir), count, context.device)
+    if context.models.has_value(key):
+        return context.models.value(key, lambda: configured)
+    if not render or panohead_problem(panohead.generator_dir) is not None:
+        return configured
+    return context.models.value(key, lambda: panohead.camera_images(count, context.device, context.models))
+
+
+def _resolve(context: StageContext[ViewStageConfig]) -> None:
+    """No official camera images for this view count: render PanoHead's canonical head now."""
+    camera_dir_of(context, render=True)
 
 
 def _folder_fingerprint(folder: Path) -> str:
@@ -407,65 +451,75 @@ def _folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def _check(context: StageContext) -> Unavailable | None:
-    models, count = context.config.view_models, context.config.views.views
+def _check(context: StageContext[ViewStageConfig]) -> Unavailable | None:
+    models, count = context.config.models, context.config.settings.views
     models.check_options(context.device)  # before any stage: --low-vram or --compile that cannot work here
-    camera_dir = Path(models.camera_dir)
+    camera_dir = camera_dir_of(context)
     if camera_dir.is_dir():
         found = len(camera_files(camera_dir, count))
         if found != count:  # a setting that cannot work: refused before any stage runs
             raise _camera_count_error(camera_dir, found, count)
-    problem = models.problem()
+    problem = models.problem(camera_dir)
     return Unavailable("not_available", problem) if problem else None
 
 
-def _weights(context: StageContext) -> tuple[Need, ...]:
+def _weights(context: StageContext[ViewStageConfig]) -> tuple[Need, ...]:
     """The two bundles and the sphere32 images where they are to be in dp360's cache (not those
     from --weights-dir or --cameras); for other view counts, PanoHead renders the camera images."""
     from .models.bundle import bundle_installer  # diffusers loads on first use only
 
-    models, settings = context.config.view_models, context.config.views
+    config = context.config
+    models = config.models
     needs: list[Need] = []
     for kind, folder in (("main", Path(models.main_bundle)), ("back", Path(models.back_bundle))):
         if folder.parent == cache.bundles_dir() and folder.name in (f"{kind}-fp16", f"{kind}-fp32"):
             fp16 = folder.name.endswith("fp16")
             needs.append(Need(kind, folder, fp16=fp16, installer=bundle_installer(kind, fp16)))
     camera_dir = Path(models.camera_dir)
-    if settings.views == 32 and camera_dir == cache.cache_dir() / "sphere32":
+    if config.settings.views == 32 and camera_dir == cache.cache_dir() / "sphere32":
         needs.append(Need("data", camera_dir, installer=SPHERE32_INSTALLER))
-    elif not camera_dir.is_dir():
-        generator = context.config.noise_models.generator_need()
+    elif not camera_dir.is_dir() and config.panohead is not None:
+        generator = config.panohead.generator_need()
         needs.extend([generator] if generator is not None else [])
     return tuple(needs)
 
 
-def _noise_frames(context: StageContext) -> Path | None:
+def _noise_frames(context: StageContext[ViewStageConfig]) -> Path | None:
     """The PanoHead frames the views start from, when the noise stage produced them."""
-    if context.config.views.use_3d_noise and context.done("noise"):
+    if context.config.settings.use_3d_noise and context.done("noise"):
         return context.run_dir / layout.NOISE_FRAMES
     return None
 
 
-def _inputs(context: StageContext) -> dict[str, str]:
+def _inputs(context: StageContext[ViewStageConfig]) -> dict[str, str]:
     frames = _noise_frames(context)
     noise = (
         {f"{layout.NOISE}/{path.name}": file_sha256(path) for path in sorted(frames.glob("*.png"))} if frames else {}
     )
     crop = file_sha256(context.run_dir / layout.CROP)
-    return {"crop": crop, **context.config.view_models.hashes(), **noise}
+    return {"crop": crop, **context.config.models.hashes(camera_dir_of(context)), **noise}
 
 
-def _build(context: StageContext, folder: Path) -> dict:
-    models = context.config.view_models
-    models.noise_dir = _noise_frames(context)
-    return models.build_views(context.run_dir, folder, context.config.views, context.device, context.dtype)
+def _build(context: StageContext[ViewStageConfig], folder: Path) -> dict:
+    config = context.config
+    return config.models.build_views(
+        context.run_dir,
+        folder,
+        config.settings,
+        context.device,
+        context.dtype,
+        camera_dir=camera_dir_of(context),
+        noise_dir=_noise_frames(context),
+        models=context.models,
+    )
 
 
-VIEWS_STAGE = Stage(
+VIEWS_STAGE: Stage[ViewStageConfig] = Stage(
     name="views",
     folder=layout.VIEWS,
     description="back view (model F), then the consistent 360-degree views (DiffPortrait360)",
-    settings=lambda context: {**context.config.views.key_dict(), "dtype": context.dtype},
+    config="views",
+    settings=lambda context: {**context.config.settings.key_dict(), "dtype": context.dtype},
     inputs=_inputs,
     build=_build,
     check=_check,

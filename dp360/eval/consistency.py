@@ -22,7 +22,7 @@ import numpy as np
 from .. import cameras, layout
 from ..atomic import file_sha256
 from ..errors import Dp360Error
-from ..stage import Stage, StageContext, Unavailable
+from ..pipeline.stage import Stage, StageContext, Unavailable
 from . import metrics
 from .capture import load_image, read_capture
 

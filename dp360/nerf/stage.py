@@ -11,7 +11,7 @@ from typing import Any
 from .. import layout
 from ..atomic import file_sha256
 from ..errors import Dp360Error
-from ..stage import Stage, StageContext
+from ..pipeline.stage import Stage, StageContext
 from .checkpoint import fit_checkpoints
 from .common import FIT_FILE, FitSettings
 from .export import export_field
@@ -134,30 +134,31 @@ def _fit_record_hash(path: Path) -> str:
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
-def _fit_settings(context: StageContext) -> FitSettings:
-    return context.config.field.fit_for(context.device, context.seed)
+def _fit_settings(context: StageContext[FieldStageSettings]) -> FitSettings:
+    return context.config.fit_for(context.device, context.seed)
 
 
-def _fit_key(context: StageContext) -> dict[str, Any]:
+def _fit_key(context: StageContext[FieldStageSettings]) -> dict[str, Any]:
     key = _fit_settings(context).key_dict()
-    field_name = context.config.field.field
+    field_name = context.config.field
     if field_name != "nerfacto":  # only named when not the default, so nerfacto runs keep their keys
         key["field"] = field_name
     return key
 
 
-def _fit_inputs(context: StageContext) -> dict[str, str]:
+def _fit_inputs(context: StageContext[FieldStageSettings]) -> dict[str, str]:
     """The views, and for splats the PanoHead depth they start from (`splat.pick_seed_points`)."""
     from ..panohead.stage import DEPTH_FILE
 
     hashes = view_hashes(context.run_dir)
     depth = context.run_dir / layout.NOISE / DEPTH_FILE
-    if FIELD_METHODS[context.config.field.field].reads_panohead_depth and depth.is_file():
+    if FIELD_METHODS[context.config.field].reads_panohead_depth and depth.is_file():
         hashes[f"{layout.NOISE}/{DEPTH_FILE}"] = file_sha256(depth)
     return hashes
 
 
-FIT_STAGE = Stage(
+FIT_STAGE: Stage[FieldStageSettings] = Stage(
+    config="field",
     name="fit",
     folder=layout.NERF,
     description="radiance field fit (nerfstudio)",
@@ -167,7 +168,7 @@ FIT_STAGE = Stage(
         context.run_dir,
         folder,
         _fit_settings(context),
-        context.config.field.field,
+        context.config.field,
         context.device,
         context.progress,
         context.note,
@@ -176,35 +177,37 @@ FIT_STAGE = Stage(
     version=3,  # 2: registered with nerfstudio as dp360-head (was nerfacto-head); 3: training callbacks run
 )
 
-RENDER_STAGE = Stage(
+RENDER_STAGE: Stage[FieldStageSettings] = Stage(
+    config="field",
     name="render",
     folder=layout.EXPORT,
     description="turntable video",
-    settings=lambda context: context.config.field.turntable.key_dict(),
+    settings=lambda context: context.config.turntable.key_dict(),
     inputs=lambda context: field_hashes(context.run_dir),
     build=lambda context, folder: build_render(
-        context.run_dir, folder, context.config.field.turntable, context.device, context.progress
+        context.run_dir, folder, context.config.turntable, context.device, context.progress
     ),
     needs=("fit",),
     version=2,
     shared_folder=True,
 )
 
-EXPORT_STAGE = Stage(
+EXPORT_STAGE: Stage[FieldStageSettings] = Stage(
+    config="field",
     name="export",
     folder=layout.EXPORT,
     description="mesh export",
     settings=lambda context: {
-        **context.config.field.mesh.key_dict(),
-        "formats": list(context.config.field.mesh_formats),
+        **context.config.mesh.key_dict(),
+        "formats": list(context.config.mesh_formats),
     },
     # a texture baked from the views reads them too
     inputs=lambda context: {
         **field_hashes(context.run_dir),
-        **(view_hashes(context.run_dir) if context.config.field.mesh.texture == "views" else {}),
+        **(view_hashes(context.run_dir) if context.config.mesh.texture == "views" else {}),
     },
     build=lambda context, folder: build_export(
-        context.run_dir, folder, context.config.field.mesh, context.config.field.mesh_formats, context.device
+        context.run_dir, folder, context.config.mesh, context.config.mesh_formats, context.device
     ),
     needs=("fit",),
     version=3,  # 3: the surface from the views' depth, a UV texture baked from the views

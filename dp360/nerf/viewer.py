@@ -1,7 +1,7 @@
 """The interactive viewer of a run's fitted field: nerfstudio's viser viewer (the one `ns-viewer`
 starts), served on a local port.
 
-`check_address` validates the host and port before any work, `start_viewer` loads the field with
+`dp360.serving.check_address` validates the host and port before any work, `start_viewer` loads the field with
 dp360's checked loader (`load_field`: the same pipeline as nerfstudio's eval setup, rebuilt from
 fit.json rather than from unpickling config.yml) and starts the viewer, and `RunningViewer.wait`
 blocks until Ctrl-C or SIGTERM, then closes the server so that the port is free again.
@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import ipaddress
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -27,113 +24,15 @@ from typing import Any
 
 from .. import layout
 from ..errors import Dp360Error, Terminated
+from ..serving import DEFAULT_HOST, ServerAddress, check_address
 from .checkpoint import run_folder
 from .common import FIT_FILE
 
-DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7007
-MAX_PORT = 65535
 MAKE_RUN = "`dp360 reconstruct PORTRAIT --out {run}`"
 NERFSTUDIO_NOISE = "Using a non-tuple sequence"  # torch's deprecation note on nerfstudio's camera indexing
 CLOSE_SECONDS = 10.0  # how long a stop waits for the server's connections to close
 STOP_SECONDS = 1.0  # how long a stop waits for the render threads (daemons) before closing the server
-
-
-@dataclass(frozen=True)
-class ViewerAddress:
-    """Where the viewer listens (`port` is never 0 here: 0 asks for a free port, chosen by `check_address`)."""
-
-    host: str
-    port: int
-    loopback: bool  # reachable from this machine only
-
-    @property
-    def url(self) -> str:
-        """The address to open in a browser on this machine."""
-        host = self.host
-        with contextlib.suppress(ValueError):
-            address = ipaddress.ip_address(host)
-            if address.is_unspecified:  # listening everywhere: this machine reaches it over loopback
-                host = "127.0.0.1" if address.version == 4 else "::1"
-            if ipaddress.ip_address(host).version == 6:
-                host = f"[{host}]"
-        return f"http://{host}:{self.port}"
-
-    def network_note(self) -> str | None:
-        """What to tell the user when other machines can reach the viewer; None on loopback."""
-        if self.loopback:
-            return None
-        return (
-            f"the viewer listens on {self.host}, so other machines on the network can open it at "
-            f"http://{socket.gethostname()}:{self.port} (or this machine's address); "
-            f"use --host {DEFAULT_HOST} to keep it to this machine."
-        )
-
-
-def _resolved(host: str, port: int) -> list[tuple[int, tuple]]:
-    """(family, socket address) of every address `host` names, as a server binds them."""
-    if not isinstance(host, str) or not host.strip():
-        raise Dp360Error(f"--host must name an address of this machine, not {host!r}; use {DEFAULT_HOST}.")
-    try:
-        found = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-    except (socket.gaierror, UnicodeError) as error:
-        reason = getattr(error, "strerror", None) or str(error)
-        raise Dp360Error(
-            f"--host {host} is not an address or name this machine can resolve ({reason}); "
-            f"use {DEFAULT_HOST} (this machine only) or 0.0.0.0 (every network interface)."
-        ) from None
-    unique: dict[tuple, int] = {}
-    for family, _, _, _, address in found:
-        if family in (socket.AF_INET, socket.AF_INET6):
-            unique.setdefault(address[:2], family)
-    return [(family, address) for address, family in unique.items()]
-
-
-def _try_bind(family: int, address: tuple, host: str) -> int:
-    """Binds a throw-away socket the way the server will (address reuse on, IPv6 only for IPv6)
-    and returns the port it got; a refusal becomes one sentence."""
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            probe.bind(address)
-        except OSError as error:
-            port = address[1]
-            if error.errno == errno.EADDRINUSE:
-                raise Dp360Error(
-                    f"Port {port} on {host} is already in use; stop what uses it or choose another with --port "
-                    "(0 picks a free one)."
-                ) from None
-            if error.errno == errno.EADDRNOTAVAIL:
-                raise Dp360Error(
-                    f"--host {host} is not an address of this machine; use {DEFAULT_HOST} (this machine only) "
-                    "or 0.0.0.0 (every network interface)."
-                ) from None
-            reason = os.strerror(error.errno) if error.errno else str(error)
-            raise Dp360Error(
-                f"Cannot listen on {host} port {port} ({reason.lower()}); choose another with --port "
-                "(ports below 1024 need administrator rights)."
-            ) from None
-        return probe.getsockname()[1]
-
-
-def check_address(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> ViewerAddress:
-    """The viewer's address, checked before any work: `port` 1 to 65535 and free on every address
-    `host` names (0: pick a free one), `host` an address or name of this machine."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= MAX_PORT:
-        raise Dp360Error(f"--port must be 1 to {MAX_PORT} (or 0 to pick a free one), not {port!r}.")
-    addresses = _resolved(host, port)
-    if not addresses:
-        raise Dp360Error(f"--host {host} names no IPv4 or IPv6 address; use {DEFAULT_HOST}.")
-    if port == 0:
-        family, address = addresses[0]
-        port = _try_bind(family, address, host)
-        addresses = [(family, (address[0], port, *address[2:])) for family, address in addresses]
-    for family, address in addresses:
-        _try_bind(family, address, host)
-    loopback = all(ipaddress.ip_address(address[0].split("%")[0]).is_loopback for _, address in addresses)
-    return ViewerAddress(host, port, loopback)
 
 
 def fitted_config(run_dir: str | Path) -> Path:
@@ -177,7 +76,7 @@ def _quiet() -> Iterator[None]:
 class RunningViewer:
     """nerfstudio's viewer serving a run's field; `stop()` (or `wait()`'s end) closes it."""
 
-    address: ViewerAddress
+    address: ServerAddress
     viewer: Any  # nerfstudio.viewer.viewer.Viewer
     config: Path
 
@@ -291,7 +190,7 @@ def _view_only_controls(viewer, iterations: int) -> None:
         viewer.stats_markdown.content = viewer.make_stats_markdown(iterations, None)
 
 
-def start_viewer(run_dir: str | Path, address: ViewerAddress, device: str = "cpu") -> RunningViewer:
+def start_viewer(run_dir: str | Path, address: ServerAddress, device: str = "cpu") -> RunningViewer:
     """Loads the run's fitted field on `device` and serves nerfstudio's viewer of it at `address`
     (from `check_address`). Returns at once; call `wait()` or `stop()`."""
     config = fitted_config(run_dir)

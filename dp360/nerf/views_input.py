@@ -24,7 +24,7 @@ import numpy as np
 
 from .. import cameras, layout
 from ..errors import Dp360Error
-from ..stage import Stage, StageContext, Unavailable
+from ..pipeline.stage import Stage, StageContext, Unavailable
 
 TRANSFORMS = "transforms.json"
 MIN_VIEWS = 8  # fewer views than this leave most of the head unseen

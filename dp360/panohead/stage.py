@@ -12,7 +12,7 @@ without official `sphere32` images (or when those are absent).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..atomic import atomic_directory, file_sha256, write_json_atomic
 from ..checks import check_int
 from ..errors import Dp360Error
 from ..imaging import save_image_atomic
-from ..stage import Stage, StageContext, Unavailable
+from ..pipeline.stage import ModelCache, Stage, StageContext, Unavailable
 from ..weights import Need
 from .inversion import InversionSettings, canonical_ws, invert, render_views, render_views_with_depth, to_uint8
 
@@ -38,6 +38,7 @@ MAX_INVERSION_STEPS = 10_000
 class NoiseSettings:
     invert_steps: int = 200
     pti_steps: int = 5
+    # a run's are the views' count and the run's seed (handed over by `portrait_config`)
     views: int = 32
     seed: int = 42
 
@@ -142,25 +143,12 @@ def camera_condition_images(generator, view_count: int, out_dir: Path, device: s
 
 @dataclass
 class NoiseModels:
-    """Where the noise stage finds the converted PanoHead generator and the LPIPS backbone."""
+    """Where the noise stage finds the converted PanoHead generator and the LPIPS backbone. The
+    loaded models live in the run's `ModelCache` (a batch worker keeps them); the inversion
+    fine-tunes a copy of the generator (PTI), so a kept one stays pristine."""
 
     generator_dir: Path
     lpips_backbone: Path
-    # Keep the loaded generator and LPIPS for the next portrait (a batch worker loads each once).
-    # The inversion fine-tunes a copy of the generator (PTI), so the kept one stays pristine.
-    resident: bool = False
-    loads: dict[str, int] = field(default_factory=dict, compare=False, repr=False)  # loads per model
-    _models: dict = field(default_factory=dict, init=False, compare=False, repr=False)
-
-    def _load(self, name: str, device: str, load):
-        key = (name, str(device))
-        if key in self._models:
-            return self._models[key]
-        model = load()
-        self.loads[name] = self.loads.get(name, 0) + 1
-        if self.resident:
-            self._models[key] = model
-        return model
 
     @classmethod
     def locate(cls, weights_dir: Path | None = None) -> NoiseModels:
@@ -201,37 +189,65 @@ class NoiseModels:
             "lpips_backbone": file_sha256(self.lpips_backbone),
         }
 
-    def generator(self, device: str):
+    def generator(self, device: str, models: ModelCache | None = None):
         from .store import load_generator
 
-        return self._load("panohead", device, lambda: load_generator(self.generator_dir, device=device))
+        return (models or ModelCache()).model(
+            "panohead",
+            (str(self.generator_dir), str(device)),
+            lambda: load_generator(self.generator_dir, device=device),
+        )
 
     def build(
-        self, prepared_dir: Path, folder: Path, settings: NoiseSettings, device: str, progress: bool = True
+        self,
+        prepared_dir: Path,
+        folder: Path,
+        settings: NoiseSettings,
+        device: str,
+        progress: bool = True,
+        models: ModelCache | None = None,
     ) -> dict[str, Any]:
         from .perceptual import load_lpips
 
-        lpips = self._load("lpips", device, lambda: load_lpips(device, self.lpips_backbone))
-        return build_noise(prepared_dir, folder, self.generator(device), lpips, settings, device, progress)
+        models = models or ModelCache()
+        lpips = models.model(
+            "lpips", (str(self.lpips_backbone), str(device)), lambda: load_lpips(device, self.lpips_backbone)
+        )
+        return build_noise(prepared_dir, folder, self.generator(device, models), lpips, settings, device, progress)
 
-    def camera_images(self, view_count: int, device: str) -> Path:
-        """Camera-condition renders for `view_count` views, cached per generator."""
+    def camera_images(self, view_count: int, device: str, models: ModelCache | None = None) -> Path:
+        """Camera-condition renders for `view_count` views, cached on disk per generator."""
         from ..cache import cache_dir
 
         digest = self.hashes()["panohead"][:12]
         out_dir = cache_dir() / "cameras" / f"orbit{view_count}-{digest}"
         if not out_dir.is_dir():
-            camera_condition_images(self.generator(device), view_count, out_dir, device)
+            camera_condition_images(self.generator(device, models), view_count, out_dir, device)
         return out_dir
+
+
+@dataclass
+class NoiseStageConfig:
+    """The noise stage's config: its settings (the view count is the views stage's, handed over by
+    `dp360.pipeline.registry.portrait_config`), the model locations, and whether it runs at all
+    (off with --no-3d-noise: the views then start from Gaussian noise)."""
+
+    settings: NoiseSettings
+    models: NoiseModels
+    enabled: bool = True
+
+    def check(self, device: str | None = None) -> None:
+        if self.enabled:
+            self.settings.check()
 
 
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def _check(context: StageContext) -> Unavailable | None:
-    if not context.config.views.use_3d_noise:
+def _check(context: StageContext[NoiseStageConfig]) -> Unavailable | None:
+    if not context.config.enabled:
         return Unavailable("skipped", "turned off with --no-3d-noise: views start from Gaussian noise")
-    problem = context.config.noise_models.problem()
+    problem = context.config.models.problem()
     if problem:
         return Unavailable(
             "not_available", problem, f"no 3D-aware noise, so the views will follow the cameras less well: {problem}"
@@ -239,14 +255,14 @@ def _check(context: StageContext) -> Unavailable | None:
     return None
 
 
-def _weights(context: StageContext) -> tuple[Need, ...]:
+def _weights(context: StageContext[NoiseStageConfig]) -> tuple[Need, ...]:
     """The generator and the perceptual backbone, unless the noise is off or the generator comes
     from --weights-dir without one (the stage is then not available, as before)."""
-    if not context.config.views.use_3d_noise:
+    if not context.config.enabled:
         return ()
     from .perceptual import backbone_path
 
-    models = context.config.noise_models
+    models = context.config.models
     generator = models.generator_need()
     if generator is None and not Path(models.generator_dir).is_dir():
         return ()
@@ -256,24 +272,30 @@ def _weights(context: StageContext) -> tuple[Need, ...]:
     return tuple(need for need in (generator, perceptual) if need is not None)
 
 
-def _inputs(context: StageContext) -> dict[str, str]:
+def _inputs(context: StageContext[NoiseStageConfig]) -> dict[str, str]:
     prepared = context.run_dir / layout.PREPARED
     return {
         "crop": file_sha256(prepared / "crop.png"),
         "dataset": file_sha256(prepared / layout.name_of(layout.DATASET)),
-        **context.config.noise_models.hashes(),
+        **context.config.models.hashes(),
     }
 
 
-NOISE_STAGE = Stage(
+def _build(context: StageContext[NoiseStageConfig], folder: Path) -> dict[str, Any]:
+    config = context.config
+    return config.models.build(
+        context.run_dir / layout.PREPARED, folder, config.settings, context.device, context.progress, context.models
+    )
+
+
+NOISE_STAGE: Stage[NoiseStageConfig] = Stage(
     name="noise",
     folder=layout.NOISE,
     description="PanoHead inversion and 3D-aware noise frames",
-    settings=lambda context: context.config.noise.key_dict(),
+    config="noise",
+    settings=lambda context: context.config.settings.key_dict(),
     inputs=_inputs,
-    build=lambda context, folder: context.config.noise_models.build(
-        context.run_dir / layout.PREPARED, folder, context.config.noise, context.device, progress=context.progress
-    ),
+    build=_build,
     check=_check,
     needs=("prepare",),
     weights=_weights,

@@ -23,7 +23,7 @@ from ..atomic import write_json_atomic
 from ..checks import check_float, check_int
 from ..errors import DetectorUnavailableError, Dp360Error, NoFaceError
 from ..imaging import LoadedImage, save_image_atomic
-from ..stage import Stage, StageContext
+from ..pipeline.stage import Stage, StageContext
 from ..weights import Need
 from .align import (
     CROP_SIZE,
@@ -79,7 +79,7 @@ class PrepareSettings:
     def key_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def check(self) -> None:
+    def check(self, device: str | None = None) -> None:
         if self.detector not in DETECTORS:
             raise Dp360Error(f"--detector must be one of {', '.join(DETECTORS)}, not {self.detector!r}.")
         if self.yaw is not None:
@@ -374,18 +374,18 @@ def prepare_portrait(
 # -- the stage ------------------------------------------------------------------------------------
 
 
-def _build(context: StageContext, folder: Path) -> dict[str, Any]:
-    result = prepare_portrait(context.image, folder, context.config.prepare, device=context.device)
+def _build(context: StageContext[PrepareSettings], folder: Path) -> dict[str, Any]:
+    result = prepare_portrait(context.image, folder, context.config, device=context.device)
     for note in result.notes:
         context.note(note)
     return {"detector": result.detector, "face_count": result.face_count, "pose": result.pose.as_dict()}
 
 
-def _weights(context: StageContext) -> tuple[Need, ...]:
+def _weights(context: StageContext[PrepareSettings]) -> tuple[Need, ...]:
     """RetinaFace's weights, unless the detector is dlib, they come from --detector-weights, or
     nothing is detected (--no-crop with both angles given). Optional under `auto` (the stage falls
     back to dlib) and with --no-crop (the pose is then not estimated, with a note)."""
-    settings = context.config.prepare
+    settings = context.config
     if settings.detector == "dlib" or settings.detector_weights:
         return ()
     if settings.no_crop and settings.yaw is not None and settings.pitch is not None:
@@ -394,12 +394,13 @@ def _weights(context: StageContext) -> tuple[Need, ...]:
     return (Need("retinaface", target, optional=settings.detector == "auto" or settings.no_crop),)
 
 
-PREPARE_STAGE = Stage(
+PREPARE_STAGE: Stage[PrepareSettings] = Stage(
     name="prepare",
     folder=layout.PREPARED,
     description="detect the face, crop like PanoHead, estimate the camera",
-    settings=lambda context: context.config.prepare.key_dict(),
+    settings=lambda context: context.config.key_dict(),
     inputs=lambda context: {"input": context.image.sha256},
+    config="prepare",
     build=_build,
     weights=_weights,
     version=2,  # 2: PanoHead's recrop on a fitted 68-landmark head; small-face and crop-limit checks
