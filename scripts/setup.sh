@@ -39,11 +39,11 @@ fi
 if [ ! -e "$VENV/bin/ffmpeg" ]; then
   ln -s "$("$VENV/bin/python" -c 'import imageio_ffmpeg as f; print(f.get_ffmpeg_exe())')" "$VENV/bin/ffmpeg" || true
 fi
-# Headless Chromium for tests/test_report.py (it renders export/report.html): installed only where
+# Headless Chromium for tests/report/test_report.py (it renders export/report.html): installed only where
 # apt-get can (Debian/Ubuntu, as root); elsewhere the browser check of that test is skipped.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
     || { apt-get update -qq >/dev/null 2>&1 \
       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; } \
-    || echo "setup: could not install chromium; tests/test_report.py will skip its browser check" >&2
+    || echo "setup: could not install chromium; tests/report/test_report.py will skip its browser check" >&2
 fi

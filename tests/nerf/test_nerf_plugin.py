@@ -214,7 +214,7 @@ def test_dp360_view_serves_the_viewer_on_loopback_and_stops_on_the_first_ctrl_c(
 
     from dp360.serving import check_address
 
-    from .browser import CHROMIUM, chromium
+    from ..browser import CHROMIUM, chromium
 
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
@@ -296,7 +296,7 @@ def _interrupt(process: subprocess.Popen) -> tuple[int, float]:
 
 def _open_browser(profile: Path, url: str) -> subprocess.Popen:
     """Headless Chromium showing `url` until killed (a debugging port keeps it open)."""
-    from .browser import CHROMIUM
+    from ..browser import CHROMIUM
 
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run"]
     command += [f"--user-data-dir={profile}", "--use-gl=swiftshader", "--enable-unsafe-swiftshader"]

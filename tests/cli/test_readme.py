@@ -17,7 +17,7 @@ import shutil
 
 import pytest
 
-from .conftest import ASTRONAUT, REPO
+from ..conftest import ASTRONAUT, REPO
 
 README = REPO / "README.md"
 SECTION = "## Using dp360 from Python"

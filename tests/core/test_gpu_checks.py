@@ -14,7 +14,7 @@ import torch
 from dp360 import gpu
 from dp360.errors import Dp360Error
 
-from .conftest import REPO
+from ..conftest import REPO
 
 H100 = "NVIDIA H100 80GB HBM3, 550.54.15, 81559 MiB"
 

@@ -17,7 +17,7 @@ from dp360.nerf.mesh import MeshSettings, extract_mesh, write_mesh
 from dp360.nerf.render import TurntableSettings, render_pose, render_turntable, write_frames
 from dp360.video import read_mp4
 
-from .conftest import tiny_reconstruct_settings
+from ..conftest import tiny_reconstruct_settings
 
 SIZE = 48
 

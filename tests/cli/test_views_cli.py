@@ -208,7 +208,7 @@ def test_sphere32_images_are_found_in_the_inference_archive(tmp_path):
     from dp360.errors import Dp360Error
 
     archive = tmp_path / "inference_data.zip"
-    data = (Path(__file__).resolve().parents[1] / "assets" / "astronaut.png").read_bytes()  # any PNG will do
+    data = (Path(__file__).resolve().parents[2] / "assets" / "astronaut.png").read_bytes()  # any PNG will do
     with zipfile.ZipFile(archive, "w") as bundle:
         for k in range(32):
             bundle.writestr(f"inference_data/sphere32/{k:07d}.png", data)

@@ -24,7 +24,7 @@ from dp360.pipeline.runner import LogReporter
 from dp360.prepare import PrepareSettings
 from dp360.run import RunOptions
 
-from .images import no_face
+from ..images import no_face
 
 DLIB = ("--detector", "dlib")
 pytestmark = pytest.mark.timeout(300)
@@ -48,7 +48,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def prepared_run(tmp_path_factory):
     """A finished prepare run of the astronaut (made once; tests copy it)."""
-    from .conftest import ASTRONAUT
+    from ..conftest import ASTRONAUT
 
     out = tmp_path_factory.mktemp("prepared") / "run"
     summary = run_module.prepare(ASTRONAUT, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))
@@ -267,7 +267,7 @@ def _cli_process(args, cwd, preexec_fn=None, env=None):
 
 
 def test_file_size_limit_is_one_sentence_and_leaves_no_folder(tmp_path, astronaut_path):
-    from .conftest import REPO
+    from ..conftest import REPO
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))  # input.png is larger
@@ -280,7 +280,7 @@ def test_file_size_limit_is_one_sentence_and_leaves_no_folder(tmp_path, astronau
 
 
 def test_full_disk_is_one_sentence(tmp_path, astronaut_path):
-    from .conftest import REPO
+    from ..conftest import REPO
 
     mount = tmp_path / "small"
     mount.mkdir()
@@ -302,7 +302,7 @@ def test_full_disk_is_one_sentence(tmp_path, astronaut_path):
 def _sigterm_inside_the_prepare_stage(astronaut_path, out, *extra) -> tuple[int, str]:
     """Run `dp360 prepare` in a subprocess whose prepare stage blocks after doing its work, send
     SIGTERM once it is inside the stage, and return (exit status, stderr)."""
-    from .conftest import REPO
+    from ..conftest import REPO
 
     script = textwrap.dedent(
         f"""

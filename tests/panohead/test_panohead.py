@@ -30,7 +30,7 @@ from dp360.panohead.rendering import (
 from dp360.panohead.store import convert_panohead_pickle, load_generator
 from dp360.panohead.tiny import tiny_generator
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
+KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
 
 
 # -- StyleGAN ops -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from dp360.panohead.stage import NoiseSettings
 from dp360.prepare import PrepareSettings
 from dp360.run import RunOptions
 
-from .conftest import ASTRONAUT, TinyWeights
+from ..conftest import ASTRONAUT, TinyWeights
 
 VIEWS = 8
 # --no-crop with both angles: the prepare stage detects nothing (no detector to load in each worker)

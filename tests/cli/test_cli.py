@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from .conftest import REPO
-from .images import no_face, png_with_size, truncated_copy
+from ..conftest import REPO
+from ..images import no_face, png_with_size, truncated_copy
 
 DLIB = ("--detector", "dlib")
 

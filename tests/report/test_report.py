@@ -21,11 +21,11 @@ from PIL import Image
 
 from dp360.report import MESH_STILL_SIZE, rasterize, report_inputs
 
-from .browser import CHROMIUM, NO_CHROMIUM
-from .browser import chromium as _chromium
-from .conftest import shared_session_folder, tiny_reconstruct_settings
+from ..browser import CHROMIUM, NO_CHROMIUM
+from ..browser import chromium as _chromium
+from ..conftest import shared_session_folder, tiny_reconstruct_settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ASTRONAUT = REPO / "assets" / "astronaut.png"
 VIEWS = 8
 TINY_SETTINGS = tiny_reconstruct_settings(8, "--views", str(VIEWS))

@@ -23,7 +23,7 @@ from dp360.atomic import (
 from dp360.errors import InputImageError, RunDirectoryError
 from dp360.imaging import MAX_PIXELS, MAX_SIDE, MIN_SIDE, downscaled_size, load_portrait, save_image_atomic
 
-from .images import cut_copy, png_with_size, truncated_copy
+from ..images import cut_copy, png_with_size, truncated_copy
 
 PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS
 
@@ -305,7 +305,7 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     root = tmp_path / "run"
     (root / "views").mkdir(parents=True)
     (root / "views" / "000.png").write_bytes(b"done")
-    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(root)], check=False, cwd=Path(__file__).parents[1])
+    subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(root)], check=False, cwd=Path(__file__).parents[2])
     # Killed inside atomic_directory's swap: the old folder survives only inside the .old folder.
     (root / ".frames.k2_9xq0a.old" / "frames").mkdir(parents=True)
     (root / ".frames.k2_9xq0a.old" / "frames" / "0000.png").write_bytes(b"old frame")

@@ -27,7 +27,7 @@ from dp360.diffusion.models.temporal import attach_temporal_modules, temporal_si
 from dp360.diffusion.models.tiny import randomize_zero_layers as _randomize_zero_layers
 from dp360.diffusion.models.tiny import tiny_components
 
-KEYS = Path(__file__).resolve().parents[2] / "shared" / "reference" / "keys"
+KEYS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "keys"
 
 
 def _seeded(name, seed=0):

@@ -50,7 +50,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def prepared_run(tmp_path_factory):
     """A finished prepare run of the astronaut (made once; tests copy it)."""
-    from .conftest import ASTRONAUT
+    from ..conftest import ASTRONAUT
 
     out = tmp_path_factory.mktemp("prepared") / "run"
     summary = run_module.prepare(ASTRONAUT, out, PrepareSettings(detector="dlib"), RunOptions(device="cpu"))

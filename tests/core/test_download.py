@@ -23,8 +23,8 @@ from dp360.download import DownloadError, partial_path
 from dp360.pipeline.registry import need
 from dp360.weights import MissingWeightsError, Need
 
-from .conftest import tiny_reconstruct_settings
-from .hub import LocalHub
+from ..conftest import tiny_reconstruct_settings
+from ..hub import LocalHub
 
 MAIN, BACK = weights.WEIGHT_FILES["main"].file_name, weights.WEIGHT_FILES["back"].file_name
 PANOHEAD, DATA = weights.WEIGHT_FILES["panohead"].file_name, weights.WEIGHT_FILES["data"].file_name

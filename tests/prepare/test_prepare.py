@@ -27,7 +27,7 @@ from dp360.prepare.pose import FACE_MODEL_5, fit_head, pose_from_landmarks
 from dp360.prepare.stage import CropRefusedError, crop_limit_problems
 from dp360.prepare.synthetic import project_landmarks, render_head, textured_head
 
-from .images import cartoon_head, no_face, two_faces
+from ..images import cartoon_head, no_face, two_faces
 
 
 @pytest.fixture(scope="module")

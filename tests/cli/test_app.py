@@ -12,8 +12,8 @@ import pytest
 from cli.options import defaults_of
 from cli.web import APP_GROUPS, EXAMPLE, PortraitApp, build_page, run_folder_for
 
-from .browser import CHROMIUM, NO_CHROMIUM
-from .conftest import ASTRONAUT
+from ..browser import CHROMIUM, NO_CHROMIUM
+from ..conftest import ASTRONAUT
 
 VIEWS = 8
 pytestmark = pytest.mark.timeout(600)

@@ -17,7 +17,7 @@ from PIL import Image
 from dp360 import cameras
 from dp360.eval.capture import read_capture
 
-from .conftest import REPO
+from ..conftest import REPO
 
 SCRIPTS = REPO / "scripts" / "datasets"
 CENTRE = np.array([0.05, 1.55, -0.3])  # the head in the rig's world (metres)

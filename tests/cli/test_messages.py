@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from cli.main import app
 
-from .conftest import REPO
+from ..conftest import REPO
 
 WIDE = {"COLUMNS": "200", "TERMINAL_WIDTH": "200"}
 
