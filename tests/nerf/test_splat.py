@@ -281,14 +281,12 @@ def test_reconstruct_with_splats_is_refused_on_the_cpu_before_any_work(cli, tmp_
 
 def test_a_fit_key_names_the_field_only_when_it_is_splats():
     from dp360.nerf.stage import FIT_STAGE, FieldStageSettings
+    from dp360.pipeline.stage import StageContext
 
-    class Context:
-        device, seed = "cuda", 42
+    def context(field_name):  # the fit stage sees the field's config only
+        return StageContext(Path("run"), None, "cuda", "fp16", False, FieldStageSettings(field=field_name), seed=42)
 
-        def __init__(self, field_name):
-            self.config = type("Config", (), {"field": FieldStageSettings(field=field_name)})()
-
-    nerfacto, splats = FIT_STAGE.settings(Context("nerfacto")), FIT_STAGE.settings(Context("splatfacto"))
+    nerfacto, splats = FIT_STAGE.settings(context("nerfacto")), FIT_STAGE.settings(context("splatfacto"))
     assert "field" not in nerfacto  # runs fitted before the choice existed keep their key
     assert splats == {**nerfacto, "field": "splatfacto"}
 
