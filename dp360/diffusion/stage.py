@@ -430,8 +430,9 @@ def camera_dir_of(context: StageContext[ViewStageConfig], render: bool = False) 
     if configured.is_dir() or panohead is None:
         return configured
     key = ("camera-images", str(panohead.generator_dir), count, context.device)
-    if context.models.has_value(key):
-        return context.models.value(key, lambda: configured)
+    rendered = context.models.known(key)
+    if rendered is not None:
+        return rendered
     if not render or panohead_problem(panohead.generator_dir) is not None:
         return configured
     return context.models.value(key, lambda: panohead.camera_images(count, context.device, context.models))

@@ -50,8 +50,9 @@ class ModelCache:
             self._models[full_key] = loaded
         return loaded
 
-    def has_value(self, key: tuple[Hashable, ...]) -> bool:
-        return key in self._values
+    def known(self, key: tuple[Hashable, ...]) -> Any | None:
+        """The value kept at `key`, or None when none is."""
+        return self._values.get(key)
 
     def value(self, key: tuple[Hashable, ...], compute: Callable[[], T]) -> T:
         """A value computed once per cache (a folder of camera renders), kept whatever `keep` is."""

@@ -117,4 +117,4 @@ def test_the_model_cache_loads_once_when_it_keeps_and_at_every_use_otherwise():
     calls = []
     assert fresh.value(("cameras", 16), lambda: calls.append(1) or "dir") == "dir"
     assert fresh.value(("cameras", 16), lambda: calls.append(1) or "other") == "dir" and calls == [1]
-    assert fresh.has_value(("cameras", 16)) and not fresh.has_value(("cameras", 8))
+    assert fresh.known(("cameras", 16)) == "dir" and fresh.known(("cameras", 8)) is None
