@@ -333,6 +333,20 @@ def fill_cavities(grid: np.ndarray, level: float) -> np.ndarray:
     return np.where(pockets, max(float(grid.max()), 2 * level), grid)
 
 
+def orient_outward(mesh):
+    """`mesh` with one winding over its whole surface and its faces facing outward. Marching cubes
+    on an inside-positive grid gives inward faces, and a surface left open (by decimation, or where
+    it meets the box) is no volume, for which trimesh's `fix_normals` keeps whatever it finds; the
+    sign of the volume it encloses decides here, open or closed (a head's holes are small). Inward
+    faces made the texture bake see almost no texel and viewers cull the head's outside."""
+    import trimesh
+
+    trimesh.repair.fix_winding(mesh)
+    if trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).volume < 0:
+        mesh.invert()
+    return mesh
+
+
 def extract_mesh(field: LoadedField, settings: MeshSettings):
     """The head as a trimesh.Trimesh with vertex colours."""
     import trimesh
@@ -369,12 +383,9 @@ def extract_mesh(field: LoadedField, settings: MeshSettings):
     components = mesh.split(only_watertight=False)
     if len(components) > 1:
         mesh = max(components, key=lambda part: len(part.faces))
-    mesh.fix_normals()
-    # normals from the final faces (trimesh may keep normals cached from before the fix), outward
+    mesh = orient_outward(mesh)
+    # normals from the final faces (trimesh may keep normals cached from before the fix)
     fresh = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
-    if fresh.is_volume and fresh.volume < 0:
-        mesh.invert()
-        fresh = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
     colours = field_colours(field, np.asarray(mesh.vertices), np.asarray(fresh.vertex_normals))
     mesh.visual.vertex_colors = np.concatenate(
         [(colours * 255).round(), np.full((len(colours), 1), 255)], axis=1

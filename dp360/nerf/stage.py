@@ -210,6 +210,6 @@ EXPORT_STAGE: Stage[FieldStageSettings] = Stage(
         context.run_dir, folder, context.config.mesh, context.config.mesh_formats, context.device
     ),
     needs=("fit",),
-    version=3,  # 3: the surface from the views' depth, a UV texture baked from the views
+    version=4,  # 3: the surface from the views' depth, a UV texture baked from the views; 4: faces outward when open
     shared_folder=True,
 )

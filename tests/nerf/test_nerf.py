@@ -425,3 +425,21 @@ def test_a_foreground_share_outside_0_to_1_is_refused():
 
     with pytest.raises(Dp360Error, match="foreground share of the rays must be between 0 and 1"):
         FitSettings.preset("test", foreground_ray_share=1.5).check()
+
+
+@pytest.mark.parametrize("hole", [False, True], ids=["closed", "open"])
+@pytest.mark.parametrize("inward", [False, True], ids=["outward", "inward"])
+def test_meshes_face_outward_whether_closed_or_open(hole, inward):
+    """Marching cubes gives inward faces; an open surface (decimation, the box's faces) is no volume,
+    and trimesh's fix_normals left such a head inward (the texture bake then saw 4 % of its texels)."""
+    import trimesh
+
+    from dp360.nerf.mesh import orient_outward
+
+    sphere = trimesh.creation.icosphere(subdivisions=3, radius=0.2)
+    faces = sphere.faces[:, ::-1] if inward else sphere.faces
+    faces = faces[8:] if hole else faces
+    mesh = orient_outward(trimesh.Trimesh(sphere.vertices + [0.01, -0.02, 0.0], faces, process=False))
+    assert mesh.is_watertight is not hole
+    outwardness = np.einsum("ij,ij->i", mesh.face_normals, mesh.triangles_center - mesh.vertices.mean(axis=0))
+    assert (outwardness > 0).all()
