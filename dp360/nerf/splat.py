@@ -5,8 +5,11 @@ export of the splats as `export/head.splat.ply` in the standard 3DGS layout.
 The method is splatfacto with the settings of dp360-head (method.py) where they apply:
 - the world frame of `views/transforms.json` kept as is, and the same bounded scene box
   (PanoHead's +-0.5 box, where its heads live);
-- the views' background colour composited behind the splats in training and rendering (not
-  splatfacto's random one: the views have no alpha to composite);
+- in training, a random background colour composited behind both the splats and the views'
+  foreground (the alpha `HeadDataset` derives from the views' plain border), as dp360-head does:
+  behind a fixed colour the fit finds a haze of splats that tints the background the average head
+  colour (measured on a black background: 66 % of the background opaque); renders use the views'
+  colour;
 - no camera optimisation (the cameras are exact by construction);
 - splatfacto's schedule fitted into the fit's iterations (see `splat_schedule`), and its sizes
   (densification, culling, the learning rate of the means) scaled from nerfstudio's auto-scaled
@@ -17,10 +20,12 @@ The method is splatfacto with the settings of dp360-head (method.py) where they 
   else a ball of points inside the head box drawn with the fit's seed.
 - LPIPS is never built (it would download AlexNet weights), as in dp360-head.
 
-gsplat rasterises on CUDA only (and splatfacto moves its camera intrinsics to CUDA), so a splat
-field is fitted and rendered on a CUDA GPU; on any other device it is refused before any work
-(`require_cuda`). Building the model, its configuration, the seed points and the PLY export work
-anywhere. The mesh export reads a density field, which splats do not have: the export stage of a
+gsplat rasterises on CUDA only (and splatfacto moves its camera intrinsics to CUDA). On any other
+device the model rasterises through `splat_raster.rasterize_reference`, gsplat's maths in plain
+PyTorch: slow, but enough for the tests and the 64 px quality benchmark to fit and render splats on
+a CPU. The commands still refuse a splat field off CUDA before any work (`require_cuda`, through
+`FieldMethod.needs_cuda`): at real sizes the reference would take hours and more memory than the
+machine has. The mesh export reads a density field, which splats do not have: the export stage of a
 splat field writes the PLY and records why no mesh was written.
 
 This module imports nerfstudio at the top; dp360's CLI imports it lazily.
@@ -37,20 +42,22 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from nerfstudio.cameras.camera_optimizers import CameraOptimizerConfig
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanagerConfig
+from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
 from nerfstudio.engine.trainer import TrainerConfig
-from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, get_viewmat
 
 from .. import cameras, layout
 from ..errors import Dp360Error
 from .checkpoint import load_fitted
 from .common import EXPERIMENT, FIT_FILE, METHOD, SPLAT_METHOD, TIMESTAMP, FitSettings, resolve_background
 from .mesh import HEAD_BOX_HALF
-from .method import HeadPipelineConfig, WithoutLpips, head_config, no_download_metrics
+from .method import HeadDataset, HeadPipelineConfig, WithoutLpips, head_config, no_download_metrics
+from .splat_raster import rasterize_reference
 
 SPLAT_FILE = layout.name_of(layout.SPLATS)  # in export/: the splats in the standard 3DGS PLY layout
 SEED_FILE = "seed_points.npz"  # in the fit's folder: what the splats started from
@@ -228,6 +235,9 @@ class HeadSplatModelConfig(SplatfactoModelConfig):
     `seed_point_count` points inside the head box drawn with `seed`."""
     seed_point_count: int = SEED_POINT_COUNT
     seed: int = 42
+    random_background: bool = True
+    """In training, composite a random colour behind both the splats and the views' foreground (their
+    alpha, from `HeadDataset`), as dp360-head does; renders and evaluation use `background_rgb`."""
 
 
 class HeadSplatModel(WithoutLpips, SplatfactoModel):
@@ -259,7 +269,82 @@ class HeadSplatModel(WithoutLpips, SplatfactoModel):
         self.background_rgb = self.background_color  # the name the fit's health check reads (dp360-head's)
 
     def _get_background_color(self) -> torch.Tensor:
+        # splatfacto composites the views' alpha over the same colour in its loss (`composite_with_background`)
+        if self.training and self.config.random_background:
+            return torch.rand(3, device=self.device)
         return self.background_color.to(self.device)
+
+    def get_outputs(self, camera: Cameras) -> dict[str, Any]:
+        if self.device.type == "cuda" or not isinstance(camera, Cameras):
+            return super().get_outputs(camera)
+        return self._reference_outputs(camera)
+
+    def _reference_outputs(self, camera: Cameras) -> dict[str, Any]:
+        """splatfacto's outputs on a device other than CUDA, rasterised by `rasterize_reference`
+        (splatfacto's own moves the intrinsics to CUDA and calls gsplat's CUDA kernels). The same
+        steps as splatfacto's, less the camera optimiser and bilateral grid, which dp360-splat turns
+        off."""
+        width, height = int(camera.width.item()), int(camera.height.item())
+        params = dict(self.gauss_params)
+        if self.crop_box is not None and not self.training:
+            inside = self.crop_box.within(self.means).squeeze(-1)
+            if not inside.any():
+                return self.get_empty_outputs(width, height, self.background_color)
+            params = {name: value[inside] for name, value in params.items()}
+        downscale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / downscale)
+        viewmat = get_viewmat(camera.camera_to_worlds.to(self.device))
+        intrinsics = camera.get_intrinsics_matrices().to(self.device)
+        width, height = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(downscale)
+        self.last_size = (height, width)
+        colours = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree > 0:
+            degree = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colours, degree = torch.sigmoid(colours).squeeze(1), None
+        with_depth = self.config.output_depth_during_training or not self.training
+        render, alpha, self.info = rasterize_reference(
+            means=params["means"],
+            quats=params["quats"],
+            scales=torch.exp(params["scales"]),
+            opacities=torch.sigmoid(params["opacities"]).squeeze(-1),
+            colors=colours,
+            viewmats=viewmat,
+            Ks=intrinsics,
+            width=width,
+            height=height,
+            sh_degree=degree,
+            render_mode="RGB+ED" if with_depth else "RGB",
+            rasterize_mode=self.config.rasterize_mode,
+            # each splat's 3-sigma square only, not gsplat's whole tiles around it: 2.3x faster in a
+            # 32 px fit, and what it leaves out is the faint tail (alpha under 1.1 % of the opacity)
+            tile_size=None,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(
+                self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info
+            )
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        depth = None
+        if with_depth:
+            depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
+        return {
+            "rgb": rgb.squeeze(0),
+            "depth": depth,
+            "accumulation": alpha.squeeze(0),
+            "background": background if self.training else background.expand(height, width, 3),
+        }
+
+
+class HeadImageDatamanager(FullImageDatamanager[HeadDataset]):
+    """nerfstudio's full-image data manager over `HeadDataset` (the views with their alpha)."""
+
+
+@dataclass
+class HeadImageDatamanagerConfig(FullImageDatamanagerConfig):
+    _target: type = field(default_factory=lambda: HeadImageDatamanager)
 
 
 def splat_schedule(iterations: int) -> dict[str, int]:
@@ -327,8 +412,12 @@ def splat_config(
         steps_per_save=2000,
         mixed_precision=False,
         pipeline=HeadPipelineConfig(
-            datamanager=FullImageDatamanagerConfig(
-                dataparser=dataparser, cache_images="gpu" if cuda else "cpu", cache_images_type="uint8"
+            datamanager=HeadImageDatamanagerConfig(
+                # "gpu" caches the images on the training device (the CPU's memory in a CPU fit);
+                # "cpu" pins them in host memory for a CUDA device, which a CPU-only machine cannot
+                dataparser=dataparser,
+                cache_images="gpu",
+                cache_images_type="uint8",
             ),
             model=HeadSplatModelConfig(
                 background_color="white",  # under `background_rgb`, or the views' colour (HeadPipeline)
@@ -339,6 +428,7 @@ def splat_config(
                 rasterize_mode="classic",  # the mode common splat viewers render
                 seed_points_file=None if seed_points_file is None else Path(seed_points_file),
                 seed=settings.seed,
+                random_background=settings.random_background,
                 **splat_schedule(steps),
             ),
         ),
@@ -366,7 +456,6 @@ def fit_splat(
     from .common import check_views_folder
     from .train import train, write_fit
 
-    require_cuda(device)
     check_views_folder(views_dir)
     background = resolve_background(views_dir, settings.background)
     seeds = seed_points if seed_points is not None else ball_seed_points(SEED_POINT_COUNT, settings.seed)

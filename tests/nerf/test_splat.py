@@ -1,7 +1,7 @@
-"""3D Gaussian splats (`--field splatfacto`) on the CPU: gsplat rasterises on CUDA only, so here the
-method's configuration, the seed points, the splat model built in code, the standard 3DGS PLY
-written from it (and from a checkpoint, as the export stage does) and the refusals are tested;
-the fit itself runs in benchmarks/nerf_quality.py on a GPU."""
+"""3D Gaussian splats (`--field splatfacto`) on the CPU: the method's configuration, the seed points,
+the splat model built in code, the standard 3DGS PLY written from it (and from a checkpoint, as the
+export stage does) and the refusals. The fit itself, through the plain-PyTorch rasteriser, is in
+test_splat_raster.py; at real size it runs in benchmarks/nerf_quality.py on a GPU."""
 
 from __future__ import annotations
 
@@ -75,7 +75,9 @@ def test_the_method_is_configured_for_the_head_orbit():
     # lengths scaled from nerfstudio's unit-distance scenes to cameras at the orbit radius
     assert model.cull_scale_thresh == pytest.approx(0.5 * cameras.CAMERA_RADIUS)
     assert "camera_opt" not in config.optimizers and "bilateral_grid" not in config.optimizers
-    assert splat_config(settings, "cpu").pipeline.datamanager.cache_images == "cpu"
+    # the images are cached on the training device: "cpu" would pin host memory, which needs CUDA
+    assert splat_config(settings, "cpu").pipeline.datamanager.cache_images == "gpu"
+    assert model.random_background  # behind the views' alpha in training (see test_splat_raster.py's fit)
 
 
 def test_nerfstudio_lists_dp360_splat():
