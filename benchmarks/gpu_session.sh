@@ -10,7 +10,8 @@
 # 4. fits nerfacto (the gpu preset, 256 px) on white, black and grey backgrounds, three processes
 #    side by side on the one GPU (their fit seconds are therefore upper bounds), and measures each
 #    with benchmarks/nerf_quality.py;
-# 5. fits splatfacto on black if gsplat compiled in time.
+# 5. fits splatfacto on black if gsplat compiled in time, and checks its kernels against
+#    dp360.nerf.splat_raster (tests/nerf/test_splat_raster.py's CUDA test).
 # Results: $OUT/nerf_<background>.json, $OUT/splat_black.json, $OUT/summary.txt (also printed).
 # QUICK=1 runs the same steps at test sizes (a check of this script on a CPU; SKIP_INSTALL=1 there).
 set -u
@@ -67,13 +68,18 @@ wait $gsplat_job
 if grep -q "gsplat compiled" "$OUT/gsplat.log" && [ "$(left)" -gt 60 ]; then
     timeout $(($(left) - 10)) $PY benchmarks/nerf_quality.py "${ARGS[@]}" --fields splatfacto --backgrounds black \
         --json "$OUT/splat_black.json" >"$LOGS/splat_black.log" 2>&1
+    # gsplat's kernels against dp360's plain-PyTorch rasteriser (the test that skips without CUDA)
+    timeout 60 $PY -c "import sys; sys.path.insert(0, 'tests/nerf'); import test_splat_raster as t
+for mode in ('classic', 'antialiased'):
+    t.test_gsplats_cuda_kernels_match_the_reference(mode)
+print('gsplat kernels match the reference rasteriser (classic, antialiased)')" >"$LOGS/splat_raster.log" 2>&1
 fi
 wait
 
 {
     echo "--- gsplat"
     tail -c 3000 "$OUT/gsplat.log"
-    for log in "$LOGS"/nerf_*.log "$LOGS"/splat_*.log; do
+    for log in "$LOGS"/nerf_*.log "$LOGS"/splat_*.log; do  # splat_raster.log: its last words
         [ -f "$log" ] || continue
         echo "--- $(basename "$log")"
         if grep -q "^background" "$log"; then

@@ -12,7 +12,7 @@ done
 # What dp360's field, mesh and texture code imports that the machine's image does not hold.
 for spec in nerfstudio==1.1.5 nerfacc==0.5.2 gsplat==1.4.0 tyro docstring_parser typeguard viser==0.2.7 msgspec \
     websockets diffusers xatlas embreex fast_simplification trimesh appdirs defusedxml dill pyquaternion \
-    pytorch-msssim rawpy splines tensorly; do
+    pytorch-msssim rawpy splines tensorly pytest pluggy iniconfig; do
     python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${PLATFORMS[@]}" -d .whl "$spec"
 done
