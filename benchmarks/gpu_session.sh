@@ -79,7 +79,7 @@ wait
 {
     echo "--- gsplat"
     tail -c 3000 "$OUT/gsplat.log"
-    for log in "$LOGS"/nerf_*.log "$LOGS"/splat_*.log; do  # splat_raster.log: its last words
+    for log in "$LOGS"/nerf_*.log "$LOGS"/splat_*.log; do  # splat_raster.log has no table: its last lines
         [ -f "$log" ] || continue
         echo "--- $(basename "$log")"
         if grep -q "^background" "$log"; then
