@@ -7,17 +7,17 @@ benchmark at 64 px), and on a GPU `tests/nerf/test_splat_raster.py` checks gspla
 against it. It is slow (every Gaussian-pixel pair is a tensor row); splat fits of real size run on
 gsplat.
 
-The maths is the 3DGS paper's (EWA splatting), with gsplat's conventions:
-- projection: camera-space covariance J W Sigma W^T J^T with the pinhole Jacobian J (its x/z, y/z
-  clamped to 1.3x the half field of view), plus `eps2d` on the diagonal; "antialiased" scales the
-  opacity by sqrt(det before / det after);
-- a Gaussian covers the pixels within 3 standard deviations of its major axis (`radii`); it is
-  culled outside (near, far) and off the image;
-- per pixel (sampled at its centre), Gaussians are composited front to back by camera depth:
+The projection (EWA splatting: 2D means, conics, `radii`, the antialiasing compensation), the
+covariances and the spherical harmonics are gsplat's own PyTorch reference functions
+(`gsplat.cuda._torch_impl`, private but pinned: nerfstudio 1.1.5 requires gsplat 1.4.0). What gsplat
+keeps in CUDA only is the rasterisation, written here with its rules:
+- a Gaussian is evaluated at the pixels (sampled at their centres) of the tiles its square of
+  `radii` overlaps;
+- per pixel, Gaussians are composited front to back by camera depth:
   alpha = min(0.999, opacity * exp(-0.5 d^T conic d)), pairs with alpha < 1/255 skipped, and
   compositing stops before the transmittance would fall to 1e-4;
-- colours are spherical harmonics of the direction from the camera centre to the mean (degree
-  <= 3, the 3DGS basis and constants), plus 0.5, clamped at 0.
+- colours from spherical harmonics are of the direction from the camera centre to the mean, plus
+  0.5, clamped at 0.
 
 `info` carries what gsplat's densification strategy reads: `means2d` (whose gradient it
 accumulates), its `absgrad` (the sum over pixels of each pixel's |gradient|, filled in backward),
@@ -29,98 +29,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci, _spherical_harmonics
 from torch import Tensor
 
 ALPHA_MIN = 1.0 / 255.0
 ALPHA_MAX = 0.999
 TRANSMITTANCE_MIN = 1e-4
-
-# Real spherical-harmonic basis constants, degrees 0-3 (3DGS)
-SH_C0 = 0.28209479177387814
-SH_C1 = 0.4886025119029199
-SH_C2 = (1.0925484305920792, -1.0925484305920792, 0.31539156525252005, -1.0925484305920792, 0.5462742152960396)
-SH_C3 = (
-    -0.5900435899266435,
-    2.890611442640554,
-    -0.4570457994644658,
-    0.3731763325901154,
-    -0.4570457994644658,
-    1.445305721320277,
-    -0.5900435899266435,
-)
-
-
-def quaternion_to_rotation(quats: Tensor) -> Tensor:
-    """(N, 4) quaternions w x y z (any length) -> (N, 3, 3) rotation matrices."""
-    w, x, y, z = torch.nn.functional.normalize(quats, dim=-1).unbind(-1)
-    return torch.stack(
-        [
-            1 - 2 * (y * y + z * z),
-            2 * (x * y - w * z),
-            2 * (x * z + w * y),
-            2 * (x * y + w * z),
-            1 - 2 * (x * x + z * z),
-            2 * (y * z - w * x),
-            2 * (x * z - w * y),
-            2 * (y * z + w * x),
-            1 - 2 * (x * x + y * y),
-        ],
-        dim=-1,
-    ).reshape(-1, 3, 3)
-
-
-def sh_basis(degree: int, directions: Tensor) -> Tensor:
-    """(..., (degree + 1)^2) real SH basis values at unit `directions` (..., 3)."""
-    x, y, z = directions.unbind(-1)
-    values = [torch.full_like(x, SH_C0)]
-    if degree >= 1:
-        values += [-SH_C1 * y, SH_C1 * z, -SH_C1 * x]
-    if degree >= 2:
-        xx, yy, zz = x * x, y * y, z * z
-        values += [
-            SH_C2[0] * x * y,
-            SH_C2[1] * y * z,
-            SH_C2[2] * (2 * zz - xx - yy),
-            SH_C2[3] * x * z,
-            SH_C2[4] * (xx - yy),
-        ]
-    if degree >= 3:
-        values += [
-            SH_C3[0] * y * (3 * xx - yy),
-            SH_C3[1] * x * y * z,
-            SH_C3[2] * y * (4 * zz - xx - yy),
-            SH_C3[3] * z * (2 * zz - 3 * xx - 3 * yy),
-            SH_C3[4] * x * (4 * zz - xx - yy),
-            SH_C3[5] * z * (xx - yy),
-            SH_C3[6] * x * (xx - 3 * yy),
-        ]
-    return torch.stack(values, dim=-1)
-
-
-def project(
-    means: Tensor, covariances: Tensor, viewmats: Tensor, Ks: Tensor, width: int, height: int, eps2d: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Camera-space depths (C, N), pixel means (C, N, 2), 2D covariances with `eps2d` added
-    (C, N, 2, 2) and the determinant before it was added (C, N)."""
-    rotation, translation = viewmats[:, :3, :3], viewmats[:, :3, 3]
-    points = torch.einsum("cij,nj->cni", rotation, means) + translation[:, None]
-    covariances_camera = torch.einsum("cij,njk,clk->cnil", rotation, covariances, rotation)
-    fx, fy, cx, cy = (Ks[:, 0, 0, None], Ks[:, 1, 1, None], Ks[:, 0, 2, None], Ks[:, 1, 2, None])
-    tx, ty, tz = points.unbind(-1)
-    # the Jacobian at a point clamped to 1.3 x the half field of view (off-screen Gaussians stay bounded)
-    limit_x_low, limit_x_high = cx / fx + 0.3 * 0.5 * width / fx, (width - cx) / fx + 0.3 * 0.5 * width / fx
-    limit_y_low, limit_y_high = cy / fy + 0.3 * 0.5 * height / fy, (height - cy) / fy + 0.3 * 0.5 * height / fy
-    clamped_x = tz * torch.maximum(torch.minimum(tx / tz, limit_x_high), -limit_x_low)
-    clamped_y = tz * torch.maximum(torch.minimum(ty / tz, limit_y_high), -limit_y_low)
-    zero = torch.zeros_like(tz)
-    jacobian = torch.stack(
-        [fx / tz, zero, -fx * clamped_x / tz**2, zero, fy / tz, -fy * clamped_y / tz**2], dim=-1
-    ).reshape(*tz.shape, 2, 3)
-    covariances_2d = jacobian @ covariances_camera @ jacobian.transpose(-1, -2)
-    determinant_before = covariances_2d[..., 0, 0] * covariances_2d[..., 1, 1] - covariances_2d[..., 0, 1] ** 2
-    covariances_2d = covariances_2d + eps2d * torch.eye(2, dtype=means.dtype, device=means.device)
-    means2d = torch.stack([fx * tx / tz + cx, fy * ty / tz + cy], dim=-1)
-    return tz, means2d, covariances_2d, determinant_before
 
 
 def rasterize_reference(
@@ -154,25 +68,22 @@ def rasterize_reference(
     if rasterize_mode not in ("classic", "antialiased"):
         raise ValueError(f"rasterize_mode must be classic or antialiased, not {rasterize_mode!r}")
     camera_count, count = len(viewmats), len(means)
-    rotation = quaternion_to_rotation(quats)
-    scaled = rotation * scales[:, None, :]
-    depths, means2d, covariances_2d, determinant_before = project(
-        means, scaled @ scaled.transpose(-1, -2), viewmats, Ks, width, height, eps2d
+    covariances, _ = _quat_scale_to_covar_preci(quats, scales, compute_preci=False, triu=False)
+    radii, means2d, depths, conics, compensations = _fully_fused_projection(
+        means,
+        covariances,
+        viewmats,
+        Ks,
+        width,
+        height,
+        eps2d=eps2d,
+        near_plane=near_plane,
+        far_plane=far_plane,
+        calc_compensations=rasterize_mode == "antialiased",
     )
-    a, b, c = covariances_2d[..., 0, 0], covariances_2d[..., 0, 1], covariances_2d[..., 1, 1]
-    determinant = (a * c - b * b).clamp_min(1e-10)
-    conics = torch.stack([c / determinant, -b / determinant, a / determinant], dim=-1)  # inverse: xx, xy, yy
     opacity = opacities[None].expand(camera_count, count)
-    if rasterize_mode == "antialiased":
-        opacity = opacity * torch.sqrt((determinant_before / determinant).clamp_min(0.0))
-    with torch.no_grad():
-        half_trace = (a + c) / 2
-        major = half_trace + torch.sqrt((half_trace**2 - determinant).clamp_min(0.01))
-        radius = torch.ceil(3.0 * torch.sqrt(major))
-        valid = (a * c - b * b > 0) & (depths > near_plane) & (depths < far_plane)
-        x, y = means2d[..., 0], means2d[..., 1]
-        valid &= (x + radius > 0) & (x - radius < width) & (y + radius > 0) & (y - radius < height)
-        radii = torch.where(valid, radius, torch.zeros_like(radius)).int()
+    if compensations is not None:
+        opacity = opacity * compensations
 
     if sh_degree is None:
         colours = (
@@ -181,11 +92,10 @@ def rasterize_reference(
             else colors[None].expand(camera_count, -1, -1)
         )
     else:
-        coefficients = (sh_degree + 1) ** 2
         camera_centres = -torch.einsum("cji,cj->ci", viewmats[:, :3, :3], viewmats[:, :3, 3])
-        directions = torch.nn.functional.normalize(means[None] - camera_centres[:, None], dim=-1)
-        basis = sh_basis(sh_degree, directions)  # (C, N, coefficients)
-        colours = torch.einsum("cnk,nkd->cnd", basis, colors[:, :coefficients]).add(0.5).clamp_min(0.0)
+        directions = means[None] - camera_centres[:, None]  # (C, N, 3), normalised by gsplat
+        coefficients = colors[None].expand(camera_count, -1, -1, -1)
+        colours = _spherical_harmonics(sh_degree, directions, coefficients).add(0.5).clamp_min(0.0)
     channels = []
     if render_mode in ("RGB", "RGB+D", "RGB+ED"):
         channels.append(colours)
@@ -193,11 +103,11 @@ def rasterize_reference(
         channels.append(depths[..., None])
     features = torch.cat(channels, dim=-1)
 
-    # every (camera, Gaussian, pixel) pair inside a Gaussian's square of `radius`
+    # every (camera, Gaussian, pixel) pair: the pixels of the tiles around each Gaussian's square of `radii`
     with torch.no_grad():
         camera_of, gaussian_of = radii.nonzero(as_tuple=True)
         r = radii[camera_of, gaussian_of].long()
-        centre = means2d.detach()[camera_of, gaussian_of]
+        centre = means2d[camera_of, gaussian_of]
         # gsplat evaluates a Gaussian at every pixel of every tile its square overlaps
         tile = tile_size or 1
         x_low = ((centre[:, 0] - r) / tile).floor().long().mul(tile).clamp(0, width)
@@ -224,7 +134,7 @@ def rasterize_reference(
     with torch.no_grad():
         kept = (sigma >= 0) & (alpha >= ALPHA_MIN)
         pixel = (pair_camera * height + pixel_y) * width + pixel_x
-        pixel, depth_key = pixel[kept], depths.detach()[pair_camera, pair_gaussian][kept]
+        pixel, depth_key = pixel[kept], depths[pair_camera, pair_gaussian][kept]
         order = torch.argsort(depth_key)
         order = order[torch.argsort(pixel[order], stable=True)]  # by pixel, then front to back
         kept_index = kept.nonzero()[:, 0][order]
