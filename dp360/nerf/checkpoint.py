@@ -59,6 +59,8 @@ FIT_BOUNDS = {
     "lr_decay_steps": (1, 100_000_000),  # 20000
     "lr_warmup_steps": (0, 100_000_000),  # 20
     "foreground_ray_share": (0.0, 1.0),  # 0.75
+    "hull_prime_steps": (0, 1_000_000),  # 200
+    "hull_density": (1e-3, 1e6),  # 300
     "seed": (-(2**63), 2**64 - 1),  # 42
 }
 REFIT = "rerun the fit stage with `dp360 reconstruct --force`"
@@ -82,6 +84,8 @@ def read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
         problem = "its appearance_embedding setting is not true or false"
     elif not isinstance(settings.get("random_background", False), bool):
         problem = "its random_background setting is not true or false"
+    elif not isinstance(settings.get("view_dependent_colour", False), bool):
+        problem = "its view_dependent_colour setting is not true or false"
     elif not (isinstance(samples := settings.get("proposal_samples", [0, 0]), list) and len(samples) == 2):
         problem = "its proposal_samples setting is not two sample counts"
     elif not isinstance(meta.get("views_dir", ""), str):
@@ -93,6 +97,8 @@ def read_fit_record(meta_path: Path) -> tuple[dict[str, Any], FitSettings]:
     check_bounds(settings, FIT_BOUNDS, f"'{meta_path}'", REFIT, nullable=())
     check_bounds({"background": colour}, {"background": (0.0, 1.0)}, f"'{meta_path}'", REFIT, nullable=())
     settings = dict(settings)
+    # fits recorded before the setting existed had nerfacto's view-dependent colour head
+    settings.setdefault("view_dependent_colour", True)
     if "proposal_samples" in settings:
         settings["proposal_samples"] = tuple(settings["proposal_samples"])
     return meta, FitSettings(**settings)

@@ -24,6 +24,11 @@ plain background and exact cameras:
   and the rest from every pixel, so a short fit spends its rays on the head;
 - a starting density the colour head can learn through (1.0, not nerfacto's 0.01), and a
   learning rate that warms up and decays over a horizon of its own, not the fit's length;
+- before the first step, the field's density is fitted to the views' visual hull (hull.py, a
+  pipeline callback, so `ns-train` does it too): the fit starts from a surface where the head is,
+  not from a fog that stays a shell several cm thick for hundreds of steps;
+- a colour head that ignores the viewing direction: the views show one head under one light,
+  and a camera above or below their orbit would otherwise get untrained colours;
 - no camera optimisation (the cameras are exact by construction);
 - nerfacto's LPIPS metric is never built (it would download AlexNet weights): the model is
   constructed with the metric class replaced by a stand-in, and reports PSNR and SSIM only.
@@ -34,6 +39,7 @@ This module imports nerfstudio at the top; dp360's CLI imports it lazily.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +170,19 @@ class HeadModelConfig(NerfactoModelConfig):
     """In training, composite a random colour behind both the field and the views' foreground (their
     alpha, from `HeadDataset`), so that every background colour drives the colour head; renders
     and evaluation use `background_rgb`."""
+    view_dependent_colour: bool = True
+    """Whether the colour head sees the viewing direction (nerfacto's does; dp360's fits turn it off,
+    `FitSettings.view_dependent_colour`: the views show one head under one light)."""
+    hull_prime_steps: int = 0
+    """Before the first training step, fit the field's density for this many steps to `hull_density`
+    inside the training views' visual hull and to zero outside it (hull.py); 0: no priming."""
+    hull_density: float = 300.0
+
+
+def _no_direction(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook on the field's direction encoding: the colour head sees no direction (the
+    encoding keeps its place, so checkpoints keep their keys and shapes)."""
+    return torch.zeros_like(output)
 
 
 class WithoutLpips:
@@ -184,6 +203,25 @@ class HeadModel(WithoutLpips, NerfactoModel):
             super().populate_modules()
         if self.config.background_rgb is not None:
             self.set_background(self.config.background_rgb)
+        if not self.config.view_dependent_colour:
+            self.field.direction_encoding.register_forward_hook(_no_direction)
+
+    def prime_to_hull(self, dataset: InputDataset, seed: int) -> dict[str, Any]:
+        """Primes the field's density to the visual hull of `dataset`'s views (hull.py); returns
+        what was done, for the fit's record. A hull filling most of the scene box (views without
+        a plain background) says nothing, and the field is left as it is."""
+        from .hull import MAX_HULL_SHARE, prime_density, views_hull
+
+        start = time.perf_counter()
+        hull = views_hull(dataset, float(self.scene_box.aabb.abs().max()))
+        record: dict[str, Any] = {"hull_share": round(hull.volume_share, 4), "steps": 0}
+        if hull.volume_share <= MAX_HULL_SHARE:
+            device = next(self.field.parameters()).device
+            hull.occupancy = hull.occupancy.to(device)
+            losses = prime_density(self.field, hull, self.config.hull_prime_steps, self.config.hull_density, seed)
+            record.update(steps=len(losses), loss_first_last=[round(losses[0], 5), round(losses[-1], 5)])
+        record["seconds"] = round(time.perf_counter() - start, 2)
+        return record
 
     def set_background(self, colour: Sequence[float]) -> None:
         device = self.kwargs.get("device") or "cpu"
@@ -226,6 +264,28 @@ class HeadPipeline(VanillaPipeline):
         # only dp360's model configs have the field (nerfstudio's own models keep their background)
         if getattr(self.model.config, "background_rgb", False) is None and outputs is not None:
             self.model.set_background(border_colour_of(outputs.image_filenames))
+        self.hull_priming: dict[str, Any] | None = None
+
+    def get_training_callbacks(self, training_callback_attributes):
+        """nerfstudio's callbacks, and, before the first step of a dp360-head fit that asks for it,
+        the density primed to the views' visual hull (under dp360's trainer and `ns-train` alike)."""
+        from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
+
+        callbacks = super().get_training_callbacks(training_callback_attributes)
+        if isinstance(self.model, HeadModel) and self.model.config.hull_prime_steps > 0:
+
+            def prime(step: int) -> None:
+                seed = (
+                    training_callback_attributes.trainer.config.machine.seed
+                    if training_callback_attributes.trainer
+                    else 0
+                )
+                self.hull_priming = self.model.prime_to_hull(self.datamanager.train_dataset, seed)
+
+            callbacks.append(
+                TrainingCallback(where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], func=prime, iters=(0,))
+            )
+        return callbacks
 
 
 def _has_tcnn() -> bool:
@@ -301,6 +361,9 @@ def head_config(
                 use_appearance_embedding=settings.appearance_embedding,
                 average_init_density=settings.init_density,
                 random_background=settings.random_background,
+                view_dependent_colour=settings.view_dependent_colour,
+                hull_prime_steps=min(settings.hull_prime_steps, settings.iterations),
+                hull_density=settings.hull_density,
                 proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
                 implementation="tcnn" if cuda and _has_tcnn() else "torch",
             ),

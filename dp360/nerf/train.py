@@ -145,11 +145,14 @@ def train(
         check_health(health, settings.iterations, settings.iterations, final=True)
     with nerfstudio_quietly():
         trainer.save_checkpoint(max(settings.iterations - 1, 0))
-    return trainer, {
+    summary = {
         "fit_seconds": round(fit_seconds, 2),
         "loss_first_last": [round(losses[0], 5), round(losses[-1], 5)] if losses else None,
         "health": health,
     }
+    if getattr(trainer.pipeline, "hull_priming", None) is not None:  # part of fit_seconds
+        summary["hull_priming"] = trainer.pipeline.hull_priming
+    return trainer, summary
 
 
 def write_fit(

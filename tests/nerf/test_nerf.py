@@ -362,7 +362,13 @@ def test_health_check_fails_a_fit_whose_colour_head_collapses(tmp_path):
     views = synthetic.write_views(tmp_path / "views", size=32, background=(1.0, 1.0, 1.0))
     (tmp_path / "nerf").mkdir()
     collapsing = FitSettings.preset(
-        "test", iterations=100, init_density=0.01, random_background=False, lr_decay_steps=100, lr_warmup_steps=0
+        "test",
+        iterations=100,
+        init_density=0.01,
+        random_background=False,
+        lr_decay_steps=100,
+        lr_warmup_steps=0,
+        hull_prime_steps=0,
     )
     with pytest.raises(Dp360Error, match=r"collapsed at step \d+ of 100: its colour head is saturated on \d+%"):
         fit_field(views, tmp_path / "nerf", collapsing, "cpu", progress=False)
