@@ -19,7 +19,7 @@ def _orbit(count, size):
     eye-level cameras; the silhouettes are the fit's (`foreground_alpha` of the rendered views)."""
     from dp360.nerf.common import foreground_alpha
 
-    mesh = synthetic.head_mesh(subdivisions=5)
+    mesh = synthetic.head_mesh(subdivisions=4)
     poses = [cameras.orbit_pose(yaw, 0.0) for yaw in np.linspace(0, 360, count, endpoint=False)]
     images = [(synthetic.render(mesh, pose, size) * 255).round().astype(np.uint8) for pose in poses]
     silhouettes = torch.from_numpy(np.stack([foreground_alpha(image) > 127 for image in images]))
@@ -34,9 +34,9 @@ def test_visual_hull_holds_the_head_and_little_else():
     the head are not."""
     import trimesh
 
-    mesh, silhouettes, to_worlds, intrinsics = _orbit(16, SIZE)
+    mesh, silhouettes, to_worlds, intrinsics = _orbit(12, SIZE)
     hull = visual_hull(silhouettes, to_worlds, intrinsics, half_size=0.5, resolution=64)
-    points = np.random.default_rng(0).uniform(-0.35, 0.35, size=(6000, 3))
+    points = np.random.default_rng(0).uniform(-0.35, 0.35, size=(3000, 3))
     distance = trimesh.proximity.signed_distance(mesh, points)  # positive inside
     in_hull = hull.contains(torch.tensor(points, dtype=torch.float32)).numpy()
     assert in_hull[distance > 0].mean() > 0.98
