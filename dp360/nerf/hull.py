@@ -60,11 +60,11 @@ def visual_hull(
     (nerfstudio's convention) with (N, 4) pixel intrinsics fx, fy, cx, cy (pixel centres at +0.5)."""
     centres = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 - 1
     grid = torch.stack(torch.meshgrid(centres, centres, centres, indexing="ij"), dim=-1).reshape(-1, 3) * half_size
-    occupied = torch.ones(len(grid), dtype=torch.bool)
+    alive = torch.arange(len(grid))  # the points no view has carved yet: each view tests only those
     height, width = silhouettes.shape[1:]
     for silhouette, camera, (fx, fy, cx, cy) in zip(silhouettes, camera_to_worlds.float(), intrinsics.float()):
         rotation, origin = camera[:, :3], camera[:, 3]
-        local = (grid - origin) @ rotation  # camera axes: x right, y up, looking along -z
+        local = (grid[alive] - origin) @ rotation  # camera axes: x right, y up, looking along -z
         depth = -local[:, 2]
         in_front = depth > 1e-6
         safe_depth = depth.clamp_min(1e-6)
@@ -89,7 +89,9 @@ def visual_hull(
             outside_image |= beyond
             if not touches[edge]:
                 continues &= ~beyond
-        occupied &= in_front & torch.where(outside_image, continues, seen_inside)
+        alive = alive[in_front & torch.where(outside_image, continues, seen_inside)]
+    occupied = torch.zeros(len(grid), dtype=torch.bool)
+    occupied[alive] = True
     return VisualHull(occupied.reshape(resolution, resolution, resolution), half_size)
 
 

@@ -81,7 +81,7 @@ def test_priming_puts_density_inside_the_hull_only():
             return float(field.density_fn(inner).median()), float(field.density_fn(outer).median())
 
     before_inside, _ = medians()
-    losses = prime_density(field, ball, steps=80, density=300.0, seed=0)
+    losses = prime_density(field, ball, steps=50, density=300.0, seed=0, points_per_step=4096)
     inside, outside = medians()
     assert before_inside < 30 and inside > 100 and outside < 5, (before_inside, inside, outside)
     assert losses[-1] < 0.2 * losses[0]
@@ -104,7 +104,7 @@ def trainer(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("primed")
     views = synthetic.write_views(folder / "views", size=32, background=(0.0, 0.0, 0.0))
-    config = head_config(FitSettings.preset("test", iterations=60), "cpu", views)
+    config = head_config(FitSettings.preset("test", iterations=40), "cpu", views)
     config.output_dir, config.experiment_name, config.timestamp, config.vis = folder, "dp360", "fit", "tensorboard"
     torch.manual_seed(0)
     with nerfstudio_quietly():
@@ -133,7 +133,7 @@ def test_the_first_step_primes_the_field_to_the_views_hull(trainer):
         callback.run_callback_at_location(0, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
     inside, outside = _head_densities(model)
     assert inside_before < 30 and inside > 100 and outside < 5, (inside_before, inside, outside)
-    assert trainer.pipeline.hull_priming["steps"] == 60  # at most the fit's iterations
+    assert trainer.pipeline.hull_priming["steps"] == 40  # at most the fit's iterations
     assert 0.04 < trainer.pipeline.hull_priming["hull_share"] < 0.1
 
 
