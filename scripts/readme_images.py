@@ -18,7 +18,7 @@ views, `--texture views`). Writes into `--out`:
   angles; top row the known scene, middle row the GLB with its texture, bottom row its geometry in
   grey with a headlight.
 
-Seeded; about 5 minutes on 2 idle CPU cores with the defaults. PNGs are palette-quantised to stay small.
+Seeded; about 6 minutes on 2 CPU cores with the defaults. PNGs are palette-quantised to stay small.
 """
 
 from __future__ import annotations
