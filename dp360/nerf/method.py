@@ -206,10 +206,11 @@ class HeadModel(WithoutLpips, NerfactoModel):
         if not self.config.view_dependent_colour:
             self.field.direction_encoding.register_forward_hook(_no_direction)
 
-    def prime_to_hull(self, dataset: InputDataset, seed: int) -> dict[str, Any]:
-        """Primes the field's density to the visual hull of `dataset`'s views (hull.py); returns
-        what was done, for the fit's record. A hull filling most of the scene box (views without
-        a plain background) says nothing, and the field is left as it is."""
+    def prime_to_hull(self, dataset: InputDataset, seed: int, steps: int | None = None) -> dict[str, Any]:
+        """Primes the field's density to the visual hull of `dataset`'s views (hull.py) for `steps`
+        (the config's `hull_prime_steps` when None); returns what was done, for the fit's record.
+        A hull filling most of the scene box (views without a plain background) says nothing, and
+        the field is left as it is."""
         from .hull import MAX_HULL_SHARE, prime_density, views_hull
 
         start = time.perf_counter()
@@ -218,8 +219,11 @@ class HeadModel(WithoutLpips, NerfactoModel):
         if hull.volume_share <= MAX_HULL_SHARE:
             device = next(self.field.parameters()).device
             hull.occupancy = hull.occupancy.to(device)
-            losses = prime_density(self.field, hull, self.config.hull_prime_steps, self.config.hull_density, seed)
-            record.update(steps=len(losses), loss_first_last=[round(losses[0], 5), round(losses[-1], 5)])
+            steps = self.config.hull_prime_steps if steps is None else steps
+            losses = prime_density(self.field, hull, steps, self.config.hull_density, seed)
+            record["steps"] = len(losses)
+            if losses:
+                record["loss_first_last"] = [round(losses[0], 5), round(losses[-1], 5)]
         record["seconds"] = round(time.perf_counter() - start, 2)
         return record
 
@@ -275,12 +279,11 @@ class HeadPipeline(VanillaPipeline):
         if isinstance(self.model, HeadModel) and self.model.config.hull_prime_steps > 0:
 
             def prime(step: int) -> None:
-                seed = (
-                    training_callback_attributes.trainer.config.machine.seed
-                    if training_callback_attributes.trainer
-                    else 0
-                )
-                self.hull_priming = self.model.prime_to_hull(self.datamanager.train_dataset, seed)
+                trainer = training_callback_attributes.trainer
+                # never longer than the fit itself (a short `ns-train --max-num-iterations` run too)
+                steps = min(self.model.config.hull_prime_steps, trainer.config.max_num_iterations) if trainer else None
+                seed = trainer.config.machine.seed if trainer else 0
+                self.hull_priming = self.model.prime_to_hull(self.datamanager.train_dataset, seed, steps)
 
             callbacks.append(
                 TrainingCallback(where_to_run=[TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], func=prime, iters=(0,))
@@ -362,7 +365,7 @@ def head_config(
                 average_init_density=settings.init_density,
                 random_background=settings.random_background,
                 view_dependent_colour=settings.view_dependent_colour,
-                hull_prime_steps=min(settings.hull_prime_steps, settings.iterations),
+                hull_prime_steps=settings.hull_prime_steps,  # at most the fit's iterations (the callback)
                 hull_density=settings.hull_density,
                 proposal_initial_sampler="uniform",  # bounded scene: uniform, not the unbounded piecewise sampler
                 implementation="tcnn" if cuda and _has_tcnn() else "torch",
