@@ -157,14 +157,19 @@ def panohead_dataset_json(entries: Iterable[tuple[str, Sequence[float]]]) -> dic
 # --------------------------------------------------------------------------------------------
 
 
+def points_in_camera(points_world: np.ndarray, cam2world: np.ndarray) -> np.ndarray:
+    """World points (N, 3) in an OpenCV camera's frame: x right, y down, z (the depth) forward."""
+    points = np.atleast_2d(np.asarray(points_world, dtype=np.float64))
+    world2cam = np.linalg.inv(np.asarray(cam2world, dtype=np.float64))
+    return points @ world2cam[:3, :3].T + world2cam[:3, 3]
+
+
 def project_points(
     points_world: np.ndarray, cam2world: np.ndarray, intrinsics_normalized: np.ndarray, width: int, height: int
 ) -> np.ndarray:
     """Pixel coordinates (N, 2) of world points (N, 3); pixel (0, 0) is the top-left corner of
     the top-left pixel, so the principal point 0.5 maps to width / 2."""
-    points = np.atleast_2d(np.asarray(points_world, dtype=np.float64))
-    world2cam = np.linalg.inv(np.asarray(cam2world, dtype=np.float64))
-    camera_points = points @ world2cam[:3, :3].T + world2cam[:3, 3]
+    camera_points = points_in_camera(points_world, cam2world)
     if np.any(camera_points[:, 2] <= 0):
         raise ValueError("a point lies behind the camera")
     pixels = camera_points @ pixel_intrinsics(intrinsics_normalized, width, height).T

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Hull grid cells per side of the scene box. A point is carved when any view sees it outside its
@@ -48,29 +49,29 @@ class VisualHull:
         return float(self.occupancy.float().mean())
 
 
-@torch.no_grad()
 def visual_hull(
-    silhouettes: torch.Tensor,
-    camera_to_worlds: torch.Tensor,
-    intrinsics: torch.Tensor,
+    silhouettes: np.ndarray,
+    cam2worlds: np.ndarray,
+    intrinsics: np.ndarray,
     half_size: float,
     resolution: int = HULL_RESOLUTION,
 ) -> VisualHull:
-    """The visual hull of (N, H, W) bool silhouettes seen by (N, 3, 4) OpenGL camera-to-worlds
-    (nerfstudio's convention) with (N, 4) pixel intrinsics fx, fy, cx, cy (pixel centres at +0.5)."""
-    centres = (torch.arange(resolution, dtype=torch.float32) + 0.5) / resolution * 2 - 1
-    grid = torch.stack(torch.meshgrid(centres, centres, centres, indexing="ij"), dim=-1).reshape(-1, 3) * half_size
-    alive = torch.arange(len(grid))  # the points no view has carved yet: each view tests only those
+    """The visual hull of (N, H, W) bool silhouettes seen by (N, 4, 4) cameras in dp360's
+    conventions (`dp360.cameras`: OpenCV cam2world, normalised (N, 3, 3) intrinsics)."""
+    from .. import cameras
+
+    centres = ((np.arange(resolution) + 0.5) / resolution * 2 - 1) * half_size
+    grid = np.stack(np.meshgrid(centres, centres, centres, indexing="ij"), axis=-1).reshape(-1, 3)
+    alive = np.arange(len(grid))  # the points no view has carved yet: each view tests only those
     height, width = silhouettes.shape[1:]
-    for silhouette, camera, (fx, fy, cx, cy) in zip(silhouettes, camera_to_worlds.float(), intrinsics.float()):
-        rotation, origin = camera[:, :3], camera[:, 3]
-        local = (grid[alive] - origin) @ rotation  # camera axes: x right, y up, looking along -z
-        depth = -local[:, 2]
-        in_front = depth > 1e-6
-        safe_depth = depth.clamp_min(1e-6)
-        columns = (cx + fx * local[:, 0] / safe_depth).floor().long()
-        rows = (cy - fy * local[:, 1] / safe_depth).floor().long()
-        seen_inside = silhouette[rows.clamp(0, height - 1), columns.clamp(0, width - 1)]
+    for silhouette, cam2world, intrinsic in zip(silhouettes, cam2worlds, intrinsics):
+        points = grid[alive]
+        in_front = cameras.points_in_camera(points, cam2world)[:, 2] > 1e-6
+        columns, rows = np.full(len(points), -1), np.full(len(points), -1)
+        if in_front.any():
+            pixels = np.floor(cameras.project_points(points[in_front], cam2world, intrinsic, width, height))
+            columns[in_front], rows[in_front] = pixels[:, 0], pixels[:, 1]
+        seen_inside = silhouette[rows.clip(0, height - 1), columns.clip(0, width - 1)]
         beyond_edge = {
             "top": rows < 0,
             "bottom": rows >= height,
@@ -83,26 +84,35 @@ def visual_hull(
             "left": silhouette[:, 0].any(),
             "right": silhouette[:, -1].any(),
         }
-        outside_image = torch.zeros_like(seen_inside)
-        continues = torch.ones_like(seen_inside)
+        outside_image = np.zeros(len(points), dtype=bool)
+        continues = np.ones(len(points), dtype=bool)
         for edge, beyond in beyond_edge.items():
             outside_image |= beyond
             if not touches[edge]:
                 continues &= ~beyond
-        alive = alive[in_front & torch.where(outside_image, continues, seen_inside)]
-    occupied = torch.zeros(len(grid), dtype=torch.bool)
+        alive = alive[in_front & np.where(outside_image, continues, seen_inside)]
+    occupied = np.zeros(len(grid), dtype=bool)
     occupied[alive] = True
-    return VisualHull(occupied.reshape(resolution, resolution, resolution), half_size)
+    return VisualHull(torch.from_numpy(occupied.reshape(resolution, resolution, resolution)), half_size)
 
 
 def views_hull(dataset, half_size: float, resolution: int = HULL_RESOLUTION) -> VisualHull:
-    """The visual hull of a `HeadDataset`'s views (their alpha) at its cameras."""
-    silhouettes = torch.stack(
-        [torch.from_numpy(dataset.get_numpy_image(index)[..., 3] > 127) for index in range(len(dataset))]
+    """The visual hull of a `HeadDataset`'s views (their alpha) at its cameras (nerfstudio's)."""
+    from .. import cameras
+
+    silhouettes = np.stack([dataset.get_numpy_image(index)[..., 3] > 127 for index in range(len(dataset))])
+    height, width = silhouettes.shape[1:]
+    views = dataset.cameras
+    opengl = np.tile(np.eye(4), (len(views), 1, 1))
+    opengl[:, :3] = views.camera_to_worlds.double().numpy()
+    pixel_intrinsics = views.get_intrinsics_matrices().double().numpy()
+    return visual_hull(
+        silhouettes,
+        np.stack([cameras.opengl_to_opencv(pose) for pose in opengl]),
+        np.stack([cameras.normalize_intrinsics(matrix, width, height) for matrix in pixel_intrinsics]),
+        half_size,
+        resolution,
     )
-    cameras = dataset.cameras
-    intrinsics = torch.cat([cameras.fx, cameras.fy, cameras.cx, cameras.cy], dim=-1)
-    return visual_hull(silhouettes, cameras.camera_to_worlds, intrinsics, half_size, resolution)
 
 
 def prime_density(

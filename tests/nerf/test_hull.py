@@ -15,18 +15,15 @@ SIZE = 48
 
 
 def _orbit(count, size):
-    """(mesh, silhouettes, OpenGL camera-to-worlds, intrinsics) of the synthetic head at `count`
-    eye-level cameras; the silhouettes are the fit's (`foreground_alpha` of the rendered views)."""
+    """(mesh, silhouettes, cam2worlds, intrinsics) of the synthetic head at `count` eye-level cameras
+    (dp360's conventions); the silhouettes are the fit's (`foreground_alpha` of the rendered views)."""
     from dp360.nerf.common import foreground_alpha
 
     mesh = synthetic.head_mesh(subdivisions=4)
     poses = [cameras.orbit_pose(yaw, 0.0) for yaw in np.linspace(0, 360, count, endpoint=False)]
     images = [(synthetic.render(mesh, pose, size) * 255).round().astype(np.uint8) for pose in poses]
-    silhouettes = torch.from_numpy(np.stack([foreground_alpha(image) > 127 for image in images]))
-    to_worlds = torch.tensor(np.stack([cameras.opencv_to_opengl(pose)[:3] for pose in poses]), dtype=torch.float32)
-    focal = cameras.FOCAL_NORMALIZED * size
-    intrinsics = torch.tensor([[focal, focal, size / 2, size / 2]] * count, dtype=torch.float32)
-    return mesh, silhouettes, to_worlds, intrinsics
+    silhouettes = np.stack([foreground_alpha(image) > 127 for image in images])
+    return mesh, silhouettes, np.stack(poses), np.stack([cameras.normalized_intrinsics()] * count)
 
 
 def test_visual_hull_holds_the_head_and_little_else():
@@ -34,29 +31,27 @@ def test_visual_hull_holds_the_head_and_little_else():
     the head are not."""
     import trimesh
 
-    mesh, silhouettes, to_worlds, intrinsics = _orbit(12, SIZE)
-    hull = visual_hull(silhouettes, to_worlds, intrinsics, half_size=0.5, resolution=64)
+    mesh, silhouettes, cam2worlds, intrinsics = _orbit(12, SIZE)
+    hull = visual_hull(silhouettes, cam2worlds, intrinsics, half_size=0.5, resolution=64)
     points = np.random.default_rng(0).uniform(-0.35, 0.35, size=(3000, 3))
     distance = trimesh.proximity.signed_distance(mesh, points)  # positive inside
     in_hull = hull.contains(torch.tensor(points, dtype=torch.float32)).numpy()
     assert in_hull[distance > 0].mean() > 0.98
     assert in_hull[distance < -0.02].mean() < 0.02
     assert 0.9 * mesh.volume < hull.volume_share < 1.4 * mesh.volume  # the box is 1 m^3
-    # a camera read in OpenCV's axes (y down, looking along +z) sees the head behind it: nothing is left
-    opencv = to_worlds.clone()
-    opencv[:, :, 1:3] *= -1
-    assert visual_hull(silhouettes, opencv, intrinsics, half_size=0.5, resolution=64).volume_share == 0
+    # a camera given in OpenGL's axes (y up, looking along -z) sees the head behind it: nothing is left
+    opengl = np.stack([cameras.opencv_to_opengl(pose) for pose in cam2worlds])
+    assert visual_hull(silhouettes, opengl, intrinsics, half_size=0.5, resolution=64).volume_share == 0
 
 
 def test_a_view_carves_past_an_edge_only_when_its_silhouette_stays_inside_it():
     """A silhouette cut by the bottom of the frame (a neck, shoulders) may go on below it; above the
     frame, where the silhouette stops short of the edge, it carves."""
     size = 32
-    silhouette = torch.zeros(1, size, size, dtype=torch.bool)
+    silhouette = np.zeros((1, size, size), dtype=bool)
     silhouette[0, size // 2 :, size // 4 : 3 * size // 4] = True  # lower middle, touching the bottom edge only
-    to_world = torch.tensor([[[1.0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 2.7]]])  # at +z, looking along -z
-    focal = cameras.FOCAL_NORMALIZED * size
-    hull = visual_hull(silhouette, to_world, torch.tensor([[focal, focal, size / 2, size / 2]]), 0.5, resolution=64)
+    at_front = cameras.look_at_cam2world((0.0, 0.0, 2.7))[None]  # at +z, looking at the origin, +y up
+    hull = visual_hull(silhouette, at_front, cameras.normalized_intrinsics()[None], 0.5, resolution=64)
     points = torch.tensor([[0.0, -0.45, 0.0], [0.0, -0.1, 0.0], [0.0, 0.1, 0.0], [0.0, 0.45, 0.0], [0.45, -0.1, 0.0]])
     # below the frame (kept), lower half (kept), upper half (carved), above the frame (carved),
     # beside the silhouette within the frame (carved)
